@@ -1,0 +1,411 @@
+"""Study, model, training and evaluation configs; YAML loading with errors that name file and key."""
+
+from __future__ import annotations
+
+import os
+import re
+import typing
+from enum import Enum
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
+
+from usagg.errors import ConfigError
+from usagg.tasks import ConfigPath, StrictModel, TaskCard
+
+
+class Paradigm(str, Enum):
+    task_specific = "task_specific"
+    grouped = "grouped"
+    unified = "unified"
+
+
+PARADIGMS = tuple(p.value for p in Paradigm)
+
+
+def _check_multiple_of_16(size: int | tuple[int, int]) -> tuple[int, int]:
+    height, width = (size, size) if isinstance(size, int) else size
+    for side in (height, width):
+        if side <= 0 or side % 16:
+            raise ValueError(f"image size {side} px is not a positive multiple of the 16 px patch size")
+    return height, width
+
+
+class AugmentConfig(StrictModel):
+    """Training-time augmentation; evaluation never augments."""
+
+    enabled: bool = True
+    hflip_p: float = Field(default=0.5, ge=0, le=1)
+    scale_jitter: float = Field(default=0.1, ge=0, lt=1)  # random resized crop keeps >= 1 - scale_jitter of the area
+    brightness: float = Field(default=0.2, ge=0)
+    contrast: float = Field(default=0.2, ge=0)
+    speckle_sigma: float = Field(default=0.1, ge=0)  # std of multiplicative noise, in units of intensity
+
+
+class DataConfig(StrictModel):
+    """Input geometry, splits and loading shared by every run of a study."""
+
+    img_size: int | tuple[int, int] = 224  # pixels, (height, width) or one side; multiples of 16
+    resize: Literal["letterbox", "stretch"] = "letterbox"
+    augment: AugmentConfig = AugmentConfig()
+    val_fraction: float = Field(default=0.15, ge=0, lt=1)  # carved from the training source when it has no val split
+    test_fraction: float = Field(default=0.15, ge=0, lt=1)
+    split_seed: int = 0
+    num_workers: int = Field(default=2, ge=0)
+
+    @field_validator("img_size")
+    @classmethod
+    def _check_size(cls, value: int | tuple[int, int]) -> int | tuple[int, int]:
+        _check_multiple_of_16(value)
+        return value
+
+    @property
+    def size_hw(self) -> tuple[int, int]:
+        return _check_multiple_of_16(self.img_size)
+
+
+class ModelConfig(StrictModel):
+    """M2DINO architecture and fine-tuning options."""
+
+    backbone: Literal[
+        "vit_tiny_patch16_dinov3_qkvb",
+        "vit_small_patch16_dinov3",
+        "vit_small_patch16_dinov3_qkvb",
+        "vit_base_patch16_dinov3",
+        "vit_base_patch16_dinov3_qkvb",
+        "vit_large_patch16_dinov3",
+        "vit_large_patch16_dinov3_qkvb",
+    ] = "vit_small_patch16_dinov3"
+    pretrained: ConfigPath | None = None  # local .pth / .safetensors file; nothing is downloaded
+    depth: int | None = Field(default=None, ge=1)  # truncate the backbone to this many blocks (tests, tiny runs)
+    moe_blocks: list[int] | None = None  # 0-based block indices; default the second half
+    num_experts: int = Field(default=8, ge=1)
+    top_k: int = Field(default=2, ge=1)
+    expert_hidden: int | None = Field(default=None, ge=1)  # default: dense MLP width / top_k (same active FLOPs)
+    router: Literal["token_task", "task", "per_task"] = "token_task"
+    task_embed_dim: int = Field(default=64, ge=1)
+    balance_loss_weight: float = Field(default=0.01, ge=0)
+    z_loss_weight: float = Field(default=0.001, ge=0)
+    mi_loss_weight: float = Field(default=0.0, ge=0)
+    mi_window: int = Field(default=16, ge=1)  # steps whose routing statistics are pooled for the MI loss
+    feature_blocks: list[int] | None = None  # 0-based blocks feeding the heads; default 4 evenly spaced
+    decoder_dim: int = Field(default=128, ge=8)
+    drop_path: float = Field(default=0.0, ge=0, lt=1)
+    finetune: Literal["full", "frozen", "last_n"] = "full"
+    trainable_blocks: int = Field(default=4, ge=0)  # used by finetune: last_n
+    layer_decay: float = Field(default=1.0, gt=0, le=1)
+    max_boxes: int = Field(default=1, ge=1)  # detection queries; >1 switches to the dense anchor-free head
+
+    @model_validator(mode="after")
+    def _check_top_k(self) -> "ModelConfig":
+        if self.top_k > self.num_experts:
+            raise ValueError(f"top_k ({self.top_k}) cannot exceed num_experts ({self.num_experts})")
+        return self
+
+
+class TrainConfig(StrictModel):
+    """Optimiser, schedule and per-task budget, identical across paradigms for a controlled comparison."""
+
+    # How the per-task budget is matched across paradigms:
+    #   epochs  - every task sees `epochs` passes over its own training images in every paradigm (default);
+    #   samples - every task sees `samples_per_task` training images;
+    #   steps   - every run takes `steps` optimiser steps, whatever its number of tasks.
+    budget: Literal["epochs", "samples", "steps"] = "epochs"
+    epochs: float = Field(default=10.0, gt=0)
+    samples_per_task: int | None = Field(default=None, ge=1)
+    steps: int | None = Field(default=None, ge=1)
+    batch_size: int = Field(default=16, ge=1)
+    lr_backbone: float = Field(default=5e-5, ge=0)
+    lr_moe: float = Field(default=1e-4, ge=0)
+    lr_head: float = Field(default=1e-3, ge=0)
+    weight_decay: float = Field(default=0.05, ge=0)
+    warmup_fraction: float = Field(default=0.05, ge=0, lt=1)
+    grad_clip: float | None = Field(default=1.0, gt=0)
+    loss_weighting: Literal["equal", "uncertainty", "fixed"] = "equal"
+    loss_weights: dict[str, float] | None = None  # task -> weight, for loss_weighting: fixed
+    task_sampling: Literal["uniform", "proportional", "temperature"] = "proportional"
+    temperature: float = Field(default=2.0, gt=0)
+    label_smoothing: float = Field(default=0.0, ge=0, lt=1)
+    checkpoint_every: int = Field(default=50, ge=1)  # steps between "latest" checkpoints
+    eval_every: int | None = Field(default=None, ge=1)  # steps between validations; default once per epoch-equivalent
+    amp: Literal["auto", "bf16", "off"] = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
+    tensorboard: bool = False
+    lookahead_every: int | None = Field(default=None, ge=1)  # record lookahead affinity every k steps (unified runs)
+    gradient_affinity_every: int | None = Field(default=None, ge=1)  # record task-gradient similarity every k steps
+
+    @model_validator(mode="after")
+    def _check_budget(self) -> "TrainConfig":
+        if self.budget == "samples" and self.samples_per_task is None:
+            raise ValueError("budget 'samples' needs samples_per_task")
+        if self.budget == "steps" and self.steps is None:
+            raise ValueError("budget 'steps' needs steps")
+        if self.loss_weighting == "fixed" and not self.loss_weights:
+            raise ValueError("loss_weighting 'fixed' needs loss_weights (task name -> weight)")
+        return self
+
+
+class EvalConfig(StrictModel):
+    split: Literal["val", "test"] = "test"
+    # fmc_uia: both masks empty -> Dice 1, HD 0; one empty -> Dice 0, HD = image diagonal. nan: such images are NaN.
+    empty_mask_policy: Literal["fmc_uia", "nan"] = "fmc_uia"
+    # AUC with one class present in the split: nan (with a logged reason) or skip the metric.
+    one_class_policy: Literal["nan", "skip"] = "nan"
+    primary_metrics: dict[str, str] | None = None  # task kind -> metric, overriding the defaults
+    bootstrap: int = Field(default=1000, ge=0)
+
+
+class StudyConfig(StrictModel):
+    """A whole study: tasks, how to group them, which runs to make and how to train them."""
+
+    name: str
+    description: str = ""
+    output: ConfigPath = Path("runs")
+    tasks: list[TaskCard]
+    groups: dict[str, list[str]] | None = None  # partition for the grouped paradigm; default: clinical groups
+    paradigms: list[Paradigm] = [Paradigm.task_specific, Paradigm.grouped, Paradigm.unified]
+    fractions: list[float] = [1.0]
+    seeds: list[int] = [0]
+    pairs: list[tuple[str, str]] | None = None  # task pairs for measured affinity (usagg train --pairs)
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    train: TrainConfig = TrainConfig()
+    evaluation: EvalConfig = EvalConfig()
+
+    @field_validator("fractions")
+    @classmethod
+    def _check_fractions(cls, value: list[float]) -> list[float]:
+        for fraction in value:
+            if not 0 < fraction <= 1:
+                raise ValueError(f"data fraction {fraction} is outside (0, 1]")
+        return sorted(set(value))
+
+    @model_validator(mode="after")
+    def _check_tasks_and_groups(self) -> "StudyConfig":
+        names = [t.name for t in self.tasks]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"task names must be unique; repeated: {', '.join(duplicates)}")
+        known = set(names)
+        if self.groups is not None:
+            seen: dict[str, str] = {}
+            for group, members in self.groups.items():
+                for member in members:
+                    if member not in known:
+                        raise ValueError(
+                            f"groups.{group}: names task {member!r}, which is not among the study's tasks "
+                            f"({', '.join(names)})"
+                        )
+                    if member in seen:
+                        raise ValueError(f"groups.{group}: task {member!r} is already in group {seen[member]!r}")
+                    seen[member] = group
+        for pair in self.pairs or []:
+            for member in pair:
+                if member not in known:
+                    raise ValueError(f"pairs: {list(pair)} names unknown task {member!r}")
+        return self
+
+    def task(self, name: str) -> TaskCard:
+        for card in self.tasks:
+            if card.name == name:
+                return card
+        raise KeyError(f"task {name!r} is not in study {self.name!r}")
+
+    def group_partition(self) -> dict[str, list[str]]:
+        """Return the grouped paradigm's partition: the study's ``groups`` or the clinical groups of the cards."""
+        if self.groups is not None:
+            return {g: list(m) for g, m in self.groups.items()}
+        partition: dict[str, list[str]] = {}
+        for card in self.tasks:
+            partition.setdefault(card.group, []).append(card.name)
+        return partition
+
+
+# --- loading ---------------------------------------------------------------------------------------
+
+_VAR_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+def expand_env(value: Any, file: Path, key_path: str = "") -> Any:
+    """Expand ``${VAR}`` and ``${VAR:-default}`` in every string of a parsed YAML document."""
+    if isinstance(value, dict):
+        return {k: expand_env(v, file, f"{key_path}.{k}" if key_path else str(k)) for k, v in value.items()}
+    if isinstance(value, list):
+        return [expand_env(v, file, f"{key_path}[{i}]") for i, v in enumerate(value)]
+    if isinstance(value, str):
+
+        def substitute(match: re.Match[str]) -> str:
+            name, default = match.group(1), match.group(2)
+            if name in os.environ:
+                return os.environ[name]
+            if default is not None:
+                return default
+            raise ConfigError(
+                f"{file}: {key_path}: environment variable {name} is not set; "
+                f"set it (for example `export {name}=/path/to/data`) or write the value in the file"
+            )
+
+        return _VAR_RE.sub(substitute, value)
+    return value
+
+
+def read_yaml(path: str | os.PathLike) -> Any:
+    file = Path(path)
+    if not file.is_file():
+        raise ConfigError(f"{file}: file not found")
+    try:
+        with open(file, encoding="utf-8") as fh:
+            return yaml.safe_load(fh)
+    except yaml.YAMLError as exc:
+        where = ""
+        mark = getattr(exc, "problem_mark", None)
+        if mark is not None:
+            where = f" at line {mark.line + 1}, column {mark.column + 1}"
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError(f"{file}: invalid YAML{where}: {problem}") from None
+
+
+def format_validation_error(exc: ValidationError, file: Path, model: type[BaseModel], prefix: str = "") -> str:
+    """Render pydantic errors as ``file: key.path: message (got value)`` lines, listing allowed keys for unknown ones."""
+    lines = []
+    for err in exc.errors():
+        loc, owner = _clean_location(model, err["loc"])
+        key = prefix + _format_location(loc) if loc else prefix.rstrip(".")
+        message = err["msg"]
+        if message.startswith("Value error, "):
+            message = message[len("Value error, ") :]
+        if err["type"] == "extra_forbidden" and owner is not None:
+            message = f"unknown key; allowed keys here: {', '.join(owner.model_fields)}"
+        elif err["type"] == "missing":
+            message = "required field is missing"
+        line = f"{file}: {key}: {message}" if key else f"{file}: {message}"
+        if err["type"] != "missing" and not isinstance(err.get("input"), (dict, list, BaseModel, type(None))):
+            line += f" (got {err['input']!r})"
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def _format_location(loc: list[Any]) -> str:
+    text = ""
+    for part in loc:
+        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))
+    return text
+
+
+def _clean_location(model: type[BaseModel], loc: tuple[Any, ...]) -> tuple[list[Any], type[BaseModel] | None]:
+    """Drop discriminated-union tags from ``loc`` and return the model that owns its last key."""
+    cleaned: list[Any] = []
+    current: Any = model
+    owner: type[BaseModel] | None = None
+    for part in loc:
+        if isinstance(part, int):
+            cleaned.append(part)
+            continue
+        if isinstance(current, list):  # a union of models: this part is the tag that picked one
+            match = [m for m in current if _tag_of(m) == part]
+            if match:
+                current = match[0]
+                continue
+        cleaned.append(part)
+        if isinstance(current, type) and issubclass(current, BaseModel):
+            owner = current
+            field = current.model_fields.get(str(part))
+            current = _unwrap(field.annotation) if field is not None else None
+        else:
+            current = None
+    return cleaned, owner
+
+
+def _tag_of(model: type[BaseModel]) -> str | None:
+    field = model.model_fields.get("format")
+    if field is None:
+        return None
+    args = typing.get_args(field.annotation)
+    return args[0] if args else None
+
+
+def _unwrap(annotation: Any) -> Any:
+    """Reduce Optional/list/dict/Annotated wrappers to the model class inside, or a list of union members."""
+    for _ in range(6):
+        origin = typing.get_origin(annotation)
+        if origin is None:
+            return annotation
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        if origin is typing.Annotated:
+            annotation = args[0]
+            continue
+        if origin in (list, tuple):
+            annotation = args[0] if args else annotation
+            continue
+        if origin is dict:
+            annotation = args[1]
+            continue
+        if len(args) == 1:
+            annotation = args[0]
+            continue
+        models = [a for a in args if isinstance(a, type) and issubclass(a, BaseModel)]
+        if len(models) == 1:
+            annotation = models[0]
+            continue
+        return models or annotation
+    return annotation
+
+
+def load_task_card(path: str | os.PathLike) -> TaskCard:
+    """Load one task card from its own YAML file; its paths are relative to that file."""
+    file = Path(path).resolve()
+    raw = expand_env(read_yaml(file), file)
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{file}: a task card must be a mapping of keys to values, got {type(raw).__name__}")
+    try:
+        return TaskCard.model_validate(raw, context={"base_dir": file.parent})
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc, file, TaskCard)) from None
+
+
+def load_study(path: str | os.PathLike, overrides: dict[str, Any] | None = None) -> StudyConfig:
+    """Load and validate a study YAML.
+
+    ``tasks`` entries may be task cards written inline or paths to card files. ``overrides`` maps dotted
+    keys (``train.epochs``) to values applied before validation.
+    """
+    file = Path(path).resolve()
+    raw = read_yaml(file)
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{file}: a study must be a mapping of keys to values, got {type(raw).__name__}")
+    raw = expand_env(raw, file)
+    for dotted, value in (overrides or {}).items():
+        _set_dotted(raw, dotted, value)
+    tasks = raw.get("tasks")
+    if isinstance(tasks, list):
+        resolved = []
+        for i, item in enumerate(tasks):
+            if isinstance(item, str):
+                card_file = Path(item)
+                if not card_file.is_absolute():
+                    card_file = file.parent / card_file
+                try:
+                    resolved.append(load_task_card(card_file))
+                except ConfigError as exc:
+                    raise ConfigError(f"{file}: tasks[{i}]: {exc}") from None
+            else:
+                resolved.append(item)
+        raw["tasks"] = resolved
+    try:
+        return StudyConfig.model_validate(raw, context={"base_dir": file.parent})
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc, file, StudyConfig)) from None
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+    node[parts[-1]] = value
+
+
+def study_to_yaml(study: StudyConfig) -> str:
+    """Serialise a resolved study (absolute paths, defaults filled in), as written into every run directory."""
+    return yaml.safe_dump(study.model_dump(mode="json"), sort_keys=False)

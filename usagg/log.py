@@ -1,0 +1,22 @@
+"""Standard-library logging set-up shared by the CLI and scripts."""
+
+from __future__ import annotations
+
+import logging
+
+from rich.logging import RichHandler
+
+
+def configure_logging(verbosity: int = 0, quiet: bool = False) -> None:
+    """Route every ``usagg`` logger to a rich handler on stderr.
+
+    ``verbosity`` 0 shows INFO, 1 or more shows DEBUG; ``quiet`` shows only warnings and errors.
+    """
+    level = logging.WARNING if quiet else (logging.DEBUG if verbosity > 0 else logging.INFO)
+    handler = RichHandler(show_path=verbosity > 1, rich_tracebacks=verbosity > 0, markup=False)
+    handler.setFormatter(logging.Formatter("%(message)s", datefmt="[%X]"))
+    root = logging.getLogger("usagg")
+    root.handlers.clear()
+    root.addHandler(handler)
+    root.setLevel(level)
+    root.propagate = False

@@ -1,0 +1,255 @@
+"""Task cards: what a task predicts, which clinical group it belongs to and where its data lives."""
+
+from __future__ import annotations
+
+import re
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from pydantic.functional_validators import AfterValidator
+
+
+def _resolve_path(value: Path, info: ValidationInfo) -> Path:
+    """Resolve a relative path against the folder of the file that declared it."""
+    base = (info.context or {}).get("base_dir")
+    value = Path(value).expanduser()
+    if not value.is_absolute() and base is not None:
+        value = Path(base) / value
+    return value
+
+
+# A filesystem path from a config file; relative paths are taken relative to that file's folder.
+ConfigPath = Annotated[Path, AfterValidator(_resolve_path)]
+
+
+class StrictModel(BaseModel):
+    """Base for every config model: unknown keys are errors, assignments are validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+
+
+class TaskType(str, Enum):
+    segmentation = "segmentation"
+    classification = "classification"
+    detection = "detection"
+    regression = "regression"
+
+
+# Primary metric per task type and regression kind, and the direction of every metric usagg reports.
+DEFAULT_PRIMARY_METRIC = {
+    "segmentation": "dice",
+    "classification": "auc",
+    "detection": "iou",
+    "keypoints": "mre_px",
+    "scalar": "mae",
+}
+
+HIGHER_IS_BETTER = {
+    "dice": True,
+    "dice_mm": True,
+    "hd": False,
+    "hd95": False,
+    "hd_mm": False,
+    "hd95_mm": False,
+    "auc": True,
+    "accuracy": True,
+    "f1_macro": True,
+    "f1_weighted": True,
+    "mcc": True,
+    "iou": True,
+    "map50": True,
+    "mre_px": False,
+    "mre_mm": False,
+    "mae": False,
+    "rmse": False,
+    "r2": True,
+}
+
+
+def metric_higher_is_better(metric: str) -> bool:
+    """Return the direction of ``metric``; unknown metrics raise ``KeyError`` naming the known ones."""
+    try:
+        return HIGHER_IS_BETTER[metric]
+    except KeyError:
+        known = ", ".join(sorted(HIGHER_IS_BETTER))
+        raise KeyError(f"unknown metric {metric!r}; known metrics: {known}") from None
+
+
+# --- data sources --------------------------------------------------------------------------------
+
+
+class _SourceBase(StrictModel):
+    root: ConfigPath
+    # Optional separate roots with the same layout for the validation and test splits.
+    val_root: ConfigPath | None = None
+    test_root: ConfigPath | None = None
+    # Pixel spacing applied to every image of the source when neither the file nor a column gives one.
+    pixel_spacing_mm: float | None = Field(default=None, gt=0)
+
+
+class FmcUiaSource(_SourceBase):
+    """FMC_UIA challenge layout: ``root/csv_files/*.csv`` with paths relative to ``csv_files/``."""
+
+    format: Literal["fmc_uia"]
+    # Value of the ``task_id`` column to read; defaults to the task card's name.
+    task_id: str | None = None
+
+
+class MaskFolderSource(_SourceBase):
+    """``root/images`` and ``root/masks`` matched by file stem (after removing the given prefixes)."""
+
+    format: Literal["mask_folder"]
+    images: str = "images"
+    masks: str = "masks"
+    image_prefix: str = ""
+    mask_prefix: str = ""
+    mask_suffix: str = ""
+
+
+class ClassCsvSource(_SourceBase):
+    """A CSV with an image path column and an integer label column."""
+
+    format: Literal["class_csv"]
+    csv: str = "labels.csv"
+    path_column: str = "path"
+    label_column: str = "label"
+    case_column: str | None = None
+    split_column: str | None = None
+
+
+class ClassFoldersSource(_SourceBase):
+    """One sub-folder per class (``root/<class>/*.png``); class order is the sorted folder names unless given."""
+
+    format: Literal["class_folders"]
+    classes: list[str] | None = None
+
+
+class CocoSource(_SourceBase):
+    """COCO detection annotations (one or several boxes per image)."""
+
+    format: Literal["coco"]
+    annotations: str = "annotations.json"
+    images: str = "images"
+
+
+class KeypointCsvSource(_SourceBase):
+    """A CSV with an image path column and one x and one y column per point."""
+
+    format: Literal["keypoint_csv"]
+    csv: str = "keypoints.csv"
+    path_column: str = "path"
+    # Column pairs, one per point; defaults to ``x1,y1,x2,y2,...``.
+    point_columns: list[tuple[str, str]] | None = None
+    case_column: str | None = None
+    split_column: str | None = None
+    spacing_column: str | None = None
+
+
+class ScalarCsvSource(_SourceBase):
+    """A CSV with an image path column, a value column and optionally unit and pixel spacing."""
+
+    format: Literal["scalar_csv"]
+    csv: str = "values.csv"
+    path_column: str = "path"
+    value_column: str = "value"
+    unit_column: str | None = None
+    spacing_column: str | None = None
+    case_column: str | None = None
+    split_column: str | None = None
+
+
+SourceConfig = Annotated[
+    Union[
+        FmcUiaSource,
+        MaskFolderSource,
+        ClassCsvSource,
+        ClassFoldersSource,
+        CocoSource,
+        KeypointCsvSource,
+        ScalarCsvSource,
+    ],
+    Field(discriminator="format"),
+]
+
+SOURCE_FORMATS = ("fmc_uia", "mask_folder", "class_csv", "class_folders", "coco", "keypoint_csv", "scalar_csv")
+
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+class TaskCard(StrictModel):
+    """One dataset and one prediction target."""
+
+    name: str
+    type: TaskType
+    organ: str = "unknown"
+    group: str = Field(default="", description="clinical group used by the grouped paradigm")
+    # segmentation: classes including background; classification: classes; detection: object classes.
+    num_classes: int | None = Field(default=None, ge=1)
+    # keypoint regression: number of points; scalar regression sets ``target`` instead.
+    num_keypoints: int | None = Field(default=None, ge=1)
+    target: str | None = None
+    unit: str | None = None
+    class_names: list[str] | None = None
+    metric: str | None = None
+    # Horizontal flips are allowed unless they change the meaning of a label (keypoint order, left/right).
+    allow_hflip: bool | None = None
+    allow_vflip: bool = False
+    source: SourceConfig | None = None
+
+    @field_validator("name")
+    @classmethod
+    def _check_name(cls, value: str) -> str:
+        if not _NAME_RE.match(value):
+            raise ValueError(
+                f"task name {value!r} must start with a letter or digit and contain only letters, digits, '_', '-' or '.'"
+            )
+        return value
+
+    @field_validator("metric")
+    @classmethod
+    def _check_metric(cls, value: str | None) -> str | None:
+        if value is not None and value not in HIGHER_IS_BETTER:
+            raise ValueError(f"unknown metric {value!r}; allowed: {', '.join(sorted(HIGHER_IS_BETTER))}")
+        return value
+
+    @model_validator(mode="after")
+    def _check_type_fields(self) -> "TaskCard":
+        if not self.group:
+            self.group = self.organ
+        if self.type is TaskType.segmentation:
+            if self.num_classes is None or self.num_classes < 2:
+                raise ValueError("segmentation tasks need num_classes >= 2 (including background)")
+        elif self.type is TaskType.classification:
+            if self.num_classes is None or self.num_classes < 2:
+                raise ValueError("classification tasks need num_classes >= 2")
+        elif self.type is TaskType.detection:
+            if self.num_classes is None:
+                self.num_classes = 1
+        elif self.type is TaskType.regression:
+            if (self.num_keypoints is None) == (self.target is None):
+                raise ValueError(
+                    "regression tasks need exactly one of num_keypoints (keypoint regression) "
+                    "or target (scalar regression, e.g. target: head_circumference_mm)"
+                )
+        if self.class_names is not None and self.num_classes is not None and len(self.class_names) != self.num_classes:
+            raise ValueError(f"class_names has {len(self.class_names)} names but num_classes is {self.num_classes}")
+        return self
+
+    @property
+    def kind(self) -> str:
+        """Head kind: the task type, with regression split into ``keypoints`` and ``scalar``."""
+        if self.type is TaskType.regression:
+            return "keypoints" if self.num_keypoints is not None else "scalar"
+        return self.type.value
+
+    @property
+    def primary_metric(self) -> str:
+        return self.metric or DEFAULT_PRIMARY_METRIC[self.kind]
+
+    @property
+    def hflip_allowed(self) -> bool:
+        if self.allow_hflip is not None:
+            return self.allow_hflip
+        return self.kind != "keypoints"
