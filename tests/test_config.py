@@ -1,0 +1,211 @@
+"""Study and task-card loading: valid files load, invalid ones fail naming file, key and value."""
+
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from usagg.config import load_study, load_task_card, study_to_yaml
+from usagg.errors import ConfigError
+
+VALID_STUDY = """
+name: demo
+output: out
+tasks:
+  - name: lesion
+    type: segmentation
+    organ: breast
+    num_classes: 2
+    source: {format: fmc_uia, root: data/train, val_root: data/val}
+  - name: lesion_cls
+    type: classification
+    organ: breast
+    num_classes: 2
+  - name: head_axis
+    type: regression
+    organ: fetal_head
+    group: obstetrics
+    num_keypoints: 2
+  - name: head_circumference
+    type: regression
+    organ: fetal_head
+    group: obstetrics
+    target: head_circumference_mm
+    unit: mm
+fractions: [1.0, 0.25]
+model: {backbone: vit_tiny_patch16_dinov3_qkvb, depth: 2}
+"""
+
+
+def write(tmp_path: Path, text: str, name: str = "study.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+def error_of(path: Path) -> str:
+    with pytest.raises(ConfigError) as info:
+        load_study(path)
+    return str(info.value)
+
+
+def test_valid_study_loads_with_defaults(tmp_path):
+    study = load_study(write(tmp_path, VALID_STUDY))
+    assert [t.name for t in study.tasks] == ["lesion", "lesion_cls", "head_axis", "head_circumference"]
+    assert study.fractions == [0.25, 1.0]
+    assert study.model.backbone == "vit_tiny_patch16_dinov3_qkvb"
+    assert study.tasks[2].kind == "keypoints"
+    assert study.tasks[3].kind == "scalar"
+    assert study.tasks[0].primary_metric == "dice"
+    assert study.tasks[2].hflip_allowed is False
+
+
+def test_paths_resolve_relative_to_study(tmp_path):
+    study = load_study(write(tmp_path, VALID_STUDY))
+    assert study.output == tmp_path / "out"
+    assert study.tasks[0].source.root == tmp_path / "data" / "train"
+    assert study.tasks[0].source.val_root == tmp_path / "data" / "val"
+
+
+def test_default_groups_follow_cards(tmp_path):
+    study = load_study(write(tmp_path, VALID_STUDY))
+    assert study.group_partition() == {
+        "breast": ["lesion", "lesion_cls"],
+        "obstetrics": ["head_axis", "head_circumference"],
+    }
+
+
+def test_env_variable_expands(tmp_path, monkeypatch):
+    monkeypatch.setenv("MY_DATA", str(tmp_path / "elsewhere"))
+    text = VALID_STUDY.replace("root: data/train", "root: '${MY_DATA}/train'")
+    study = load_study(write(tmp_path, text))
+    assert study.tasks[0].source.root == tmp_path / "elsewhere" / "train"
+
+
+def test_env_variable_default_used(tmp_path, monkeypatch):
+    monkeypatch.delenv("MY_DATA", raising=False)
+    text = VALID_STUDY.replace("root: data/train", "root: '${MY_DATA:-fallback}/train'")
+    study = load_study(write(tmp_path, text))
+    assert study.tasks[0].source.root == tmp_path / "fallback" / "train"
+
+
+def test_unset_env_variable_names_it(tmp_path, monkeypatch):
+    monkeypatch.delenv("FMC_TEST_ROOT", raising=False)
+    path = write(tmp_path, VALID_STUDY.replace("root: data/train", "root: '${FMC_TEST_ROOT}'"))
+    message = error_of(path)
+    assert str(path) in message
+    assert "tasks[0].source.root" in message
+    assert "FMC_TEST_ROOT" in message
+
+
+def test_unknown_key_lists_allowed_keys(tmp_path):
+    message = error_of(write(tmp_path, VALID_STUDY + "train: {epochz: 3}\n"))
+    assert "train.epochz" in message
+    assert "unknown key" in message
+    assert "epochs" in message
+
+
+def test_unknown_source_key_lists_source_keys(tmp_path):
+    text = VALID_STUDY.replace("val_root: data/val", "val_rot: data/val")
+    message = error_of(write(tmp_path, text))
+    assert "tasks[0].source.val_rot" in message
+    assert "val_root" in message
+
+
+def test_wrong_type_names_value(tmp_path):
+    message = error_of(write(tmp_path, VALID_STUDY + "train: {batch_size: many}\n"))
+    assert "train.batch_size" in message
+    assert "'many'" in message
+
+
+def test_missing_required_field(tmp_path):
+    message = error_of(write(tmp_path, "tasks: []\n"))
+    assert "name: required field is missing" in message
+
+
+def test_unknown_task_type_lists_allowed(tmp_path):
+    text = VALID_STUDY.replace("type: classification", "type: ranking")
+    message = error_of(write(tmp_path, text))
+    assert "tasks[1].type" in message
+    assert "'ranking'" in message
+    assert "'segmentation'" in message
+
+
+def test_unknown_source_format_lists_allowed(tmp_path):
+    text = VALID_STUDY.replace("format: fmc_uia", "format: nifti")
+    message = error_of(write(tmp_path, text))
+    assert "tasks[0].source" in message
+    assert "'nifti'" in message
+    assert "'mask_folder'" in message
+
+
+def test_group_with_unknown_task(tmp_path):
+    message = error_of(write(tmp_path, VALID_STUDY + "groups: {breast: [lesion, thyroid_nodule]}\n"))
+    assert "groups.breast" in message
+    assert "thyroid_nodule" in message
+
+
+def test_task_in_two_groups(tmp_path):
+    message = error_of(write(tmp_path, VALID_STUDY + "groups: {a: [lesion], b: [lesion]}\n"))
+    assert "groups.b" in message
+    assert "'lesion'" in message
+
+
+def test_regression_needs_points_or_target(tmp_path):
+    text = VALID_STUDY.replace("    num_keypoints: 2\n", "")
+    message = error_of(write(tmp_path, text))
+    assert "tasks[2]" in message
+    assert "num_keypoints" in message
+
+
+def test_image_size_must_be_patch_multiple(tmp_path):
+    message = error_of(write(tmp_path, VALID_STUDY + "data: {img_size: 100}\n"))
+    assert "data.img_size" in message
+    assert "multiple of the 16 px patch size" in message
+
+
+def test_invalid_yaml_names_line(tmp_path):
+    message = error_of(write(tmp_path, "name: demo\ntasks: [\n"))
+    assert "invalid YAML at line" in message
+
+
+def test_missing_file(tmp_path):
+    message = error_of(tmp_path / "nope.yaml")
+    assert "file not found" in message
+
+
+def test_task_card_file_included(tmp_path):
+    (tmp_path / "cards").mkdir()
+    write(
+        tmp_path / "cards",
+        "name: lesion\ntype: segmentation\nnum_classes: 2\nsource: {format: mask_folder, root: bus}\n",
+        "lesion.yaml",
+    )
+    study = load_study(write(tmp_path, "name: demo\ntasks: [cards/lesion.yaml]\n"))
+    assert study.tasks[0].source.root == tmp_path / "cards" / "bus"
+
+
+def test_bad_task_card_file_names_both_files(tmp_path):
+    card = write(tmp_path, "name: lesion\ntype: segmentation\n", "card.yaml")
+    message = error_of(write(tmp_path, "name: demo\ntasks: [card.yaml]\n"))
+    assert "study.yaml: tasks[0]" in message
+    assert str(card) in message
+    assert "num_classes >= 2" in message
+
+
+def test_load_task_card_alone(tmp_path):
+    card = load_task_card(write(tmp_path, "name: c\ntype: classification\nnum_classes: 3\n", "c.yaml"))
+    assert card.num_classes == 3
+
+
+def test_overrides_apply_before_validation(tmp_path):
+    study = load_study(write(tmp_path, VALID_STUDY), overrides={"train.epochs": 2.5})
+    assert study.train.epochs == 2.5
+
+
+def test_resolved_study_round_trips(tmp_path):
+    study = load_study(write(tmp_path, VALID_STUDY))
+    again = write(tmp_path, study_to_yaml(study), "resolved.yaml")
+    assert load_study(again) == study

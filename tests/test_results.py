@@ -1,0 +1,83 @@
+"""Results table: schema validation, atomic parquet + CSV writing, merging."""
+
+from __future__ import annotations
+
+import polars as pl
+import pytest
+
+from usagg.errors import DataError
+from usagg.results import RESULTS_SCHEMA, append_results, read_results, write_results
+
+
+def rows(run_id: str, value: float, seed: int | None = 0) -> pl.DataFrame:
+    return pl.DataFrame(
+        {
+            "study": ["s"],
+            "run_id": [run_id],
+            "paradigm": ["unified"],
+            "group": ["all"],
+            "task": ["lesion"],
+            "task_type": ["segmentation"],
+            "organ": ["breast"],
+            "clinical_group": ["breast"],
+            "n_train": [40],
+            "data_fraction": [1.0],
+            "seed": [seed],
+            "split": ["test"],
+            "metric": ["dice"],
+            "value": [value],
+            "higher_is_better": [True],
+            "source": ["run"],
+        }
+    )
+
+
+def test_write_and_read_round_trip(tmp_path):
+    path = write_results(rows("r1", 0.5), tmp_path / "results.parquet")
+    assert (tmp_path / "results.csv").exists()
+    back = read_results(path)
+    assert back.schema == pl.Schema(RESULTS_SCHEMA)
+    assert back["value"].to_list() == [0.5]
+    assert read_results(tmp_path / "results.csv")["value"].to_list() == [0.5]
+
+
+def test_null_seed_allowed_for_reported_numbers(tmp_path):
+    path = write_results(rows("paper", 0.713, seed=None), tmp_path / "r.parquet")
+    assert read_results(path)["seed"].to_list() == [None]
+
+
+def test_append_replaces_same_key(tmp_path):
+    path = tmp_path / "results.parquet"
+    append_results(rows("r1", 0.5), path)
+    append_results(rows("r2", 0.6), path)
+    append_results(rows("r1", 0.7), path)
+    table = read_results(path).sort("run_id")
+    assert table["run_id"].to_list() == ["r1", "r2"]
+    assert table["value"].to_list() == [0.7, 0.6]
+
+
+def test_missing_column_named(tmp_path):
+    path = tmp_path / "bad.csv"
+    rows("r1", 0.5).drop("metric").write_csv(path)
+    with pytest.raises(DataError, match="missing required column\\(s\\) metric"):
+        read_results(path)
+
+
+def test_empty_required_cell_names_row(tmp_path):
+    path = tmp_path / "bad.csv"
+    table = pl.concat([rows("r1", 0.5), rows("r2", 0.6).with_columns(pl.lit(None, pl.String).alias("task"))])
+    table.write_csv(path)
+    with pytest.raises(DataError, match="row 3: column 'task' is empty"):
+        read_results(path)
+
+
+def test_unsupported_suffix(tmp_path):
+    path = tmp_path / "results.xlsx"
+    path.write_text("x")
+    with pytest.raises(DataError, match="use .parquet or .csv"):
+        read_results(path)
+
+
+def test_folder_without_table_suggests_collect(tmp_path):
+    with pytest.raises(DataError, match="usagg results collect"):
+        read_results(tmp_path)
