@@ -1,0 +1,160 @@
+"""Seed statistics, bootstrap intervals, negative-transfer flags and the Kruskal–Wallis helper."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import polars as pl
+import pytest
+from scipy import stats
+from statsmodels.stats.multitest import multipletests
+
+from usagg.analysis.inference import (
+    FLAG_RULES,
+    kruskal_by,
+    paired_bootstrap_interval,
+    paired_tests,
+    per_task_means,
+    seed_summary,
+    t_interval,
+    task_type_sensitivity,
+)
+from usagg.analysis.relative import relative_change
+from usagg.results import RESULTS_SCHEMA
+
+
+def rows_for(task, ts_values, agg_values, metric="dice", higher=True, paradigm="unified", task_type="segmentation"):
+    rows = []
+    for seed, (ts, agg) in enumerate(zip(ts_values, agg_values)):
+        for par, value in (("task_specific", ts), (paradigm, agg)):
+            group = task if par == "task_specific" else "all"
+            rows.append({
+                "study": "s", "run_id": f"{par}-{task}-{seed}", "paradigm": par, "group": group, "task": task,
+                "task_type": task_type, "organ": "o", "clinical_group": "g", "n_train": 50, "data_fraction": 1.0,
+                "seed": seed, "split": "test", "metric": metric, "value": value, "higher_is_better": higher,
+                "source": "run",
+            })
+    return rows
+
+
+def test_paired_tests_match_scipy():
+    agg = np.array([0.61, 0.64, 0.58, 0.66, 0.60])
+    ts = np.array([0.70, 0.69, 0.71, 0.72, 0.68])
+    wilcoxon_p, t_p, notes = paired_tests(agg, ts)
+    assert wilcoxon_p == pytest.approx(stats.wilcoxon(agg, ts).pvalue)
+    assert t_p == pytest.approx(stats.ttest_rel(agg, ts).pvalue)
+    assert notes == []
+
+
+def test_paired_tests_single_seed_is_nan():
+    wilcoxon_p, t_p, _ = paired_tests(np.array([0.5]), np.array([0.6]))
+    assert math.isnan(wilcoxon_p)
+    assert math.isnan(t_p)
+
+
+def test_t_interval_known_value():
+    values = np.array([1.0, 2.0, 3.0])
+    lo, hi = t_interval(values)
+    half = stats.t.ppf(0.975, 2) * 1.0 / math.sqrt(3)
+    assert lo == pytest.approx(2 - half)
+    assert hi == pytest.approx(2 + half)
+
+
+def test_bootstrap_of_identical_runs_is_zero():
+    scores = np.random.default_rng(0).random((1, 50))
+    lo, hi = paired_bootstrap_interval(scores, scores, True, n_boot=500)
+    assert lo == 0.0
+    assert hi == 0.0
+
+
+def test_bootstrap_of_constant_shift_is_exact():
+    ts = np.full((2, 30), 0.8)
+    agg = np.full((2, 30), 0.6)
+    lo, hi = paired_bootstrap_interval(agg, ts, True, n_boot=200)
+    assert lo == pytest.approx(-0.25)
+    assert hi == pytest.approx(-0.25)
+    lo, hi = paired_bootstrap_interval(agg, ts, False, n_boot=200)  # lower is better: 0.6 beats 0.8
+    assert lo == pytest.approx(0.25)
+
+
+def test_bootstrap_interval_covers_the_estimate():
+    rng = np.random.default_rng(1)
+    ts = rng.normal(0.8, 0.1, (1, 200))
+    agg = ts - 0.05 + rng.normal(0, 0.02, (1, 200))
+    lo, hi = paired_bootstrap_interval(agg, ts, True, n_boot=1000)
+    point = (agg.mean() - ts.mean()) / ts.mean()
+    assert lo < point < hi
+    assert hi < 0
+
+
+def test_seed_summary_flags_with_t_interval():
+    rows = rows_for("a", [0.80, 0.81, 0.79], [0.60, 0.62, 0.61])  # clearly worse
+    rows += rows_for("b", [0.80, 0.81, 0.79], [0.79, 0.83, 0.80])  # no clear change
+    summary, _ = seed_summary(relative_change(pl.DataFrame(rows, schema=RESULTS_SCHEMA)))
+    a = summary.filter(pl.col("task") == "a").row(0, named=True)
+    b = summary.filter(pl.col("task") == "b").row(0, named=True)
+    assert a["ci_method"] == "t_seeds"
+    assert a["negative_transfer"] is True
+    assert a["flag_rule"] == FLAG_RULES["t_seeds"]
+    assert a["n_seeds"] == 3
+    assert b["negative_transfer"] is False
+
+
+def test_single_seed_has_no_interval_and_no_flag():
+    rows = rows_for("a", [0.8], [0.5])
+    summary, _ = seed_summary(relative_change(pl.DataFrame(rows, schema=RESULTS_SCHEMA)))
+    row = summary.row(0, named=True)
+    assert row["ci_method"] == "none"
+    assert row["negative_transfer"] is None
+    assert "not flagged" in row["flag_rule"]
+    assert row["mean_rel_change"] == pytest.approx(-0.375)
+
+
+def test_seed_summary_uses_per_image_scores():
+    rows = rows_for("a", [0.8], [0.6])
+    rel = relative_change(pl.DataFrame(rows, schema=RESULTS_SCHEMA))
+    images = [f"img{i}" for i in range(20)]
+    per_image = pl.DataFrame({
+        "run_id": ["task_specific-a-0"] * 20 + ["unified-a-0"] * 20,
+        "task": ["a"] * 40, "split": ["test"] * 40, "image": images * 2, "metric": ["dice"] * 40,
+        "value": [0.8] * 20 + [0.6] * 20,
+    })
+    summary, _ = seed_summary(rel, per_image, n_boot=200)
+    row = summary.row(0, named=True)
+    assert row["ci_method"] == "bootstrap_images"
+    assert row["ci_hi"] == pytest.approx(-0.25)
+    assert row["negative_transfer"] is True
+
+
+def test_kruskal_epsilon_squared_known_value():
+    data = pl.DataFrame({
+        "task_type": ["seg"] * 4 + ["cls"] * 4 + ["det"] * 4,
+        "rel_change": [0.1, 0.2, 0.15, 0.12, -0.1, -0.2, -0.05, -0.12, 0.0, 0.01, -0.02, 0.03],
+    })
+    test = kruskal_by(data)
+    h = stats.kruskal([0.1, 0.2, 0.15, 0.12], [-0.1, -0.2, -0.05, -0.12], [0.0, 0.01, -0.02, 0.03]).statistic
+    assert test.statistic == pytest.approx(h)
+    assert test.epsilon2 == pytest.approx(h / ((12**2 - 1) / (12 + 1)))
+    assert test.df == 2
+    assert test.n == 12
+    raw = test.pairwise["p_value"].to_numpy()
+    assert test.pairwise["p_holm"].to_numpy() == pytest.approx(multipletests(raw, method="holm")[1])
+    assert any("fewer than 5" in w for w in test.warnings)
+
+
+def test_kruskal_with_one_group_does_not_raise():
+    test = kruskal_by(pl.DataFrame({"task_type": ["seg", "seg"], "rel_change": [0.1, 0.2]}))
+    assert math.isnan(test.statistic)
+    assert any("fewer than two" in w for w in test.warnings)
+
+
+def test_task_type_sensitivity_uses_one_value_per_task():
+    rows = []
+    for k, task_type in enumerate(["segmentation", "classification"] * 3):
+        metric = "dice" if task_type == "segmentation" else "auc"
+        rows += rows_for(f"t{k}", [0.8, 0.8], [0.8 + 0.01 * k, 0.8 + 0.01 * k], metric=metric, task_type=task_type)
+    rel = relative_change(pl.DataFrame(rows, schema=RESULTS_SCHEMA))
+    assert per_task_means(rel).height == 6
+    tests = task_type_sensitivity(rel)
+    assert tests["unified"].n == 6

@@ -1,0 +1,166 @@
+"""Lookahead and gradient affinity probes on tiny torch models with AdamW."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from usagg.analysis.affinity_probe import gradient_affinity, lookahead_affinity
+
+
+class TinyMultiTask(torch.nn.Module):
+    def __init__(self, tasks, shared_head=False):
+        super().__init__()
+        self.body = torch.nn.Linear(4, 8)
+        self.drop = torch.nn.Dropout(0.3)
+        self.register_buffer("calls", torch.zeros(()))
+        names = ["shared"] if shared_head else tasks
+        self.heads = torch.nn.ModuleDict({name: torch.nn.Linear(8, 1) for name in names})
+        self.shared_head = shared_head
+
+    def forward(self, x, task):
+        self.calls += 1
+        head = self.heads["shared" if self.shared_head else task]
+        return head(self.drop(torch.relu(self.body(x))))
+
+
+def make_batches(tasks, same=False):
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(16, 4, generator=generator)
+    batches = {}
+    for k, task in enumerate(tasks):
+        target = x.sum(dim=1, keepdim=True) if same else x[:, k : k + 1] * (k + 1)
+        batches[task] = (x, target)
+    return batches
+
+
+def snapshot(model, optimizer):
+    return copy.deepcopy(model.state_dict()), copy.deepcopy(optimizer.state_dict()), [
+        None if p.grad is None else p.grad.clone() for p in model.parameters()
+    ]
+
+
+def test_probe_restores_parameters_optimizer_grads_and_rng():
+    torch.manual_seed(0)
+    tasks = ["a", "b", "c"]
+    model = TinyMultiTask(tasks)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.05)
+    batches = make_batches(tasks)
+
+    def loss_fn(task, batch):
+        return torch.nn.functional.mse_loss(model(batch[0], task), batch[1])
+
+    loss_fn("a", batches["a"]).backward()
+    optimizer.step()  # the moments now hold real state
+    optimizer.zero_grad()
+    loss_fn("b", batches["b"]).backward()  # a half-accumulated gradient the probe must not disturb
+    weights, opt_state, grads = snapshot(model, optimizer)
+    rng = torch.get_rng_state()
+
+    z = lookahead_affinity(model, optimizer, batches, loss_fn, list(model.body.parameters()))
+    cosine, magnitude = gradient_affinity(model, batches, loss_fn, list(model.body.parameters()))
+
+    assert z.shape == (3, 3)
+    assert np.isfinite(z).all()
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, weights[key]), key
+    after = optimizer.state_dict()
+    assert after["state"].keys() == opt_state["state"].keys()
+    for index, state in opt_state["state"].items():
+        for name, value in state.items():
+            assert torch.equal(after["state"][index][name], value), (index, name)
+    assert after["param_groups"] == opt_state["param_groups"]
+    for p, g in zip(model.parameters(), grads):
+        if g is None:
+            assert p.grad is None
+        else:
+            assert torch.equal(p.grad, g)
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert cosine.diagonal() == pytest.approx(np.ones(3))
+    assert magnitude.diagonal() == pytest.approx(np.ones(3))
+
+
+def test_probe_on_fresh_optimizer_leaves_no_state():
+    tasks = ["a", "b"]
+    model = TinyMultiTask(tasks)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    batches = make_batches(tasks)
+    lookahead_affinity(model, optimizer, batches, lambda t, b: ((model(b[0], t) - b[1]) ** 2).mean(), list(model.body.parameters()))
+    assert len(optimizer.state) == 0
+
+
+def test_identical_tasks_give_symmetric_affinity():
+    tasks = ["a", "b", "c"]
+    model = TinyMultiTask(tasks, shared_head=True)
+    model.eval()  # no dropout: a and b are the same function
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    batches = make_batches(tasks, same=True)
+    batches["c"] = (batches["c"][0], -batches["c"][1])
+
+    def loss_fn(task, batch):
+        return torch.nn.functional.mse_loss(model(batch[0], task), batch[1])
+
+    z = lookahead_affinity(model, optimizer, batches, loss_fn, list(model.body.parameters()))
+    assert z[0, 1] == pytest.approx(z[1, 0])
+    assert z[0, 0] == pytest.approx(z[1, 1])
+    assert z[0, 1] == pytest.approx(z[0, 0])
+    assert z[0, 2] == pytest.approx(z[1, 2])
+
+
+class Scalar(torch.nn.Module):
+    def __init__(self, w):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.tensor(w))
+
+
+def test_lookahead_known_value_for_first_adamw_step():
+    w0, lr, wd, eps = 1.0, 0.1, 0.01, 1e-8
+    targets = {"a": 3.0, "b": -1.0}
+    model = Scalar(w0)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=wd, eps=eps)
+
+    def loss_fn(task, _batch):
+        return (model.w - targets[task]) ** 2
+
+    z = lookahead_affinity(model, optimizer, {"a": None, "b": None}, loss_fn, [model.w])
+    expected = np.zeros((2, 2))
+    for i, source in enumerate(targets):
+        grad = 2 * (w0 - targets[source])
+        # First AdamW step: bias-corrected m / sqrt(v) is g / |g|; decoupled decay scales w first.
+        w1 = w0 * (1 - lr * wd) - lr * grad / (abs(grad) + eps)
+        for j, target in enumerate(targets):
+            expected[i, j] = 1 - (w1 - targets[target]) ** 2 / (w0 - targets[target]) ** 2
+    assert z == pytest.approx(expected, rel=1e-5)
+    assert model.w.item() == w0
+
+
+def test_gradient_affinity_known_value():
+    model = torch.nn.Module()
+    model.w = torch.nn.Parameter(torch.tensor([1.0, 2.0]))
+    targets = {"a": torch.tensor([0.0, 0.0]), "b": torch.tensor([1.0, 4.0]), "c": torch.tensor([3.0, 2.0])}
+
+    def loss_fn(task, _batch):
+        return ((model.w - targets[task]) ** 2).sum()
+
+    cosine, magnitude = gradient_affinity(model, dict.fromkeys(targets), loss_fn, [model.w])
+    grads = {t: 2 * (np.array([1.0, 2.0]) - v.numpy()) for t, v in targets.items()}
+    ga, gb = grads["a"], grads["b"]
+    assert cosine[0, 1] == pytest.approx(ga @ gb / (np.linalg.norm(ga) * np.linalg.norm(gb)))
+    na, nb = np.linalg.norm(ga), np.linalg.norm(gb)
+    assert magnitude[0, 1] == pytest.approx(2 * na * nb / (na**2 + nb**2))
+    assert cosine == pytest.approx(cosine.T)
+    assert model.w.grad is None
+
+
+def test_zero_loss_target_gives_nan():
+    model = Scalar(2.0)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+    targets = {"a": 2.0, "b": 0.0}
+    z = lookahead_affinity(model, optimizer, dict.fromkeys(targets), lambda t, _b: (model.w - targets[t]) ** 2, [model.w])
+    assert math.isnan(z[1, 0])
+    assert math.isnan(z[0, 0])
+    assert np.isfinite(z[:, 1]).all()

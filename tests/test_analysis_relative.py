@@ -1,0 +1,191 @@
+"""Relative change and Δm: hand-computed values, reported numbers, metric choice and bad inputs."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import polars as pl
+import pytest
+
+from usagg.analysis.inputs import load_inputs
+from usagg.analysis.relative import delta_m, parse_metric_overrides, relative_change, relative_change_with_warnings
+from usagg.errors import AnalysisError
+from usagg.results import RESULTS_SCHEMA, read_results, write_results
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def row(paradigm, task, metric, value, higher, *, group=None, task_type="segmentation", seed=0, fraction=1.0,
+        clinical_group="breast", source="run", n_train=100, split="test"):
+    if group is None and paradigm == "task_specific":
+        group = task
+    elif group is None and paradigm == "unified":
+        group = "all"
+    elif group is None:
+        group = clinical_group
+    return {
+        "study": "s", "run_id": f"{paradigm}/{group}/{fraction}/{seed}", "paradigm": paradigm, "group": group,
+        "task": task, "task_type": task_type, "organ": clinical_group, "clinical_group": clinical_group,
+        "n_train": n_train, "data_fraction": fraction, "seed": seed, "split": split, "metric": metric,
+        "value": value, "higher_is_better": higher, "source": source,
+    }
+
+
+def table(rows):
+    return pl.DataFrame(rows, schema=RESULTS_SCHEMA)
+
+
+@pytest.fixture
+def known_table():
+    return table([
+        row("task_specific", "breast_lesion", "dice", 0.713, True),
+        row("grouped", "breast_lesion", "dice", 0.145, True),
+        row("unified", "breast_lesion", "dice", 0.692, True),
+        row("task_specific", "fetal_head", "mre_px", 30.4, False, task_type="regression", clinical_group="obstetrics"),
+        row("unified", "fetal_head", "mre_px", 15.6, False, task_type="regression", clinical_group="obstetrics"),
+    ])
+
+
+def test_relative_change_known_values(known_table):
+    rel = relative_change(known_table)
+    values = {(r["paradigm"], r["task"]): r["rel_change"] for r in rel.iter_rows(named=True)}
+    assert round(100 * values[("grouped", "breast_lesion")], 2) == -79.66
+    assert round(100 * values[("unified", "breast_lesion")], 2) == -2.95
+    assert round(100 * values[("unified", "fetal_head")], 2) == 48.68
+
+
+def test_relative_change_keeps_reference_columns(known_table):
+    rel = relative_change(known_table)
+    unified = rel.filter((pl.col("paradigm") == "unified") & (pl.col("task") == "fetal_head")).row(0, named=True)
+    assert unified["value_ts"] == 30.4
+    assert unified["value"] == 15.6
+    assert unified["higher_is_better"] is False
+    assert unified["run_id_ts"] == "task_specific/fetal_head/1.0/0"
+
+
+def test_delta_m_known_values(known_table):
+    rel = relative_change(known_table)
+    dm = delta_m(rel, ["paradigm"])
+    unified = dm.filter(pl.col("paradigm") == "unified").row(0, named=True)
+    assert unified["n_tasks"] == 2
+    assert math.isclose(unified["delta_m"], ((0.692 - 0.713) / 0.713 + (30.4 - 15.6) / 30.4) / 2)
+    pooled = delta_m(rel, [])
+    # Without grouping columns each task counts once, its paradigms averaged first.
+    breast = ((0.145 - 0.713) / 0.713 + (0.692 - 0.713) / 0.713) / 2
+    assert pooled["n_tasks"][0] == 2
+    assert pooled["n_rows"][0] == 3
+    assert math.isclose(pooled["delta_m"][0], (breast + (30.4 - 15.6) / 30.4) / 2)
+
+
+def test_delta_m_counts_each_task_once():
+    rows = []
+    for seed in (0, 1, 2, 3):
+        rows += [row("task_specific", "a", "dice", 0.5, True, seed=seed), row("unified", "a", "dice", 0.55, True, seed=seed)]
+    rows += [row("task_specific", "b", "dice", 0.5, True), row("unified", "b", "dice", 0.45, True)]
+    dm = delta_m(relative_change(table(rows)), ["paradigm"])
+    # Task a has four seeds at +10 %, task b one at -10 %: Δm is their mean, 0, not the row mean.
+    assert abs(dm["delta_m"][0]) < 1e-12
+    assert dm["n_rows"][0] == 5
+
+
+def test_reported_rows_with_null_seed_match():
+    source = "reported:Example et al. 2025"
+    rel = relative_change(table([
+        row("task_specific", "t", "dice", 0.8, True, seed=None, source=source),
+        row("grouped", "t", "dice", 0.6, True, seed=None, source=source),
+    ]))
+    assert rel.height == 1
+    assert rel["seed"][0] is None
+    assert math.isclose(rel["rel_change"][0], -0.25)
+
+
+def test_paper_reported_table_in_repository():
+    inputs = load_inputs(REPO / "analysis" / "paper_reported.csv")
+    rel = relative_change(inputs.results)
+    values = {r["paradigm"]: r["rel_change"] for r in rel.iter_rows(named=True)}
+    assert round(100 * values["grouped"], 2) == -79.66
+    assert round(100 * values["unified"], 2) == -2.95
+    assert inputs.sizes.height > 0  # training-image rows are kept apart from the scores
+
+
+def test_metric_override_by_type_and_task():
+    rows = [
+        row("task_specific", "a", "dice", 0.8, True), row("unified", "a", "dice", 0.7, True),
+        row("task_specific", "a", "hd95", 10.0, False), row("unified", "a", "hd95", 8.0, False),
+        row("task_specific", "b", "dice", 0.8, True), row("unified", "b", "dice", 0.9, True),
+        row("task_specific", "b", "hd95", 10.0, False), row("unified", "b", "hd95", 12.0, False),
+    ]
+    by_type = relative_change(table(rows), metrics={"segmentation": "hd95"})
+    assert set(by_type["metric"]) == {"hd95"}
+    assert math.isclose(by_type.filter(pl.col("task") == "a")["rel_change"][0], 0.2)
+    by_task = relative_change(table(rows), metrics={"segmentation": "hd95", "b": "dice"})
+    assert dict(by_task.select("task", "metric").iter_rows()) == {"a": "hd95", "b": "dice"}
+    everything = relative_change(table(rows), all_metrics=True)
+    assert everything.height == 4
+
+
+def test_regression_prefers_mre_mm_then_px():
+    rows = [
+        row("task_specific", "r", "mre_px", 10.0, False, task_type="regression"),
+        row("unified", "r", "mre_px", 9.0, False, task_type="regression"),
+        row("task_specific", "r", "mre_mm", 2.0, False, task_type="regression"),
+        row("unified", "r", "mre_mm", 1.0, False, task_type="regression"),
+    ]
+    rel = relative_change(table(rows))
+    assert rel["metric"].to_list() == ["mre_mm"]
+
+
+def test_missing_primary_metric_is_reported():
+    rows = [row("task_specific", "c", "accuracy", 0.8, True, task_type="classification"),
+            row("unified", "c", "accuracy", 0.9, True, task_type="classification")]
+    rel, warnings = relative_change_with_warnings(table(rows))
+    assert rel.height == 0
+    assert any("'c'" in w and "auc" in w and "--metric c=METRIC" in w for w in warnings)
+
+
+def test_unmatched_aggregated_run_is_reported():
+    rows = [row("task_specific", "a", "dice", 0.8, True, seed=0), row("unified", "a", "dice", 0.7, True, seed=1)]
+    rel, warnings = relative_change_with_warnings(table(rows))
+    assert rel.height == 0
+    assert any("no task-specific run with the same data fraction and seed" in w for w in warnings)
+
+
+def test_zero_reference_gives_nan_with_warning():
+    rows = [row("task_specific", "a", "dice", 0.0, True), row("unified", "a", "dice", 0.7, True)]
+    rel, warnings = relative_change_with_warnings(table(rows))
+    assert rel["rel_change"][0] is None
+    assert any("task-specific value is 0" in w for w in warnings)
+
+
+def test_duplicate_reference_rows_raise():
+    rows = [row("task_specific", "a", "dice", 0.8, True), row("task_specific", "a", "dice", 0.7, True),
+            row("unified", "a", "dice", 0.7, True)]
+    with pytest.raises(AnalysisError, match="2 task-specific rows for study=s, task=a"):
+        relative_change(table(rows))
+
+
+def test_unknown_metric_override_raises():
+    rows = [row("task_specific", "a", "dice", 0.8, True), row("unified", "a", "dice", 0.7, True)]
+    with pytest.raises(AnalysisError, match="neither a task type"):
+        relative_change(table(rows), metrics={"segmentatoin": "dice"})
+
+
+def test_parse_metric_overrides():
+    assert parse_metric_overrides(["segmentation=hd95", "fetal_head = mre_mm"]) == {
+        "segmentation": "hd95", "fetal_head": "mre_mm"}
+    with pytest.raises(AnalysisError, match="TYPE=METRIC"):
+        parse_metric_overrides(["segmentation"])
+
+
+def test_csv_round_trip_gives_same_changes(tmp_path, known_table):
+    path = write_results(known_table, tmp_path / "results.parquet")
+    from_csv = relative_change(read_results(path.with_suffix(".csv")))
+    from_parquet = relative_change(read_results(path))
+    assert from_csv["rel_change"].to_list() == pytest.approx(from_parquet["rel_change"].to_list())
+
+
+def test_pair_rows_are_not_paradigm_rows():
+    rows = [row("task_specific", "a", "dice", 0.8, True), row("pair", "a", "dice", 0.9, True, group="a+b")]
+    assert relative_change(table(rows)).height == 0
+    assert relative_change(table(rows), paradigms=["pair"]).height == 1

@@ -1,0 +1,209 @@
+"""Run every affinity estimator the inputs allow, compare them, score them and record what each one cost."""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import polars as pl
+
+from usagg.analysis.affinity import (
+    METHODS,
+    Matrix,
+    agreement_table,
+    average_layers,
+    expert_affinity_per_layer,
+    find_run_files,
+    gradient_affinity_matrix,
+    lookahead_affinity_matrix,
+    measured_affinity,
+    read_affinity_json,
+    score_against_relations,
+)
+from usagg.analysis.inputs import AnalysisInputs, run_seconds
+from usagg.errors import AnalysisError, DataError
+
+logger = logging.getLogger(__name__)
+
+# Preference when one matrix must be chosen (grouping) and no relation matrix ranks them.
+PREFERENCE = ("measured", "lookahead", "gradient", "experts")
+
+COST_SCHEMA = {
+    "method": pl.String,
+    "training_runs": pl.Int64,
+    "extra_training_runs": pl.Int64,
+    "pair_runs_for_all_pairs": pl.Int64,
+    "pairs_measured": pl.Int64,
+    "training_seconds": pl.Float64,
+    "estimator_seconds": pl.Float64,
+    "analysis_seconds": pl.Float64,
+    "note": pl.String,
+}
+
+
+@dataclass
+class AffinityAnalysis:
+    """Affinity matrices by method, extra matrices, agreement, scores against known relations and costs."""
+
+    matrices: dict[str, Matrix]
+    extra: dict[str, Matrix] = field(default_factory=dict)  # gradient_magnitude, experts_layer<k>
+    agreement: pl.DataFrame | None = None
+    scores: pl.DataFrame | None = None
+    costs: pl.DataFrame | None = None
+    messages: list[str] = field(default_factory=list)
+
+    def best_method(self) -> str:
+        """Return the best-scoring estimator against known relations, else the first by ``PREFERENCE``."""
+        if self.scores is not None and self.scores.height:
+            finite = self.scores.filter(pl.col("spearman_rho").is_not_nan() & pl.col("spearman_rho").is_not_null())
+            if finite.height:
+                return str(finite.sort("spearman_rho", descending=True)["method"][0])
+        for method in PREFERENCE:
+            if method in self.matrices:
+                return method
+        raise AnalysisError("no affinity matrix was computed")
+
+
+def available_methods(inputs: AnalysisInputs) -> list[str]:
+    """Return the estimators whose inputs exist: pair runs, affinity.json, routing_stats.json."""
+    methods = []
+    if inputs.has_pairs:
+        methods.append("measured")
+    if inputs.root is not None and inputs.run_files("affinity.json"):
+        methods.extend(["lookahead", "gradient"])
+    if inputs.root is not None and inputs.run_files("routing_stats.json"):
+        methods.append("experts")
+    return methods
+
+
+def analyse_affinity(
+    inputs: AnalysisInputs,
+    methods: Sequence[str] | None = None,
+    relations: Matrix | None = None,
+    metrics: dict[str, str] | None = None,
+    n_permutations: int = 999,
+    seed: int = 0,
+) -> AffinityAnalysis:
+    """Compute the requested affinity matrices (default: every available one) with agreement, scores and costs.
+
+    A requested method whose input is missing raises; with ``methods`` None it is skipped with a message.
+    """
+    requested = list(methods) if methods else available_methods(inputs)
+    unknown = [m for m in requested if m not in METHODS]
+    if unknown:
+        raise AnalysisError(f"affinity method(s) {', '.join(unknown)} invalid; choose from {', '.join(METHODS)}")
+    explicit = methods is not None and len(methods) > 0
+    result = AffinityAnalysis(matrices={})
+    costs = []
+    for method in requested:
+        started = time.perf_counter()
+        try:
+            matrix, cost = _estimate(inputs, method, metrics, result)
+        except (AnalysisError, DataError) as exc:
+            if explicit:
+                raise
+            result.messages.append(f"affinity method {method} skipped: {exc}")
+            continue
+        result.matrices[method] = matrix
+        cost["analysis_seconds"] = time.perf_counter() - started
+        costs.append(cost)
+    if not result.matrices:
+        if explicit:
+            raise AnalysisError("no affinity matrix could be computed")
+        result.messages.append(
+            "no affinity estimator has inputs: pair runs (measured), affinity.json (lookahead, gradient) or "
+            "routing_stats.json (experts) under a study output directory"
+        )
+        return result
+    result.costs = pl.DataFrame(costs, schema=COST_SCHEMA)
+    if len(result.matrices) >= 2:
+        result.agreement = agreement_table(result.matrices, n_permutations, seed)
+    if relations is not None:
+        result.scores = score_against_relations({**result.matrices, **_scored_extras(result)}, relations, n_permutations, seed)
+    return result
+
+
+def _scored_extras(result: AffinityAnalysis) -> dict[str, Matrix]:
+    return {name: m for name, m in result.extra.items() if name == "gradient_magnitude"}
+
+
+def _estimate(
+    inputs: AnalysisInputs, method: str, metrics: dict[str, str] | None, result: AffinityAnalysis
+) -> tuple[Matrix, dict]:
+    cost = {key: None for key in COST_SCHEMA}
+    cost["method"] = method
+    if method == "measured":
+        matrix = measured_affinity(inputs.results, metrics, notes=result.messages)
+        n_tasks = len(matrix[0])
+        pair_rows = inputs.results.filter(pl.col("paradigm") == "pair")
+        cost["training_runs"] = pair_rows["run_id"].n_unique()
+        cost["extra_training_runs"] = cost["training_runs"]
+        cost["pairs_measured"] = pair_rows["group"].n_unique()
+        cost["pair_runs_for_all_pairs"] = n_tasks * (n_tasks - 1) // 2
+        cost["training_seconds"] = _pair_seconds(inputs)
+        cost["note"] = "one training run per task pair (and seed), on top of the task-specific runs"
+        return matrix, cost
+
+    if inputs.root is None:
+        raise AnalysisError(
+            f"--method {method} reads files of a unified run; give a study output directory or run directory, "
+            "not a results table"
+        )
+    if method in ("lookahead", "gradient"):
+        files = find_run_files(inputs.root, "affinity.json")
+        if method == "lookahead":
+            matrix = lookahead_affinity_matrix(inputs.root)
+            key = "lookahead"
+        else:
+            matrix = gradient_affinity_matrix(inputs.root, "cosine")
+            key = "gradient_cosine"
+            try:
+                result.extra["gradient_magnitude"] = gradient_affinity_matrix(inputs.root, "magnitude")
+            except DataError as exc:
+                result.messages.append(f"gradient magnitude similarity not read: {exc}")
+        seconds = 0.0
+        records = 0
+        for file in files:
+            meta = read_affinity_json(file, key)[2]
+            seconds += float(meta.get("seconds", math.nan))
+            records += int(meta.get("n_records", 0))
+        n_tasks = len(matrix[0])
+        cost["training_runs"] = len(files)
+        cost["extra_training_runs"] = 0
+        cost["pair_runs_for_all_pairs"] = n_tasks * (n_tasks - 1) // 2
+        cost["estimator_seconds"] = seconds
+        cost["training_seconds"] = _sum_or_none([run_seconds(f.parent) for f in files])
+        cost["note"] = f"recorded {records} time(s) during the unified run(s) it comes from; no extra training run"
+        return matrix, cost
+
+    tasks, per_layer = expert_affinity_per_layer(inputs.root)
+    for layer, m in per_layer.items():
+        result.extra[f"experts_layer{layer}"] = (tasks, m)
+    averaged = average_layers(per_layer)
+    files = find_run_files(inputs.root, "routing_stats.json")
+    n_tasks = len(tasks)
+    cost["training_runs"] = len(files)
+    cost["extra_training_runs"] = 0
+    cost["pair_runs_for_all_pairs"] = n_tasks * (n_tasks - 1) // 2
+    cost["estimator_seconds"] = 0.0
+    cost["training_seconds"] = _sum_or_none([run_seconds(f.parent) for f in files])
+    cost["note"] = f"routing counters of the unified run(s), {len(per_layer)} MoE layer(s); no extra training run"
+    return (tasks, averaged), cost
+
+
+def _sum_or_none(values: list[float | None]) -> float | None:
+    known = [v for v in values if v is not None]
+    return float(sum(known)) if known and len(known) == len(values) else None
+
+
+def _pair_seconds(inputs: AnalysisInputs) -> float | None:
+    if inputs.root is None:
+        return None
+    run_files = sorted((inputs.root / "pair").glob("*/*/*/run.json")) if (inputs.root / "pair").is_dir() else []
+    if not run_files:
+        return None
+    # NOTE: a run.json without a wall-time key makes the total unknown rather than an undercount.
+    return _sum_or_none([run_seconds(f.parent) for f in run_files])

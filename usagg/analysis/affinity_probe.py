@@ -1,0 +1,192 @@
+"""One record of the one-run affinity estimators, computed inside a training loop and restored exactly.
+
+Meant to be called every k steps during unified training; the trainer averages the records into affinity.json.
+NOTE: under DDP, pass the unwrapped module, since these functions compute gradients with ``torch.autograd.grad``
+outside the DDP reducer.
+
+Lookahead (TAG, Fifty et al., NeurIPS 2021): for a source task i, apply the optimizer's real update of the
+shared parameters θ_s from task i's loss alone. The update includes AdamW moments, bias correction and weight
+decay, plus gradient clipping when the trainer clips. Then, for every target task j,
+
+    Z(i→j) = 1 − L_j(θ_s after the step on i) / L_j(θ_s),
+
+and restore θ_s, the optimizer state, the gradients, the buffers and the RNG state before the next source.
+Task-specific parameters (heads) are not stepped: only ``shared_params`` receive a gradient.
+
+Gradient similarity on the shared parameters: cosine similarity of the task gradients, and the magnitude
+similarity 2‖g_i‖‖g_j‖ / (‖g_i‖² + ‖g_j‖²) of Yu et al., NeurIPS 2020 (PCGrad).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+LossFn = Callable[[str, Any], torch.Tensor]
+
+
+def _clone_state(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.detach().clone()
+    if isinstance(value, dict):
+        return {k: _clone_state(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_clone_state(v) for v in value)
+    return value
+
+
+@contextlib.contextmanager
+def preserved_training_state(
+    model: torch.nn.Module, optimizer: torch.optim.Optimizer | None, params: Sequence[torch.nn.Parameter]
+) -> Iterator[Callable[[], None]]:
+    """Snapshot parameters, gradients, optimizer state, buffers and RNG; restore them on exit.
+
+    Yields a function that restores the snapshot early (used between source tasks). Every parameter in the
+    optimizer's groups is covered, not only ``params``, so a probe cannot leak into the heads either.
+    """
+    all_params: list[torch.nn.Parameter] = list(params)
+    if optimizer is not None:
+        seen = {id(p) for p in all_params}
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                if id(p) not in seen:
+                    all_params.append(p)
+                    seen.add(id(p))
+    values = [p.detach().clone() for p in all_params]
+    grads = [None if p.grad is None else p.grad.detach().clone() for p in all_params]
+    opt_state = {p: _clone_state(optimizer.state[p]) for p in all_params if optimizer is not None and p in optimizer.state}
+    groups = [{k: _clone_state(v) for k, v in g.items() if k != "params"} for g in optimizer.param_groups] if optimizer else []
+    # NOTE: state kept outside parameters and buffers (e.g. Python-side routing counters) is not restored, so
+    # the caller resets such counters itself if the probe's forward passes must not count.
+    buffers = [(b, b.detach().clone()) for b in model.buffers()]
+    cpu_rng = torch.get_rng_state()
+    cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+    was_training = model.training
+
+    def restore() -> None:
+        with torch.no_grad():
+            for p, v, g in zip(all_params, values, grads):
+                p.copy_(v)
+                if g is None:
+                    p.grad = None
+                elif p.grad is None:
+                    p.grad = g.clone()
+                else:
+                    p.grad.copy_(g)
+            for b, v in buffers:
+                b.copy_(v)
+        if optimizer is not None:
+            for p in all_params:
+                if p in opt_state:
+                    optimizer.state[p] = _clone_state(opt_state[p])
+                elif p in optimizer.state:
+                    del optimizer.state[p]
+            for group, saved in zip(optimizer.param_groups, groups):
+                group.update(_clone_state(saved))
+        torch.set_rng_state(cpu_rng)
+        if cuda_rng is not None:
+            torch.cuda.set_rng_state_all(cuda_rng)
+        model.train(was_training)
+
+    try:
+        yield restore
+    finally:
+        restore()
+
+
+def _task_gradients(
+    tasks: Sequence[str], batches: Mapping[str, Any], loss_fn: LossFn, shared: Sequence[torch.nn.Parameter]
+) -> list[list[torch.Tensor | None]]:
+    out = []
+    for task in tasks:
+        loss = loss_fn(task, batches[task])
+        grads = torch.autograd.grad(loss, list(shared), allow_unused=True)
+        out.append([None if g is None else g.detach() for g in grads])
+    return out
+
+
+@torch.no_grad()
+def _losses(tasks: Sequence[str], batches: Mapping[str, Any], loss_fn: LossFn, rng: tuple[Any, Any]) -> np.ndarray:
+    """Evaluate every task's loss from the same RNG state, so dropout masks match between calls."""
+    torch.set_rng_state(rng[0])
+    if rng[1] is not None:
+        torch.cuda.set_rng_state_all(rng[1])
+    return np.array([float(loss_fn(task, batches[task]).detach()) for task in tasks], dtype=float)
+
+
+def _rng_state() -> tuple[Any, Any]:
+    return torch.get_rng_state(), (torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
+
+
+def lookahead_affinity(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    batches: Mapping[str, Any],
+    loss_fn: LossFn,
+    shared_params: Sequence[torch.nn.Parameter],
+    clip_grad_norm: float | None = None,
+) -> np.ndarray:
+    """Return Z[i, j] = 1 − L_j(after the real optimizer step on task i) / L_j(before), for tasks in ``batches``.
+
+    ``loss_fn(task, batch)`` runs the forward pass and returns the task's scalar loss. Rows follow the order of
+    ``batches`` (source tasks), columns the same order (target tasks). Everything the probe touches is
+    restored exactly afterwards (see :func:`preserved_training_state`). A target whose current loss is 0
+    gets NaN.
+    """
+    tasks = list(batches)
+    shared = list(shared_params)
+    shared_ids = {id(p) for p in shared}
+    with preserved_training_state(model, optimizer, shared) as restore:
+        rng = _rng_state()
+        base = _losses(tasks, batches, loss_fn, rng)
+        restore()
+        z = np.full((len(tasks), len(tasks)), np.nan)
+        for i, source in enumerate(tasks):
+            optimizer.zero_grad(set_to_none=True)
+            (grads,) = _task_gradients([source], batches, loss_fn, shared)
+            for p, g in zip(shared, grads):
+                p.grad = None if g is None else g.clone()
+            # Parameters outside the shared set keep grad None, so the optimizer leaves them unchanged.
+            for group in optimizer.param_groups:
+                for p in group["params"]:
+                    if id(p) not in shared_ids:
+                        p.grad = None
+            if clip_grad_norm is not None:
+                torch.nn.utils.clip_grad_norm_(shared, clip_grad_norm)
+            optimizer.step()
+            after = _losses(tasks, batches, loss_fn, rng)
+            with np.errstate(divide="ignore", invalid="ignore"):
+                z[i] = np.where(base != 0, 1.0 - after / base, np.nan)
+            restore()
+    return z
+
+
+def gradient_affinity(
+    model: torch.nn.Module,
+    batches: Mapping[str, Any],
+    loss_fn: LossFn,
+    shared_params: Sequence[torch.nn.Parameter],
+) -> tuple[np.ndarray, np.ndarray]:
+    """Return the cosine-similarity and magnitude-similarity matrices of the task gradients on ``shared_params``.
+
+    Gradients, buffers and RNG state are restored afterwards. A task with a zero gradient gets NaN cosines.
+    """
+    tasks = list(batches)
+    shared = list(shared_params)
+    with preserved_training_state(model, None, shared):
+        grads = _task_gradients(tasks, batches, loss_fn, shared)
+    flat = torch.stack([
+        torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1).double() for g, p in zip(gs, shared)])
+        for gs in grads
+    ])
+    norms = flat.norm(dim=1)
+    dots = flat @ flat.T
+    outer = norms[:, None] * norms[None, :]
+    cosine = torch.where(outer > 0, dots / outer.clamp_min(1e-300), torch.full_like(dots, float("nan")))
+    squares = norms[:, None] ** 2 + norms[None, :] ** 2
+    magnitude = torch.where(squares > 0, 2 * outer / squares.clamp_min(1e-300), torch.full_like(dots, float("nan")))
+    return cosine.cpu().numpy(), magnitude.cpu().numpy()

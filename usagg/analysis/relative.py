@@ -1,0 +1,236 @@
+"""Relative change of each task under aggregated training, and Δm over sets of tasks.
+
+Relative change of task t under an aggregated paradigm (grouped, unified, pair):
+
+    r_t = s_t · (M_agg − M_ts) / |M_ts|,   s_t = +1 if higher is better, −1 otherwise,
+
+against the task-specific run with the same study, data fraction, seed and split, so r_t > 0 means
+aggregation helped and r_t < 0 is negative transfer. Δm (Maninis et al., CVPR 2019, "Attentive
+single-tasking of multiple tasks"; Vandenhende et al., TPAMI 2021) is the mean of r_t over a set of tasks.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+
+import polars as pl
+
+from usagg.errors import AnalysisError
+from usagg.results import validate_results
+
+logger = logging.getLogger(__name__)
+
+TASK_SPECIFIC = "task_specific"
+PAIR = "pair"
+
+# Primary metric per task type, in order of preference; regression covers keypoints (MRE) and scalars (MAE).
+DEFAULT_PRIMARY_METRICS: dict[str, tuple[str, ...]] = {
+    "segmentation": ("dice",),
+    "classification": ("auc",),
+    "detection": ("iou",),
+    "regression": ("mre_mm", "mre_px", "mae"),
+}
+
+# Rows with equal values in these columns are compared with each other; seed may be null (reported numbers).
+MATCH_KEYS = ["study", "task", "metric", "split", "data_fraction", "seed"]
+NULL_SEED_KEY = -(2**62)
+
+REL_COLUMNS = [
+    "study",
+    "paradigm",
+    "group",
+    "task",
+    "task_type",
+    "organ",
+    "clinical_group",
+    "n_train",
+    "data_fraction",
+    "seed",
+    "split",
+    "metric",
+    "higher_is_better",
+    "value_ts",
+    "value",
+    "rel_change",
+    "run_id",
+    "run_id_ts",
+    "source",
+]
+
+
+def parse_metric_overrides(items: Sequence[str]) -> dict[str, str]:
+    """Parse ``KEY=METRIC`` options, where KEY is a task type or a task name, into a dict."""
+    overrides: dict[str, str] = {}
+    for item in items:
+        key, sep, metric = item.partition("=")
+        if not sep or not key.strip() or not metric.strip():
+            raise AnalysisError(
+                f"--metric {item!r} is not of the form TYPE=METRIC or TASK=METRIC, e.g. --metric segmentation=hd95"
+            )
+        overrides[key.strip()] = metric.strip()
+    return overrides
+
+
+def choose_metrics(
+    results: pl.DataFrame, metrics: Mapping[str, str] | None = None, all_metrics: bool = False
+) -> tuple[pl.DataFrame, list[str]]:
+    """Return the (task, metric) pairs to analyse and warnings about tasks without their primary metric.
+
+    ``metrics`` maps a task type or a task name to a metric; a task name takes precedence over its type.
+    """
+    overrides = dict(metrics or {})
+    available = results.select("task", "task_type", "metric").unique()
+    known_keys = set(available["task"]) | set(available["task_type"]) | set(DEFAULT_PRIMARY_METRICS)
+    unknown = sorted(k for k in overrides if k not in known_keys)
+    if unknown:
+        raise AnalysisError(
+            f"--metric names {', '.join(unknown)}, which is neither a task type "
+            f"({', '.join(DEFAULT_PRIMARY_METRICS)}) nor a task in the results table"
+        )
+    if all_metrics:
+        return available.select("task", "metric").sort("task", "metric"), []
+
+    warnings: list[str] = []
+    rows: list[dict[str, str]] = []
+    by_task = available.group_by("task", maintain_order=True).agg(pl.col("task_type").first(), pl.col("metric"))
+    for task, task_type, task_metrics in by_task.sort("task").iter_rows():
+        present = set(task_metrics)
+        if task in overrides or task_type in overrides:
+            preferred = (overrides.get(task) or overrides[task_type],)
+        else:
+            preferred = DEFAULT_PRIMARY_METRICS.get(task_type, ())
+        chosen = next((m for m in preferred if m in present), None)
+        if chosen is None:
+            warnings.append(
+                f"task {task!r} ({task_type}): primary metric {' or '.join(preferred) or '(none for this type)'} "
+                f"not in the results table (it has {', '.join(sorted(present))}); the task is left out. "
+                f"Choose one with --metric {task}=METRIC"
+            )
+            continue
+        rows.append({"task": task, "metric": chosen})
+    schema = {"task": pl.String, "metric": pl.String}
+    return pl.DataFrame(rows, schema=schema), warnings
+
+
+def relative_change_with_warnings(
+    results: pl.DataFrame,
+    metrics: Mapping[str, str] | None = None,
+    all_metrics: bool = False,
+    paradigms: Sequence[str] | None = None,
+) -> tuple[pl.DataFrame, list[str]]:
+    """Compute the relative-change table (see :func:`relative_change`) and return the warnings as data."""
+    # Rows with metric train_images count training images of a group; they are sizes, not scores.
+    table = validate_results(results).filter(pl.col("metric") != "train_images")
+    chosen, warnings = choose_metrics(table, metrics, all_metrics)
+    table = table.join(chosen, on=["task", "metric"], how="semi")
+    # Data fractions written by different tools may differ in the last bits; compare them rounded.
+    table = table.with_columns(pl.col("data_fraction").round(6))
+
+    reference = table.filter(pl.col("paradigm") == TASK_SPECIFIC)
+    if paradigms is None:
+        aggregated = table.filter(~pl.col("paradigm").is_in([TASK_SPECIFIC, PAIR]))
+    else:
+        aggregated = table.filter(pl.col("paradigm").is_in(list(paradigms)))
+
+    duplicates = reference.group_by(MATCH_KEYS).len().filter(pl.col("len") > 1)
+    if duplicates.height:
+        first = duplicates.row(0, named=True)
+        key = ", ".join(f"{k}={first[k]}" for k in MATCH_KEYS)
+        raise AnalysisError(
+            f"results table has {first['len']} task-specific rows for {key}; keep one row per "
+            f"study, task, metric, split, data fraction and seed (e.g. drop repeated evaluations)"
+        )
+
+    # Reported numbers have a null seed; a sentinel key lets them match each other in the join.
+    seed_key = pl.col("seed").fill_null(NULL_SEED_KEY).alias("_seed_key")
+    join_keys = [k for k in MATCH_KEYS if k != "seed"] + ["_seed_key"]
+    ref = reference.select(
+        *[k for k in MATCH_KEYS if k != "seed"], seed_key,
+        pl.col("value").alias("value_ts"), pl.col("run_id").alias("run_id_ts"),
+    )
+    rel = aggregated.with_columns(seed_key).join(ref, on=join_keys, how="left").drop("_seed_key")
+
+    unmatched = rel.filter(pl.col("run_id_ts").is_null())
+    if unmatched.height:
+        examples = unmatched.select("paradigm", "task", "data_fraction", "seed").unique().sort(pl.all())
+        listed = "; ".join(
+            f"{p}/{t} fraction {f} seed {s}" for p, t, f, s in examples.head(5).iter_rows()
+        )
+        more = f" and {examples.height - 5} more" if examples.height > 5 else ""
+        warnings.append(
+            f"{examples.height} aggregated run(s) have no task-specific run with the same data fraction and seed "
+            f"and are left out: {listed}{more}"
+        )
+        rel = rel.filter(pl.col("run_id_ts").is_not_null())
+
+    sign = pl.when(pl.col("higher_is_better")).then(1.0).otherwise(-1.0)
+    rel = rel.with_columns(
+        (sign * (pl.col("value") - pl.col("value_ts")) / pl.col("value_ts").abs()).alias("rel_change")
+    )
+    # A reference value of 0 (or a NaN value) gives NaN or inf, which is reported as NaN with a warning.
+    bad = rel.filter(~pl.col("rel_change").is_finite())
+    if bad.height:
+        warnings.append(
+            f"{bad.height} row(s) have no finite relative change because the task-specific value is 0 or a value "
+            f"is NaN (e.g. task {bad['task'][0]!r}, metric {bad['metric'][0]!r}); they are kept as NaN"
+        )
+        rel = rel.with_columns(
+            pl.when(pl.col("rel_change").is_finite()).then(pl.col("rel_change")).otherwise(None).alias("rel_change")
+        )
+    rel = rel.select(REL_COLUMNS).sort("paradigm", "task", "metric", "split", "data_fraction", "seed")
+    if rel.height == 0 and aggregated.height:
+        warnings.append("no aggregated run could be matched to a task-specific run; the relative-change table is empty")
+    return rel, warnings
+
+
+def relative_change(
+    results: pl.DataFrame,
+    metrics: Mapping[str, str] | None = None,
+    all_metrics: bool = False,
+    paradigms: Sequence[str] | None = None,
+) -> pl.DataFrame:
+    """Return one row per aggregated run × task × metric with ``rel_change`` against the task-specific run.
+
+    ``rel_change`` is a fraction (+0.10 = 10 % better), signed by the metric's direction. By default only the
+    primary metric of each task type is kept (``metrics`` overrides it per task type or task name; ``all_metrics``
+    keeps every metric). ``paradigms`` defaults to every paradigm except task_specific and pair. Rows that
+    cannot be matched are left out with a logged warning.
+    """
+    rel, warnings = relative_change_with_warnings(results, metrics, all_metrics, paradigms)
+    for message in warnings:
+        logger.warning(message)
+    return rel
+
+
+def delta_m(rel: pl.DataFrame, by: Sequence[str] = ("paradigm",)) -> pl.DataFrame:
+    """Return Δm, the mean relative change over tasks, for each group of rows defined by ``by``.
+
+    Each task counts once: its rows (several metrics, seeds or fractions within a group) are averaged first,
+    then the task means are averaged. Columns: ``by``, ``delta_m``, ``sd_tasks`` (spread over tasks),
+    ``n_tasks``, ``n_rows``. NaN relative changes are left out.
+    """
+    by = list(by)
+    missing = [c for c in [*by, "task", "rel_change"] if c not in rel.columns]
+    if missing:
+        raise AnalysisError(f"delta_m: the relative-change table has no column(s) {', '.join(missing)}")
+    valid = rel.filter(pl.col("rel_change").is_not_null() & pl.col("rel_change").is_not_nan())
+    task_keys = by if "task" in by else [*by, "task"]
+    per_task = valid.group_by(task_keys).agg(pl.col("rel_change").mean().alias("task_mean"), pl.len().alias("n_rows"))
+    if not by:
+        return per_task.select(
+            pl.col("task_mean").mean().alias("delta_m"),
+            pl.col("task_mean").std().alias("sd_tasks"),
+            pl.len().cast(pl.Int64).alias("n_tasks"),
+            pl.col("n_rows").sum().cast(pl.Int64).alias("n_rows"),
+        )
+    return (
+        per_task.group_by(by)
+        .agg(
+            pl.col("task_mean").mean().alias("delta_m"),
+            pl.col("task_mean").std().alias("sd_tasks"),
+            pl.len().cast(pl.Int64).alias("n_tasks"),
+            pl.col("n_rows").sum().cast(pl.Int64).alias("n_rows"),
+        )
+        .sort(by)
+    )

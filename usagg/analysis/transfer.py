@@ -1,0 +1,115 @@
+"""Which tasks lose when trained together? Relative change, its uncertainty, flags and Δm at every level."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+import polars as pl
+
+from usagg.analysis.inference import seed_summary, t_interval
+from usagg.analysis.relative import relative_change_with_warnings
+
+# Levels Δm is reported at: the whole study, then each value of these columns.
+DELTA_M_LEVELS = ("study", "task_type", "clinical_group", "group")
+
+DELTA_M_SCHEMA = {
+    "paradigm": pl.String,
+    "data_fraction": pl.Float64,
+    "split": pl.String,
+    "level": pl.String,
+    "level_value": pl.String,
+    "delta_m": pl.Float64,
+    "sd_tasks": pl.Float64,
+    "sd_seeds": pl.Float64,
+    "ci_seeds_lo": pl.Float64,
+    "ci_seeds_hi": pl.Float64,
+    "ci_tasks_lo": pl.Float64,
+    "ci_tasks_hi": pl.Float64,
+    "n_tasks": pl.Int64,
+    "n_seeds": pl.Int64,
+}
+
+
+@dataclass
+class TransferAnalysis:
+    """Relative change per run, its summary over seeds with flags, and Δm tables."""
+
+    rel: pl.DataFrame
+    summary: pl.DataFrame
+    delta_m: pl.DataFrame
+    warnings: list[str] = field(default_factory=list)
+
+    def flagged(self) -> pl.DataFrame:
+        """Return the comparisons flagged as negative transfer."""
+        return self.summary.filter(pl.col("negative_transfer").fill_null(False))
+
+
+def delta_m_table(rel: pl.DataFrame, n_boot: int = 1000, seed: int = 0, level: float = 0.95) -> pl.DataFrame:
+    """Return Δm per paradigm × data fraction × split at the study level, per task type, clinical and training group.
+
+    ``ci_seeds`` is the t interval of the per-seed Δm, which reflects training randomness and needs two seeds.
+    ``ci_tasks`` is a percentile bootstrap over tasks of the seed-averaged task means, which reflects the choice
+    of tasks and needs two tasks. Each task counts once per seed because its metrics are averaged first.
+    """
+    valid = rel.filter(pl.col("rel_change").is_not_null() & pl.col("rel_change").is_not_nan())
+    base = ["paradigm", "data_fraction", "split"]
+    per_seed_task = valid.group_by(*base, "seed", "task", "task_type", "clinical_group", "group").agg(
+        pl.col("rel_change").mean()
+    )
+    rng = np.random.default_rng(seed)
+    rows = []
+    for level_name in DELTA_M_LEVELS:
+        keys = base if level_name == "study" else [*base, level_name]
+        for key, part in per_seed_task.group_by(keys, maintain_order=True):
+            info = dict(zip(keys, key))
+            task_means = part.group_by("task").agg(pl.col("rel_change").mean())["rel_change"].to_numpy()
+            seed_means = part.group_by("seed").agg(pl.col("rel_change").mean())["rel_change"].to_numpy()
+            n_tasks, n_seeds = task_means.size, seed_means.size
+            ci_seeds = t_interval(seed_means, level) if n_seeds >= 2 else (math.nan, math.nan)
+            ci_tasks = (math.nan, math.nan)
+            if n_tasks >= 2 and n_boot > 0:
+                draws = task_means[rng.integers(0, n_tasks, size=(n_boot, n_tasks))].mean(axis=1)
+                ci_tasks = tuple(np.percentile(draws, [50 * (1 - level), 50 * (1 + level)]).tolist())
+            rows.append(
+                {
+                    "paradigm": info["paradigm"],
+                    "data_fraction": info["data_fraction"],
+                    "split": info["split"],
+                    "level": level_name,
+                    "level_value": "all" if level_name == "study" else str(info[level_name]),
+                    "delta_m": float(task_means.mean()),
+                    "sd_tasks": float(task_means.std(ddof=1)) if n_tasks >= 2 else math.nan,
+                    "sd_seeds": float(seed_means.std(ddof=1)) if n_seeds >= 2 else math.nan,
+                    "ci_seeds_lo": ci_seeds[0],
+                    "ci_seeds_hi": ci_seeds[1],
+                    "ci_tasks_lo": ci_tasks[0],
+                    "ci_tasks_hi": ci_tasks[1],
+                    "n_tasks": n_tasks,
+                    "n_seeds": n_seeds,
+                }
+            )
+    table = pl.DataFrame(rows, schema=DELTA_M_SCHEMA)
+    order = {name: k for k, name in enumerate(DELTA_M_LEVELS)}
+    return (
+        table.with_columns(pl.col("level").replace_strict(order, return_dtype=pl.Int64).alias("_order"))
+        .sort("paradigm", "split", "data_fraction", "_order", "level_value")
+        .drop("_order")
+    )
+
+
+def analyse_transfer(
+    results: pl.DataFrame,
+    per_image: pl.DataFrame | None = None,
+    metrics: Mapping[str, str] | None = None,
+    all_metrics: bool = False,
+    n_boot: int = 2000,
+    seed: int = 0,
+) -> TransferAnalysis:
+    """Compute relative change, per-comparison statistics with negative-transfer flags, and Δm tables."""
+    rel, warnings = relative_change_with_warnings(results, metrics, all_metrics)
+    summary, notes = seed_summary(rel, per_image, n_boot=n_boot, seed=seed)
+    warnings.extend(notes)
+    return TransferAnalysis(rel=rel, summary=summary, delta_m=delta_m_table(rel, seed=seed), warnings=warnings)
