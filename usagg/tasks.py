@@ -87,6 +87,22 @@ class _SourceBase(StrictModel):
     test_root: ConfigPath | None = None
     # Pixel spacing applied to every image of the source when neither the file nor a column gives one.
     pixel_spacing_mm: float | None = Field(default=None, gt=0)
+    # Regular expression applied to each image's file stem; its first group is the case (patient) id, which keeps
+    # all images of a case in one split. Example for HC18 names such as 010_2HC: '^(\d+)_'.
+    case_regex: str | None = None
+
+    @field_validator("case_regex")
+    @classmethod
+    def _check_case_regex(cls, value: str | None) -> str | None:
+        if value is None:
+            return value
+        try:
+            compiled = re.compile(value)
+        except re.error as exc:
+            raise ValueError(f"case_regex {value!r} is not a valid regular expression: {exc}") from None
+        if compiled.groups < 1:
+            raise ValueError(f"case_regex {value!r} needs one capturing group, e.g. '^(\\d+)_'")
+        return value
 
 
 class FmcUiaSource(_SourceBase):
@@ -95,6 +111,10 @@ class FmcUiaSource(_SourceBase):
     format: Literal["fmc_uia"]
     # Value of the ``task_id`` column to read; defaults to the task card's name.
     task_id: str | None = None
+    # Optional CSV (relative to root) giving a pixel spacing per image, e.g. the sample's provenance.csv.
+    spacing_csv: str | None = None
+    spacing_path_column: str = "image_path"  # same relative path as the task CSV's image_path
+    spacing_column: str = "pixel_size_mm"
 
 
 class MaskFolderSource(_SourceBase):
@@ -106,6 +126,10 @@ class MaskFolderSource(_SourceBase):
     image_prefix: str = ""
     mask_prefix: str = ""
     mask_suffix: str = ""
+    # Optional CSV (relative to root) naming the split of each image: a path or file-name column and a split column.
+    split_csv: str | None = None
+    split_path_column: str = "image"
+    split_column: str = "split"
 
 
 class ClassCsvSource(_SourceBase):

@@ -1,9 +1,195 @@
-"""CLI commands of the data stage."""
+"""CLI commands of the data stage: ``usagg data check`` and ``usagg data show``."""
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Annotated
+
 import typer
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    SpinnerColumn,
+    TextColumn,
+)
+from rich.table import Table
+
+from usagg.errors import UsaggError
+
+data_app = typer.Typer(help="Check data sources and draw their labels.", no_args_is_help=True)
+console = Console()
+
+
+def _widen_for_files() -> None:
+    """Give piped or redirected output room for the tables (rich falls back to 80 columns there)."""
+    if not console.is_terminal and console.width < 160:
+        console.width = 160
+
+
+def _size_text(report) -> str:
+    if report.size_min_hw is None:
+        return "-"
+    (h0, w0), (h1, w1) = report.size_min_hw, report.size_max_hw
+    if (h0, w0) == (h1, w1):
+        return f"{h0}x{w0}"
+    return f"{h0}-{h1} x {w0}-{w1}"
+
+
+def _class_text(report) -> str:
+    card = report.card
+    if card.kind == "scalar" and report.value_range is not None:
+        return f"{report.value_range[0]:g} .. {report.value_range[1]:g}"
+    if card.kind == "keypoints":
+        return f"{card.num_keypoints} points per image"
+    parts = []
+    for split in ("train", "val", "test"):
+        counts = report.class_counts.get(split)
+        if counts:
+            parts.append(f"{split} " + " ".join(f"{name}:{n}" for name, n in counts.items()))
+    text = "\n".join(parts) or "-"
+    if card.kind == "segmentation" and parts:
+        text = "images with class c>0\n" + text
+    if card.kind == "detection" and report.boxes_per_image is not None:
+        low, high = report.boxes_per_image
+        text += f"\nboxes per image {low}" + (f"-{high}" if high != low else "")
+    return text
+
+
+def _summary_table(result) -> Table:
+    table = Table(title=f"usagg data check: {result.path} [{result.kind}]", show_lines=True)
+    for column in ("task", "type", "labels", "train", "val", "test", "per class", "image size (h x w)", "spacing", "errors", "warnings"):
+        table.add_column(column, justify="right" if column in ("train", "val", "test", "errors", "warnings") else "left")
+    for report in result.tasks:
+        counts = report.split_counts
+        errors, warnings = len(report.errors), len(report.warnings)
+        table.add_row(
+            report.card.name,
+            report.card.kind,
+            report.labels_text(),
+            str(counts["train"]),
+            str(counts["val"]),
+            str(counts["test"]),
+            _class_text(report),
+            _size_text(report),
+            f"{report.with_spacing}/{len(report.records)}",
+            f"[red]{errors}[/]" if errors else "0",
+            f"[yellow]{warnings}[/]" if warnings else "0",
+        )
+    return table
+
+
+def _problem_table(problems, limit: int) -> Table:
+    table = Table(title=f"problems ({len(problems)})", show_lines=False)
+    for column in ("", "task", "where", "problem", "fix"):
+        table.add_column(column, overflow="fold")
+    shown = problems if limit <= 0 else problems[:limit]
+    for problem in shown:
+        table.add_row(
+            "[red]error[/]" if problem.fatal else "[yellow]warning[/]",
+            problem.task,
+            problem.location,
+            problem.message,
+            problem.fix,
+        )
+    return table
+
+
+@data_app.command("check")
+def check(
+    path: Annotated[Path, typer.Argument(help="A study YAML, or a dataset folder whose layout is detected.")],
+    task: Annotated[list[str] | None, typer.Option("--task", "-t", help="Check only this task (repeatable).")] = None,
+    max_problems: Annotated[int, typer.Option(help="Rows of the problem table to print (0 prints all).")] = 200,
+    json_out: Annotated[Path | None, typer.Option("--json", help="Also write the full report to this JSON file.")] = None,
+) -> None:
+    """Read every sample and report per task the type, labels, counts per split and class, image sizes and every
+    problem found. Exits with status 1 if any problem would break training."""
+    from usagg.data.check import inspect_path
+
+    _widen_for_files()
+    with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), console=console, transient=True) as progress:
+
+        def on_task(card, _total):
+            handle = progress.add_task(f"checking {card.name}", total=None)
+            return lambda n: progress.advance(handle, n)
+
+        result = inspect_path(path, tasks=task or None, on_task=on_task)
+    console.print(_summary_table(result))
+    problems = sorted(result.all_problems, key=lambda p: (not p.fatal, p.task))
+    if problems:
+        console.print(_problem_table(problems, max_problems))
+        if 0 < max_problems < len(problems):
+            console.print(f"... and {len(problems) - max_problems} more; rerun with --max-problems 0 or --json FILE to see all")
+    if json_out is not None:
+        _write_json(result, json_out)
+    errors = sum(p.fatal for p in problems)
+    if errors:
+        console.print(f"[red]{errors} error(s)[/] would break training; fix them and rerun `usagg data check`.")
+        raise typer.Exit(1)
+    console.print("[green]no errors[/]" + (f" ({len(problems)} warning(s))" if problems else ""))
+
+
+def _write_json(result, out: Path) -> None:
+    from usagg.io import write_json_atomic
+
+    payload = {
+        "path": str(result.path),
+        "kind": result.kind,
+        "tasks": [
+            {
+                "task": r.card.name,
+                "type": r.card.type.value,
+                "kind": r.card.kind,
+                "num_classes": r.card.num_classes,
+                "num_keypoints": r.card.num_keypoints,
+                "splits": r.split_counts,
+                "class_counts": r.class_counts,
+                "size_min_hw": r.size_min_hw,
+                "size_max_hw": r.size_max_hw,
+                "with_spacing": r.with_spacing,
+            }
+            for r in result.tasks
+        ],
+        "problems": [
+            {"severity": "error" if p.fatal else "warning", "task": p.task, "file": p.file, "row": p.row, "message": p.message, "fix": p.fix}
+            for p in result.all_problems
+        ],
+    }
+    write_json_atomic(out, payload)
+
+
+@data_app.command("show")
+def show(
+    path: Annotated[Path, typer.Argument(help="A study YAML, or a dataset folder whose layout is detected.")],
+    task: Annotated[str, typer.Option("--task", "-t", help="Task to draw.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="PNG file to write.")],
+    n: Annotated[int, typer.Option("--n", help="Number of samples to draw.", min=1)] = 8,
+    split: Annotated[str | None, typer.Option("--split", help="Draw only samples of this split (train, val or test).")] = None,
+    transformed: Annotated[bool, typer.Option("--transformed", help="Draw samples after the training transform (augmentation, resize).")] = False,
+) -> None:
+    """Draw a grid of samples with their masks, boxes, keypoints or labels over the image."""
+    from usagg.data.check import cards_for_path
+    from usagg.data.problems import ProblemLog
+    from usagg.data.show import render_samples
+    from usagg.data.sources import load_task_records
+    from usagg.data.splits import SPLITS, split_records
+
+    cards, data_cfg, _ = cards_for_path(path, ProblemLog(strict=True))
+    chosen = [c for c in cards if c.name == task]
+    if not chosen:
+        raise UsaggError(f"{path}: unknown task {task!r}; tasks here: {', '.join(c.name for c in cards)}")
+    card = chosen[0]
+    records = load_task_records(card)
+    if split is not None:
+        if split not in SPLITS:
+            raise UsaggError(f"--split {split!r} is invalid; use train, val or test")
+        records = split_records(records, card, data_cfg)[split]
+    written = render_samples(card, records, out, n=n, data_cfg=data_cfg, transformed=transformed,
+                             title=f"{card.name} ({card.kind})" + (f", {split} split" if split else "") + (", transformed" if transformed else ""))
+    console.print(f"wrote {written}")
 
 
 def register(app: typer.Typer) -> None:
     """Add this stage's commands to the root app."""
+    app.add_typer(data_app, name="data")

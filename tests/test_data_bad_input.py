@@ -1,0 +1,341 @@
+"""Bad input, each case built from copies of real files: a clear error naming file, row and fix; ``data check``
+lists them all."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from test_data_helpers import (
+    copy_fmc_task,
+    fmc_card,
+    read_csv_rows,
+    small_config,
+    write_csv,
+)
+from typer.testing import CliRunner
+
+from usagg.cli import app
+from usagg.data.check import inspect_path
+from usagg.data.dataset import TaskDataset
+from usagg.data.sources import check_task, load_task_records
+from usagg.errors import DataError
+from usagg.tasks import TaskCard
+
+
+def _rewrite(root: Path, task: str, edit) -> Path:
+    """Apply ``edit(header, rows)`` to a task CSV of a copied root; returns the CSV path."""
+    path = root / "csv_files" / f"{task}.csv"
+    header, rows = read_csv_rows(path)
+    header, rows = edit(header, rows)
+    write_csv(path, header, rows)
+    return path
+
+
+def _file_of(root: Path, task: str, column: str, row: int) -> Path:
+    header, rows = read_csv_rows(root / "csv_files" / f"{task}.csv")
+    return (root / "csv_files" / rows[row - 1][header.index(column)]).resolve()
+
+
+def _assert_load_error(card: TaskCard, *fragments: str) -> str:
+    with pytest.raises(DataError) as info:
+        load_task_records(card)
+    message = str(info.value)
+    for fragment in fragments:
+        assert fragment in message, message
+    assert "fix:" in message
+    return message
+
+
+def _only_problem(card: TaskCard, *fragments: str):
+    _, problems = check_task(card, small_config())
+    errors = [p for p in problems if p.fatal]
+    assert len(errors) == 1, [str(p) for p in problems]
+    text = str(errors[0])
+    for fragment in fragments:
+        assert fragment in text, text
+    assert errors[0].fix
+    return errors[0]
+
+
+def test_missing_image_file(shared_data, tmp_path):
+    root = copy_fmc_task(shared_data, tmp_path, "breast_2cls")
+    _file_of(root, "breast_2cls", "image_path", 2).unlink()
+    _assert_load_error(fmc_card("breast_2cls", root), "breast_2cls.csv, row 2", "not found")
+
+
+def test_missing_mask_file(shared_data, tmp_path):
+    root = copy_fmc_task(shared_data, tmp_path, "breast_lesion")
+    mask = _file_of(root, "breast_lesion", "mask_path", 3)
+    mask.unlink()
+    _assert_load_error(fmc_card("breast_lesion", root), "row 3", f"mask file {mask} not found")
+
+
+def test_undecodable_image(shared_data, tmp_path):
+    root = copy_fmc_task(shared_data, tmp_path, "breast_2cls")
+    image = _file_of(root, "breast_2cls", "image_path", 1)
+    image.write_bytes(image.read_bytes()[:200])  # truncated PNG
+    card = fmc_card("breast_2cls", root)
+    _only_problem(card, "row 1", image.name, "cannot decode image")
+    dataset = TaskDataset(card, load_task_records(card), small_config(), train=False)
+    with pytest.raises(DataError, match=r"breast_2cls.csv, row 1: .*cannot decode image"):
+        dataset[0]
+
+
+def test_mask_size_differs_from_image(shared_data, tmp_path):
+    root = copy_fmc_task(shared_data, tmp_path, "breast_lesion")
+    mask = _file_of(root, "breast_lesion", "mask_path", 2)
+    small = Image.open(mask).resize((50, 40), Image.NEAREST)
+    small.save(mask)
+    card = fmc_card("breast_lesion", root)
+    _only_problem(card, "row 2", "is 40x50 px but the image is", "resize the mask")
+    dataset = TaskDataset(card, load_task_records(card), small_config(), train=False)
+    with pytest.raises(DataError, match="40x50 px but the image is"):
+        dataset[1]
+
+
+def test_mask_value_out_of_range(shared_data, tmp_path):
+    root = copy_fmc_task(shared_data, tmp_path, "breast_lesion")
+    mask = _file_of(root, "breast_lesion", "mask_path", 1)
+    values = np.array(Image.open(mask))
+    values[:5, :5] = 2  # a third class in a two-class task
+    Image.fromarray(values).save(mask)
+    _only_problem(fmc_card("breast_lesion", root), "row 1", "has value 2 outside the class indices 0..1")
+
+
+@pytest.mark.parametrize(
+    ("value", "fragment"),
+    [("5", "class label 5 is outside 0..1"), ("abc", "class label 'abc' in column 'mask' is not an integer"), ("1.5", "'1.5'")],
+)
+def test_class_label_invalid(shared_data, tmp_path, value, fragment):
+    root = copy_fmc_task(shared_data, tmp_path, "breast_2cls")
+
+    def edit(header, rows):
+        rows[1][header.index("mask")] = value
+        return header, rows
+
+    _rewrite(root, "breast_2cls", edit)
+    _assert_load_error(fmc_card("breast_2cls", root), "row 2", fragment)
+
+
+def test_integral_float_label_accepted(shared_data, tmp_path):
+    root = copy_fmc_task(shared_data, tmp_path, "breast_2cls")
+
+    def edit(header, rows):
+        rows[0][header.index("mask")] = "1.0"
+        return header, rows
+
+    _rewrite(root, "breast_2cls", edit)
+    assert load_task_records(fmc_card("breast_2cls", root))[0].label == 1
+
+
+def test_keypoint_outside_image(shared_data, tmp_path):
+    root = copy_fmc_task(shared_data, tmp_path, "fetal_head_axis")
+
+    def edit(header, rows):
+        rows[2][header.index("point_2_xy")] = "[5000.0, 10.0]"
+        return header, rows
+
+    _rewrite(root, "fetal_head_axis", edit)
+    card = fmc_card("fetal_head_axis", root)
+    _only_problem(card, "row 3", "keypoint 2 (5000, 10) lies outside the 800x540 px image")
+    dataset = TaskDataset(card, load_task_records(card), small_config(), train=False)
+    with pytest.raises(DataError, match="keypoint 2"):
+        dataset[2]
+
+
+def test_keypoint_not_json(shared_data, tmp_path):
+    root = copy_fmc_task(shared_data, tmp_path, "fetal_head_axis")
+
+    def edit(header, rows):
+        rows[0][header.index("point_1_xy")] = "331.3 413.0"
+        return header, rows
+
+    _rewrite(root, "fetal_head_axis", edit)
+    _assert_load_error(fmc_card("fetal_head_axis", root), "row 1", "point_1_xy", "is not a JSON point")
+
+
+def test_box_outside_image(shared_data, tmp_path):
+    root = copy_fmc_task(shared_data, tmp_path, "breast_lesion_det")
+
+    def edit(header, rows):
+        rows[0][header.index("x_max")] = "10000"
+        return header, rows
+
+    _rewrite(root, "breast_lesion_det", edit)
+    _only_problem(fmc_card("breast_lesion_det", root), "row 1", "box 1 (59, 82, 10000, 195) lies outside")
+
+
+def test_box_with_x_max_not_above_x_min(shared_data, tmp_path):
+    root = copy_fmc_task(shared_data, tmp_path, "breast_lesion_det")
+
+    def edit(header, rows):
+        rows[1][header.index("x_max")] = rows[1][header.index("x_min")]
+        return header, rows
+
+    _rewrite(root, "breast_lesion_det", edit)
+    _assert_load_error(fmc_card("breast_lesion_det", root), "row 2", "x_max <= x_min")
+
+
+def test_empty_csv(shared_data, tmp_path):
+    root = copy_fmc_task(shared_data, tmp_path, "breast_2cls")
+    (root / "csv_files" / "breast_2cls.csv").write_text("")
+    _assert_load_error(fmc_card("breast_2cls", root), "breast_2cls.csv", "CSV file is empty")
+
+
+def test_csv_with_header_only(shared_data, tmp_path):
+    root = copy_fmc_task(shared_data, tmp_path, "breast_2cls")
+    _rewrite(root, "breast_2cls", lambda header, rows: (header, []))
+    _assert_load_error(fmc_card("breast_2cls", root), "breast_2cls.csv", "no rows")
+
+
+def test_csv_missing_required_column(shared_data, tmp_path):
+    root = copy_fmc_task(shared_data, tmp_path, "breast_lesion")
+
+    def edit(header, rows):
+        drop = header.index("mask_path")
+        return header[:drop] + header[drop + 1 :], [r[:drop] + r[drop + 1 :] for r in rows]
+
+    _rewrite(root, "breast_lesion", edit)
+    _assert_load_error(fmc_card("breast_lesion", root), "breast_lesion.csv", "missing column(s) mask_path")
+
+
+def test_csv_missing_base_column(shared_data, tmp_path):
+    root = copy_fmc_task(shared_data, tmp_path, "breast_2cls")
+
+    def edit(header, rows):
+        drop = header.index("num_classes")
+        return header[:drop] + header[drop + 1 :], [r[:drop] + r[drop + 1 :] for r in rows]
+
+    _rewrite(root, "breast_2cls", edit)
+    _assert_load_error(fmc_card("breast_2cls", root), "missing required column(s) num_classes")
+
+
+def test_duplicate_image_entries(shared_data, tmp_path):
+    root = copy_fmc_task(shared_data, tmp_path, "breast_2cls")
+    _rewrite(root, "breast_2cls", lambda header, rows: (header, rows + [rows[0]]))
+    _assert_load_error(fmc_card("breast_2cls", root), "row 4", "duplicate entry", "first listed in row 1")
+
+
+def test_unknown_task_type(shared_data, tmp_path):
+    root = copy_fmc_task(shared_data, tmp_path, "fetal_head_axis")
+
+    def edit(header, rows):
+        for row in rows:
+            row[header.index("task_name")] = "keypoints"
+        return header, rows
+
+    _rewrite(root, "fetal_head_axis", edit)
+    _assert_load_error(fmc_card("fetal_head_axis", root), "row 1", "unknown task type 'keypoints'", "'Regression' with a capital R")
+
+
+def test_task_id_not_found(shared_data, tmp_path):
+    root = copy_fmc_task(shared_data, tmp_path, "breast_2cls")
+    card = fmc_card("breast_2cls", root, source={"task_id": "breast_3cls"})
+    _assert_load_error(card, "no rows with task_id 'breast_3cls'", "task ids found: breast_2cls")
+
+
+def test_num_classes_mismatch(shared_data, tmp_path):
+    root = copy_fmc_task(shared_data, tmp_path, "nerve_vessel")
+    card = fmc_card("nerve_vessel", root, num_classes=2)
+    _assert_load_error(card, "num_classes is 3 in the CSV but the task card's num_classes is 2")
+
+
+def test_mask_folder_image_without_mask(shared_data, tmp_path):
+    for sub in ("images", "masks"):
+        (tmp_path / sub).mkdir()
+    for name in ("000_HC.png", "010_2HC.png"):
+        shutil.copyfile(shared_data / "hc18_fetal_head" / "images" / name, tmp_path / "images" / name)
+    shutil.copyfile(shared_data / "hc18_fetal_head" / "masks" / "000_HC.png", tmp_path / "masks" / "000_HC.png")
+    card = TaskCard.model_validate({"name": "hc", "type": "segmentation", "num_classes": 2, "source": {"format": "mask_folder", "root": tmp_path}})
+    _assert_load_error(card, "no mask for image 010_2HC.png", "mask_prefix")
+
+
+def test_class_csv_missing_column(shared_data, tmp_path):
+    write_csv(tmp_path / "labels.csv", ["path", "class"], [[str(shared_data / "busbra_breast" / "images" / "bus_0001-l.png"), 1]])
+    card = TaskCard.model_validate({"name": "c", "type": "classification", "num_classes": 2, "source": {"format": "class_csv", "root": tmp_path}})
+    _assert_load_error(card, "labels.csv", "missing required column(s) label", "set the column names")
+
+
+def test_coco_box_with_zero_width(shared_data, tmp_path):
+    (tmp_path / "images").mkdir()
+    shutil.copyfile(shared_data / "busbra_breast" / "images" / "bus_0001-l.png", tmp_path / "images" / "a.png")
+    data = {"images": [{"id": 1, "file_name": "a.png"}], "annotations": [{"image_id": 1, "category_id": 1, "bbox": [10, 10, 0, 5]}], "categories": [{"id": 1, "name": "lesion"}]}
+    (tmp_path / "annotations.json").write_text(json.dumps(data))
+    card = TaskCard.model_validate({"name": "d", "type": "detection", "source": {"format": "coco", "root": tmp_path}})
+    _assert_load_error(card, "annotations.json", "annotations[0]", "x_max <= x_min")
+
+
+def _broken_root(shared_data: Path, root: Path) -> Path:
+    """An FMC_UIA root with several problems in several tasks."""
+    copy_fmc_task(shared_data, root, "breast_2cls", rows=4)
+    copy_fmc_task(shared_data, root, "breast_lesion", rows=3)
+    copy_fmc_task(shared_data, root, "breast_lesion_det", rows=3)
+
+    def labels(header, rows):
+        rows[0][header.index("mask")] = "7"
+        rows[1][header.index("mask")] = "x"
+        return header, rows + [rows[2]]
+
+    _rewrite(root, "breast_2cls", labels)
+    _file_of(root, "breast_lesion", "mask_path", 1).unlink()
+    _file_of(root, "breast_lesion", "image_path", 2).write_bytes(b"garbage")
+
+    def boxes(header, rows):
+        rows[0][header.index("x_max")] = "5"
+        return header, rows
+
+    _rewrite(root, "breast_lesion_det", boxes)
+    (root / "csv_files" / "empty_task.csv").write_text("")
+    return root
+
+
+def test_data_check_lists_every_problem(shared_data, tmp_path):
+    root = _broken_root(shared_data, tmp_path / "broken")
+    report = inspect_path(root)
+    texts = [str(p) for p in report.all_problems if p.fatal]
+    expected = [
+        "class label 7 is outside",
+        "class label 'x'",
+        "duplicate entry",
+        "mask file",
+        "cannot decode image",
+        "x_max <= x_min",
+        "CSV file is empty",
+    ]
+    for fragment in expected:
+        assert any(fragment in t for t in texts), (fragment, texts)
+    assert report.has_errors
+
+
+def test_cli_check_exits_nonzero_with_all_problems(shared_data, tmp_path):
+    root = _broken_root(shared_data, tmp_path / "broken")
+    result = CliRunner().invoke(app, ["data", "check", str(root), "--json", str(tmp_path / "report.json")])
+    assert result.exit_code == 1, result.output
+    assert "would break training" in result.output
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert sum(p["severity"] == "error" for p in report["problems"]) >= 7
+
+
+def test_scalar_value_not_numeric_and_unit_mismatch(shared_data, tmp_path):
+    image = str(shared_data / "hc18_fetal_head" / "images" / "000_HC.png")
+    rows = [[image, "44.3", "cm"], [image.replace("000_HC", "010_2HC"), "n/a", "mm"]]
+    write_csv(tmp_path / "values.csv", ["path", "value", "unit"], rows)
+    card = TaskCard.model_validate(
+        {"name": "hc", "type": "regression", "target": "head_circumference_mm", "unit": "mm", "source": {"format": "scalar_csv", "root": tmp_path, "unit_column": "unit"}}
+    )
+    _, problems = check_task(card, small_config())
+    texts = [str(p) for p in problems if p.fatal]
+    assert any("row 1" in t and "unit 'cm' differs from the task card's unit 'mm'" in t for t in texts), texts
+    assert any("row 2" in t and "value 'n/a' in column 'value' is not a number" in t for t in texts), texts
+
+
+def test_keypoint_csv_missing_point_column(shared_data, tmp_path):
+    image = str(shared_data / "hc18_fetal_head" / "images" / "000_HC.png")
+    write_csv(tmp_path / "keypoints.csv", ["path", "x1", "y1", "x2"], [[image, 1, 2, 3]])
+    card = TaskCard.model_validate({"name": "k", "type": "regression", "num_keypoints": 2, "source": {"format": "keypoint_csv", "root": tmp_path}})
+    _assert_load_error(card, "keypoints.csv", "missing required column(s) y2")

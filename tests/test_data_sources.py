@@ -1,0 +1,288 @@
+"""Every source reader on the real data in shared/data (fixtures for formats the data does not come in are built
+in tmp_path from the real images and labels)."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pytest
+from PIL import Image
+from test_data_helpers import small_config, write_csv, write_dicom
+
+from usagg.config import load_study
+from usagg.data.dataset import TaskDataset
+from usagg.data.detect import detect_layouts
+from usagg.data.problems import ProblemLog
+from usagg.data.sources import discover_fmc_uia, load_task_records
+from usagg.data.sources.fmc_uia import parse_point
+from usagg.tasks import TaskCard
+
+REPO = Path(__file__).resolve().parents[1]
+
+SAMPLE_TASKS = {
+    # task id: (kind, classes or points, training rows)
+    "breast_lesion": ("segmentation", 2, 40),
+    "breast_2cls": ("classification", 2, 60),
+    "breast_lesion_det": ("detection", 1, 40),
+    "fetal_head": ("segmentation", 2, 40),
+    "fetal_head_axis": ("keypoints", 2, 40),
+    "nerve_vessel": ("segmentation", 3, 40),
+}
+
+
+def test_discover_fmc_uia_sample(shared_data):
+    cards = discover_fmc_uia(shared_data / "fmc_uia_sample")
+    found = {c.name: c for c in cards}
+    assert set(found) == set(SAMPLE_TASKS)
+    for name, (kind, count, rows) in SAMPLE_TASKS.items():
+        card = found[name]
+        assert card.kind == kind
+        assert (card.num_keypoints if kind == "keypoints" else card.num_classes) == count
+        assert len(load_task_records(card)) == rows
+
+
+def test_real_demo_study_reads_train_and_val(shared_data):
+    study = load_study(REPO / "analysis" / "real_demo.yaml")
+    assert {t.name for t in study.tasks} == set(SAMPLE_TASKS)
+    for card in study.tasks:
+        records = load_task_records(card)
+        splits = [r.split for r in records]
+        assert splits.count("val") == 10
+        assert splits.count(None) == SAMPLE_TASKS[card.name][2]
+
+
+def test_fmc_uia_record_fields(shared_data):
+    study = load_study(REPO / "analysis" / "real_demo.yaml")
+    by_name = {t.name: load_task_records(t) for t in study.tasks}
+    first = by_name["breast_lesion_det"][0]
+    assert first.image_path.name == "bus_0046-r.png"
+    assert first.boxes_xyxy == ((59.0, 82.0, 220.0, 195.0),)
+    assert first.row == 1
+    axis = by_name["fetal_head_axis"][0]
+    assert axis.keypoints_xy == ((331.34, 413.05), (368.64, 100.65))
+    provenance = pl.read_csv(shared_data / "fmc_uia_sample" / "provenance.csv")
+    expected = provenance.filter(pl.col("image_path") == "../Regression/HC18/IMAGES/010_2HC.png")["pixel_size_mm"][0]
+    assert axis.spacing_mm_per_px == pytest.approx(float(expected))
+    labels = [r.label for r in by_name["breast_2cls"] if r.split is None]
+    assert labels.count(0) == 30
+    assert labels.count(1) == 30
+    assert all(r.mask_path.is_file() for r in by_name["nerve_vessel"])
+
+
+def test_parse_point():
+    assert parse_point("[1.5, 2]") == (1.5, 2.0)
+    assert parse_point("[1.5]") is None
+    assert parse_point("1.5, 2") is None
+    assert parse_point('["a", 2]') is None
+
+
+def test_mask_folder_busbra_with_prefixes(shared_data):
+    card = TaskCard.model_validate(
+        {
+            "name": "busbra_seg",
+            "type": "segmentation",
+            "num_classes": 2,
+            "source": {"format": "mask_folder", "root": shared_data / "busbra_breast", "image_prefix": "bus_", "mask_prefix": "mask_"},
+        }
+    )
+    records = load_task_records(card)
+    assert len(records) == 200
+    assert all(r.mask_path.name == "mask_" + r.image_path.name.removeprefix("bus_") for r in records)
+
+
+def test_mask_folder_hc18_case_regex(shared_data):
+    card = TaskCard.model_validate(
+        {
+            "name": "hc18_seg",
+            "type": "segmentation",
+            "num_classes": 2,
+            "source": {"format": "mask_folder", "root": shared_data / "hc18_fetal_head", "case_regex": r"^(\d+)_"},
+        }
+    )
+    records = load_task_records(card)
+    assert len(records) == 100
+    by_name = {r.image_path.name: r for r in records}
+    assert by_name["010_2HC.png"].case_id == "010"
+
+
+def test_mask_folder_usgra_split_csv(shared_data):
+    card = TaskCard.model_validate(
+        {
+            "name": "usgra",
+            "type": "segmentation",
+            "num_classes": 3,
+            "source": {
+                "format": "mask_folder",
+                "root": shared_data / "usgra_nerve_vessel",
+                "split_csv": "labels.csv",
+                "split_path_column": "image",
+                "split_column": "source_split",
+            },
+        }
+    )
+    splits = [r.split for r in load_task_records(card)]
+    assert splits.count("train") == 60
+    assert splits.count("test") == 40
+
+
+def test_class_csv_busbra(shared_data):
+    card = TaskCard.model_validate(
+        {
+            "name": "busbra_cls",
+            "type": "classification",
+            "num_classes": 2,
+            "source": {"format": "class_csv", "root": shared_data / "busbra_breast", "csv": "labels.csv", "path_column": "image", "case_column": "case"},
+        }
+    )
+    records = load_task_records(card)
+    truth = pl.read_csv(shared_data / "busbra_breast" / "labels.csv")
+    assert [r.label for r in records] == truth["label"].to_list()
+    assert [r.case_id for r in records] == [str(c) for c in truth["case"].to_list()]
+
+
+def test_class_csv_accepts_class_names(shared_data, tmp_path):
+    truth = pl.read_csv(shared_data / "busbra_breast" / "labels.csv").head(6)
+    rows = [[str(shared_data / "busbra_breast" / p), name] for p, name in zip(truth["image"], truth["pathology"])]
+    write_csv(tmp_path / "labels.csv", ["path", "label"], rows)
+    card = TaskCard.model_validate(
+        {"name": "named", "type": "classification", "num_classes": 2, "class_names": ["benign", "malignant"], "source": {"format": "class_csv", "root": tmp_path}}
+    )
+    assert [r.label for r in load_task_records(card)] == truth["label"].to_list()
+
+
+def test_class_folders_from_busbra(shared_data, tmp_path):
+    truth = pl.read_csv(shared_data / "busbra_breast" / "labels.csv").head(12)
+    for image, pathology in zip(truth["image"], truth["pathology"]):
+        (tmp_path / "train" / pathology).mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(shared_data / "busbra_breast" / image, tmp_path / "train" / pathology / Path(image).name)
+    card = TaskCard.model_validate(
+        {"name": "folders", "type": "classification", "num_classes": 2, "source": {"format": "class_folders", "root": tmp_path}}
+    )
+    records = load_task_records(card)
+    assert len(records) == 12
+    assert all(r.split == "train" for r in records)
+    expected = {Path(i).name: int(label) for i, label in zip(truth["image"], truth["label"])}
+    assert {r.image_path.name: r.label for r in records} == expected  # sorted folder names: benign 0, malignant 1
+
+
+def _busbra_coco(shared_data: Path, dest: Path, count: int, extra_box: bool = False) -> Path:
+    truth = pl.read_csv(shared_data / "busbra_breast" / "labels.csv").head(count)
+    images, annotations = [], []
+    for i, row in enumerate(truth.iter_rows(named=True), start=1):
+        images.append({"id": i, "file_name": Path(row["image"]).name, "width": row["width"], "height": row["height"]})
+        annotations.append({"id": i, "image_id": i, "category_id": 7, "bbox": [row["bbox_x"], row["bbox_y"], row["bbox_w"], row["bbox_h"]], "iscrowd": 0})
+        if extra_box and i == 1:
+            annotations.append({"id": 100, "image_id": 1, "category_id": 7, "bbox": [1, 2, 10, 20], "iscrowd": 0})
+    (dest / "images").mkdir(parents=True, exist_ok=True)
+    for row in truth.iter_rows(named=True):
+        shutil.copyfile(shared_data / "busbra_breast" / row["image"], dest / "images" / Path(row["image"]).name)
+    data = {"images": images, "annotations": annotations, "categories": [{"id": 7, "name": "lesion"}]}
+    (dest / "annotations.json").write_text(json.dumps(data))
+    return dest
+
+
+def test_coco_from_busbra_boxes(shared_data, tmp_path):
+    root = _busbra_coco(shared_data, tmp_path, 5, extra_box=True)
+    card = TaskCard.model_validate({"name": "det", "type": "detection", "num_classes": 1, "source": {"format": "coco", "root": root}})
+    records = load_task_records(card)
+    truth = pl.read_csv(shared_data / "busbra_breast" / "labels.csv").head(5)
+    assert len(records) == 5
+    x, y, w, h = truth.row(1, named=True)["bbox_x"], truth.row(1, named=True)["bbox_y"], truth.row(1, named=True)["bbox_w"], truth.row(1, named=True)["bbox_h"]
+    assert records[1].boxes_xyxy == ((x, y, x + w, y + h),)
+    assert len(records[0].boxes_xyxy) == 2  # several boxes per image
+    assert records[0].box_labels == (0, 0)
+    item = TaskDataset(card, records, small_config(), train=False)[0]
+    assert item["target"]["boxes"].shape == (2, 4)
+
+
+def test_keypoint_csv_from_sample_points(shared_data, tmp_path):
+    frame = pl.read_csv(shared_data / "fmc_uia_sample" / "csv_files" / "fetal_head_axis.csv").head(6)
+    rows = []
+    for path, p1, p2 in zip(frame["image_path"], frame["point_1_xy"], frame["point_2_xy"]):
+        (x1, y1), (x2, y2) = json.loads(p1), json.loads(p2)
+        rows.append([str((shared_data / "fmc_uia_sample" / "csv_files" / path).resolve()), x1, y1, x2, y2])
+    write_csv(tmp_path / "keypoints.csv", ["path", "x1", "y1", "x2", "y2"], rows)
+    card = TaskCard.model_validate(
+        {"name": "axis", "type": "regression", "num_keypoints": 2, "source": {"format": "keypoint_csv", "root": tmp_path}}
+    )
+    records = load_task_records(card)
+    assert records[0].keypoints_xy == ((rows[0][1], rows[0][2]), (rows[0][3], rows[0][4]))
+
+
+def test_scalar_csv_hc18_head_circumference(shared_data, tmp_path):
+    truth = pl.read_csv(shared_data / "hc18_fetal_head" / "labels.csv").head(8)
+    rows = [[r["image"], r["head_circumference_mm"], "mm", r["pixel_size_mm"]] for r in truth.iter_rows(named=True)]
+    write_csv(tmp_path / "values.csv", ["path", "value", "unit", "pixel_size_mm"], rows)
+    card = TaskCard.model_validate(
+        {
+            "name": "hc",
+            "type": "regression",
+            "target": "head_circumference_mm",
+            "unit": "mm",
+            "source": {
+                "format": "scalar_csv",
+                "root": shared_data / "hc18_fetal_head",
+                "csv": str(tmp_path / "values.csv"),
+                "unit_column": "unit",
+                "spacing_column": "pixel_size_mm",
+            },
+        }
+    )
+    records = load_task_records(card)
+    assert [r.value for r in records] == truth["head_circumference_mm"].to_list()
+    assert [r.spacing_mm_per_px for r in records] == pytest.approx(truth["pixel_size_mm"].to_list())
+    item = TaskDataset(card, records, small_config(), train=False)[0]
+    assert float(item["target"]["value"]) == pytest.approx(truth["head_circumference_mm"][0])
+    assert float(item["spacing_mm_per_px"]) == pytest.approx(truth["pixel_size_mm"][0])
+
+
+def test_dicom_source_spacing_from_header(shared_data, tmp_path):
+    truth = pl.read_csv(shared_data / "hc18_fetal_head" / "labels.csv").head(3)
+    rows = []
+    for r in truth.iter_rows(named=True):
+        pixels = np.array(Image.open(shared_data / "hc18_fetal_head" / r["image"]).convert("L"))
+        name = Path(r["image"]).with_suffix(".dcm").name
+        write_dicom(tmp_path / name, pixels, PixelSpacing=[r["pixel_size_mm"], r["pixel_size_mm"]])
+        rows.append([name, r["head_circumference_mm"]])
+    write_csv(tmp_path / "values.csv", ["path", "value"], rows)
+    card = TaskCard.model_validate(
+        {"name": "hc_dicom", "type": "regression", "target": "head_circumference_mm", "source": {"format": "scalar_csv", "root": tmp_path, "pixel_spacing_mm": 9.0}}
+    )
+    dataset = TaskDataset(card, load_task_records(card), small_config(), train=False)
+    for i, r in enumerate(truth.iter_rows(named=True)):
+        item = dataset[i]
+        assert float(item["spacing_mm_per_px"]) == pytest.approx(r["pixel_size_mm"])  # the header beats the default
+        assert item["orig_size"].tolist() == [r["height"], r["width"]]
+
+
+@pytest.mark.parametrize(
+    ("folder", "expected"),
+    [
+        ("fmc_uia_sample", {"fmc_uia"}),
+        ("busbra_breast", {"mask_folder", "class_csv"}),
+        ("hc18_fetal_head", {"mask_folder"}),
+        ("usgra_nerve_vessel", {"mask_folder"}),
+    ],
+)
+def test_detect_layouts_on_real_folders(shared_data, folder, expected):
+    cards = detect_layouts(shared_data / folder, ProblemLog(strict=True))
+    assert {c.source.format for c in cards} == expected
+    for card in cards:
+        assert load_task_records(card)
+
+
+def test_detected_usgra_uses_split_and_classes(shared_data):
+    (card,) = detect_layouts(shared_data / "usgra_nerve_vessel", ProblemLog(strict=True))
+    assert card.num_classes == 3
+    assert card.source.split_column == "source_split"
+
+
+def test_spacing_nan_when_unknown(shared_data):
+    card = discover_fmc_uia(shared_data / "fmc_uia_sample")[0]
+    item = TaskDataset(card, load_task_records(card)[:1], small_config(), train=False)[0]
+    assert math.isnan(float(item["spacing_mm_per_px"]))

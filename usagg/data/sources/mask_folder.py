@@ -1,0 +1,119 @@
+"""Reader for ``root/images`` + ``root/masks`` folders matched by file stem."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from usagg.data.decode import IMAGE_SUFFIXES, MASK_SUFFIXES
+from usagg.data.problems import ProblemLog
+from usagg.data.record import SampleRecord
+from usagg.data.sources._common import (
+    case_from_path,
+    read_csv_strings,
+    split_column_value,
+)
+from usagg.tasks import MaskFolderSource, TaskCard
+
+
+def list_files(folder: Path, suffixes: tuple[str, ...]) -> list[Path]:
+    """Return the files of ``folder`` (not recursive) with one of ``suffixes``, sorted by name."""
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in suffixes and not p.name.startswith("."))
+
+
+def _key(stem: str, prefix: str, suffix: str) -> str:
+    if prefix and stem.startswith(prefix):
+        stem = stem[len(prefix) :]
+    if suffix and stem.endswith(suffix):
+        stem = stem[: -len(suffix)]
+    return stem
+
+
+def _index_by_key(
+    files: list[Path], prefix: str, suffix: str, task: str, log: ProblemLog, what: str
+) -> dict[str, Path]:
+    index: dict[str, Path] = {}
+    for path in files:
+        key = _key(path.stem, prefix, suffix)
+        if key in index:
+            log.error(
+                task,
+                f"duplicate {what} entries {index[key].name} and {path.name} share the stem {key!r}",
+                f"keep one file per stem in {path.parent}",
+                file=path,
+            )
+            continue
+        index[key] = path
+    return index
+
+
+def _load_split_csv(source: MaskFolderSource, root: Path, task: str, log: ProblemLog) -> dict[str, str]:
+    """Map image file name -> split from ``source.split_csv``."""
+    if source.split_csv is None:
+        return {}
+    file = root / source.split_csv
+    frame = read_csv_strings(file, task, log, (source.split_path_column, source.split_column))
+    if frame is None:
+        return {}
+    splits: dict[str, str] = {}
+    for row, (path_text, split_text) in enumerate(
+        zip(frame[source.split_path_column].to_list(), frame[source.split_column].to_list()), start=1
+    ):
+        if not path_text:
+            continue
+        ok, split = split_column_value(split_text, task, log, file, row, source.split_column)
+        if ok and split is not None:
+            splits[Path(path_text.strip()).name] = split
+    return splits
+
+
+def read_mask_folder(card: TaskCard, source: MaskFolderSource, root: Path, split: str | None, log: ProblemLog) -> list[SampleRecord]:
+    """Pair images and masks of one folder by stem; split sub-folders (train/, val/, test/) are read when present."""
+    task = card.name
+    image_dir, mask_dir = root / source.images, root / source.masks
+    if not image_dir.is_dir() and split is None:
+        parts = [s for s in ("train", "val", "test") if (root / s / source.images).is_dir()]
+        if parts:
+            records: list[SampleRecord] = []
+            for part in parts:
+                records.extend(read_mask_folder(card, source, root / part, part, log))
+            return records
+
+    for folder, what in ((image_dir, "images"), (mask_dir, "masks")):
+        if not folder.is_dir():
+            log.error(task, f"{what} folder {folder} not found", f"create it or set source.{what} to the folder name", file=root)
+            return []
+
+    images = _index_by_key(list_files(image_dir, IMAGE_SUFFIXES), source.image_prefix, "", task, log, "image")
+    masks = _index_by_key(list_files(mask_dir, MASK_SUFFIXES), source.mask_prefix, source.mask_suffix, task, log, "mask")
+    if not images:
+        log.error(task, f"no images in {image_dir}", f"put images ({', '.join(IMAGE_SUFFIXES)}) there", file=image_dir)
+        return []
+
+    split_by_name = _load_split_csv(source, root, task, log)
+    records = []
+    for key, image_path in images.items():
+        mask_path = masks.get(key)
+        if mask_path is None:
+            expected = f"{source.mask_prefix}{key}{source.mask_suffix}.png"
+            log.error(
+                task,
+                f"no mask for image {image_path.name} (expected {mask_dir / expected})",
+                "add the mask, or set image_prefix / mask_prefix / mask_suffix so that names match",
+                file=image_path,
+            )
+            continue
+        records.append(
+            SampleRecord(
+                task=task,
+                image_path=Path(os.path.normpath(image_path)),
+                mask_path=Path(os.path.normpath(mask_path)),
+                source_file=image_path,
+                case_id=case_from_path(image_path, source.case_regex),
+                split=split_by_name.get(image_path.name, split),
+            )
+        )
+
+    for key in sorted(set(masks) - set(images)):
+        log.warning(task, f"mask {masks[key].name} has no image", "remove it or add the image", file=masks[key])
+    return records
