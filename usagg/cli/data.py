@@ -192,4 +192,7 @@ def show(
 
 def register(app: typer.Typer) -> None:
     """Add this stage's commands to the root app."""
+    from usagg.cli.synth import add_synth_command
+
+    add_synth_command(data_app)
     app.add_typer(data_app, name="data")
