@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 
+from rich.console import Console
 from rich.logging import RichHandler
 
 
@@ -13,7 +14,7 @@ def configure_logging(verbosity: int = 0, quiet: bool = False) -> None:
     ``verbosity`` 0 shows INFO, 1 or more shows DEBUG; ``quiet`` shows only warnings and errors.
     """
     level = logging.WARNING if quiet else (logging.DEBUG if verbosity > 0 else logging.INFO)
-    handler = RichHandler(show_path=verbosity > 1, rich_tracebacks=verbosity > 0, markup=False)
+    handler = RichHandler(console=Console(stderr=True), show_path=verbosity > 1, rich_tracebacks=verbosity > 0, markup=False)
     handler.setFormatter(logging.Formatter("%(message)s", datefmt="[%X]"))
     root = logging.getLogger("usagg")
     root.handlers.clear()
