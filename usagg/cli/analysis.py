@@ -230,14 +230,8 @@ def transfer_matrix(
         console.print(f"tables written to {out}", highlight=False)
 
 
-def data_scale(
-    results: Annotated[Path, typer.Argument(help=RESULTS_HELP)],
-    out: Annotated[Optional[Path], typer.Option("--out", help="Folder to write the tables (CSV, JSON) into.")] = None,
-    metric: Annotated[Optional[list[str]], typer.Option("--metric", help=METRIC_HELP)] = None,
-    bootstrap: Annotated[int, typer.Option("--bootstrap", min=0, help="Bootstrap replicates for the zero-crossing intervals.")] = 1000,
-    seed: Annotated[int, typer.Option("--seed", help="Random seed of the bootstrap.")] = 0,
-) -> None:
-    """Regress relative change on log10(training images) with task type and paradigm; crossings and tests."""
+def _data_scale_report(results: Path, metric: Optional[list[str]], bootstrap: int, seed: int, task: Optional[str] = None):
+    """Load ``results``, compute relative changes and fit the data-scale model (shared by data-scale and advise)."""
     from usagg.analysis.full import add_data_scale, add_transfer
     from usagg.analysis.inputs import load_inputs
     from usagg.analysis.relative import parse_metric_overrides
@@ -246,7 +240,19 @@ def data_scale(
     inputs = load_inputs(results)
     report = AnalysisReport(origin=str(inputs.origin))
     add_transfer(report, inputs, parse_metric_overrides(metric or []), n_boot=0, seed=seed)
-    add_data_scale(report, report.transfer.rel, inputs.sizes, bootstrap, seed)
+    add_data_scale(report, report.transfer.rel, inputs.sizes, bootstrap, seed, task=task)
+    return report
+
+
+def data_scale(
+    results: Annotated[Path, typer.Argument(help=RESULTS_HELP)],
+    out: Annotated[Optional[Path], typer.Option("--out", help="Folder to write the tables (CSV, JSON) into.")] = None,
+    metric: Annotated[Optional[list[str]], typer.Option("--metric", help=METRIC_HELP)] = None,
+    bootstrap: Annotated[int, typer.Option("--bootstrap", min=0, help="Bootstrap replicates for the zero-crossing intervals.")] = 1000,
+    seed: Annotated[int, typer.Option("--seed", help="Random seed of the bootstrap.")] = 0,
+) -> None:
+    """Regress relative change on log10(training images) with task type and paradigm; crossings and tests."""
+    report = _data_scale_report(results, metric, bootstrap, seed)
     fit = report.data_scale
     console.print(
         f"model: rel_change ~ {fit.formula} (OLS, HC3 errors); n = {fit.n} observations of {fit.n_tasks} tasks; "
@@ -279,15 +285,8 @@ def advise_command(
 ) -> None:
     """Predict each task's change under grouped and unified training at its data scale, and recommend one."""
     from usagg.analysis.advise import ADVICE_RULE
-    from usagg.analysis.full import add_data_scale, add_transfer
-    from usagg.analysis.inputs import load_inputs
-    from usagg.analysis.relative import parse_metric_overrides
-    from usagg.analysis.report import AnalysisReport
 
-    inputs = load_inputs(results)
-    report = AnalysisReport(origin=str(inputs.origin))
-    add_transfer(report, inputs, parse_metric_overrides(metric or []), n_boot=0, seed=seed)
-    add_data_scale(report, report.transfer.rel, inputs.sizes, bootstrap, seed, task=task)
+    report = _data_scale_report(results, metric, bootstrap, seed, task=task)
     advice = report.advice
     predictions = advice.predictions.select("task", "paradigm", "n_train", "predicted", "ci_lo", "ci_hi", "verdict", "observed")
     _print_frame(
