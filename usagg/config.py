@@ -54,6 +54,7 @@ class DataConfig(StrictModel):
     test_fraction: float = Field(default=0.15, ge=0, lt=1)
     split_seed: int = 0
     num_workers: int = Field(default=2, ge=0)
+    cache_images: bool = False  # keep decoded images in memory (one copy per DataLoader worker)
 
     @field_validator("img_size")
     @classmethod
@@ -97,6 +98,10 @@ class ModelConfig(StrictModel):
     trainable_blocks: int = Field(default=4, ge=0)  # used by finetune: last_n
     layer_decay: float = Field(default=1.0, gt=0, le=1)
     max_boxes: int = Field(default=1, ge=1)  # detection queries; >1 switches to the dense anchor-free head
+    # How experts start: "dense_slices" cuts each expert from the block's dense MLP (pretrained when
+    # model.pretrained is set), "random" draws them afresh and discards the dense MLP weights.
+    expert_init: Literal["dense_slices", "random"] = "dense_slices"
+    grad_checkpointing: bool = False  # recompute block activations in the backward pass to save memory
 
     @model_validator(mode="after")
     def _check_top_k(self) -> "ModelConfig":
@@ -128,12 +133,19 @@ class TrainConfig(StrictModel):
     task_sampling: Literal["uniform", "proportional", "temperature"] = "proportional"
     temperature: float = Field(default=2.0, gt=0)
     label_smoothing: float = Field(default=0.0, ge=0, lt=1)
+    min_lr_fraction: float = Field(default=0.0, ge=0, le=1)  # cosine decays each group's lr to this fraction of it
     checkpoint_every: int = Field(default=50, ge=1)  # steps between "latest" checkpoints
-    eval_every: int | None = Field(default=None, ge=1)  # steps between validations; default once per epoch-equivalent
+    eval_every: int | None = Field(default=None, ge=1)  # steps between validations; default: see eval_epochs
+    eval_epochs: float = Field(default=1.0, gt=0)  # without eval_every: validate every this many epoch-equivalents
+    eval_batch_size: int = Field(default=16, ge=1)
+    log_every: int = Field(default=10, ge=1)  # steps between training-log lines (the last step is always logged)
     amp: Literal["auto", "bf16", "off"] = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
+    deterministic: bool = True  # torch deterministic algorithms (warn-only) and no cuDNN autotuning
+    skip_nonfinite: bool = False  # skip batches with a NaN/infinite loss (counted in the log) instead of stopping
     tensorboard: bool = False
     lookahead_every: int | None = Field(default=None, ge=1)  # record lookahead affinity every k steps (unified runs)
     gradient_affinity_every: int | None = Field(default=None, ge=1)  # record task-gradient similarity every k steps
+    affinity_batch_size: int | None = Field(default=None, ge=1)  # images per task for affinity records; default batch_size
 
     @model_validator(mode="after")
     def _check_budget(self) -> "TrainConfig":
@@ -147,10 +159,14 @@ class TrainConfig(StrictModel):
 
 
 class EvalConfig(StrictModel):
-    split: Literal["val", "test"] = "test"
-    # fmc_uia: both masks empty -> Dice 1, HD 0; one empty -> Dice 0, HD = image diagonal. nan: such images are NaN.
+    """How runs are evaluated into the results table."""
+
+    split: Literal["val", "test"] = "test"  # split evaluated at the end of every run
+    checkpoint: Literal["best", "latest"] = "best"  # weights evaluated: best validation score or the final step
+    # fmc_uia: both masks empty -> Dice 1, HD 0; one empty -> Dice 0, HD = image diagonal.
+    # nan: both empty -> every metric NaN; one empty -> Dice 0 and HD NaN. NaN image scores are left out of means.
     empty_mask_policy: Literal["fmc_uia", "nan"] = "fmc_uia"
-    # AUC with one class present in the split: nan (with a logged reason) or skip the metric.
+    # AUC and MCC with one class present in the split: nan (with a logged reason) or skip the metric.
     one_class_policy: Literal["nan", "skip"] = "nan"
     primary_metrics: dict[str, str] | None = None  # task kind -> metric, overriding the defaults
     bootstrap: int = Field(default=1000, ge=0)

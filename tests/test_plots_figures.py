@@ -1,0 +1,178 @@
+"""Every figure drawn from the 27-task fixture: files, axes, labels and a clean layout."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import polars as pl
+import pytest
+from matplotlib.patches import Rectangle
+from test_plots_fixtures import TASKS_27, make_results, study_dir_27  # noqa: F401  (pytest fixture)
+
+from usagg.errors import ConfigError, DataError
+from usagg.plots.inputs import FigureInputs
+from usagg.plots.layout import layout_problems
+from usagg.plots.registry import FIGURE_MODULES, draw_figure, get_figure, load_figures, parse_options
+from usagg.plots.style import save_figure
+
+FIGURE_NAMES = ["data-scale", "transfer-matrix", "group-paradigm", "task-type", "affinity", "expert-usage", "grouping", "training"]
+GROUPS_27 = sorted({t[2] for t in TASKS_27})
+
+
+@pytest.fixture(scope="module")
+def drawn(study_dir_27, tmp_path_factory):
+    """Draw every figure once from the fixture study folder; return name -> (plot, layout problems, paths)."""
+    inputs = FigureInputs.from_paths([study_dir_27])
+    out = tmp_path_factory.mktemp("figures")
+    rendered = {}
+    for name in FIGURE_NAMES:
+        plot = draw_figure(name, inputs)
+        rendered[name] = (plot, layout_problems(plot.figure), save_figure(plot.figure, out, name, ("pdf", "png"), plot.data))
+    return rendered
+
+
+def _titled_axes(fig):
+    return [ax for ax in fig.axes if ax.get_title()]
+
+
+def test_registry_lists_every_figure():
+    assert list(load_figures()) == FIGURE_NAMES
+    assert len(FIGURE_MODULES) == len(FIGURE_NAMES)
+
+
+@pytest.mark.parametrize("name", FIGURE_NAMES)
+def test_figure_files_and_clean_layout(drawn, name):
+    plot, problems, paths = drawn[name]
+    assert [p.suffix for p in paths] == [".pdf", ".png", ".csv"]
+    for path in paths:
+        assert path.stat().st_size > 0
+    assert problems == []
+    assert plot.data.height > 0
+
+
+def test_data_scale_panels_and_marks(drawn):
+    plot, _, _ = drawn["data-scale"]
+    panels = _titled_axes(plot.figure)
+    assert [ax.get_title() for ax in panels] == ["grouped", "unified"]
+    for ax in panels:
+        assert ax.get_xscale() == "log"
+        assert ax.get_xlabel() == "training images (log scale)"
+        zero_lines = [line for line in ax.get_lines() if np.allclose(line.get_ydata(), 0.0) and line.get_linestyle() == "--"]
+        assert zero_lines, "the zero line is missing"
+        assert len(ax.collections) >= 9  # scatter per clinical group plus confidence bands
+    crossings = plot.data.filter(pl.col("layer") == "crossing")
+    drawn_crossings = crossings.filter(pl.col("drawn"))["n_train"].to_list()
+    markers = [line for ax in panels for line in ax.get_lines() if line.get_marker() == "D"]
+    assert len(markers) == len(drawn_crossings) > 0
+    assert plot.figure.axes[0].get_ylabel() == "relative change to task-specific (%)"
+
+
+def test_transfer_matrix_rows_columns_and_marks(drawn):
+    plot, _, _ = drawn["transfer-matrix"]
+    strip, heat = plot.figure.axes[0], plot.figure.axes[1]
+    assert [t.get_text() for t in heat.get_xticklabels()] == ["grouped", "unified"]
+    labels = [t.get_text() for t in strip.get_yticklabels()]
+    assert len(labels) == 27
+    assert labels[0].endswith("[seg]") or labels[0].endswith("[cls]")
+    groups = [next(t[2] for t in TASKS_27 if label.startswith(t[0] + " ")) for label in labels]
+    assert groups == sorted(groups), "rows must be ordered by clinical group"
+    outlined = [p for p in heat.patches if isinstance(p, Rectangle) and not p.get_fill()]
+    assert len(outlined) == plot.data["marked"].sum()
+    assert plot.data.height == 27 * 2
+
+
+def test_transfer_matrix_value_matches_hand_computation(drawn):
+    plot, _, _ = drawn["transfer-matrix"]
+    results = make_results()
+    rows = results.filter((pl.col("task") == "breast_lesion") & (pl.col("data_fraction") == 1.0))
+    ts = rows.filter(pl.col("paradigm") == "task_specific").sort("seed")["value"].to_numpy()
+    uni = rows.filter(pl.col("paradigm") == "unified").sort("seed")["value"].to_numpy()
+    expected = float(np.mean((uni - ts) / np.abs(ts))) * 100
+    cell = plot.data.filter((pl.col("task") == "breast_lesion") & (pl.col("paradigm") == "unified"))
+    assert math.isclose(cell["rel_change_percent"][0], expected, rel_tol=1e-9)
+    texts = [t.get_text() for t in plot.figure.axes[1].texts]
+    assert f"{expected:+.1f}" in texts
+
+
+def test_group_paradigm_groups_and_sizes(drawn):
+    plot, _, _ = drawn["group-paradigm"]
+    (ax,) = plot.figure.axes
+    labels = [t.get_text() for t in ax.get_yticklabels()]
+    assert len(labels) == len(GROUPS_27)
+    obstetrics_images = sum(t[4] for t in TASKS_27 if t[2] == "obstetrics")
+    assert labels[0] == f"obstetrics\n{obstetrics_images:,} images, 7 tasks"  # largest group on top
+    assert "Δm" in ax.get_xlabel()
+    assert set(plot.data["paradigm"]) == {"grouped", "unified"}
+
+
+def test_task_type_panels_and_test(drawn):
+    plot, _, _ = drawn["task-type"]
+    panels = _titled_axes(plot.figure)
+    assert len(panels) == 2
+    for ax in panels:
+        assert "Kruskal–Wallis H =" in ax.get_title()
+        ticks = [t.get_text().split("\n")[0] for t in ax.get_xticklabels()]
+        assert ticks == ["segmentation", "classification", "detection", "regression"]
+    tests = plot.data.filter(pl.col("layer") == "kruskal_wallis")
+    assert tests.height == 2
+
+
+def test_affinity_one_and_two_methods(drawn, study_dir_27):
+    plot, _, _ = drawn["affinity"]
+    heat = [ax for ax in plot.figure.axes if ax.get_title() == "lookahead (TAG)"]
+    assert len(heat) == 1
+    assert len(heat[0].get_yticklabels()) == 27
+    inputs = FigureInputs.from_paths([study_dir_27])
+    spec = get_figure("affinity")
+    two = draw_figure("affinity", inputs, **parse_options(spec, ["methods=lookahead,experts"]))
+    titles = [ax.get_title() for ax in two.figure.axes if ax.get_title()]
+    assert titles == ["lookahead (TAG)", "expert-usage similarity (1 − JSD)"]
+    assert layout_problems(two.figure) == []
+    assert set(two.data["method"]) == {"lookahead", "experts"}
+
+
+def test_expert_usage_one_panel_per_layer(drawn):
+    plot, _, _ = drawn["expert-usage"]
+    panels = [ax for ax in plot.figure.axes if ax.get_title().startswith("block")]
+    assert [ax.get_title().split(" (")[0] for ax in panels] == ["block 3", "block 4", "block 5"]
+    assert len(panels[0].get_yticklabels()) == 27
+    shares = plot.data.group_by("task", "block").agg(pl.col("share").sum())["share"].to_numpy()
+    assert np.allclose(shares, 1.0)
+
+
+def test_grouping_partitions_side_by_side(drawn):
+    plot, _, _ = drawn["grouping"]
+    middle = next(ax for ax in plot.figure.axes if ax.get_title(loc="left"))
+    assert middle.get_title(loc="left") == "clinical groups"
+    assert middle.get_title(loc="right").startswith("recommended groups")
+    assert len(middle.get_yticklabels()) == 27
+    assert set(plot.data["clinical_group"]) == set(GROUPS_27)
+
+
+def test_training_two_axes_per_task(drawn):
+    plot, _, _ = drawn["training"]
+    titled = [ax for ax in plot.figure.axes if ax.get_title()]
+    assert len(titled) == 27
+    assert len(plot.figure.axes) == 2 * 27
+    legend = plot.figure.legends[0]
+    assert [t.get_text() for t in legend.get_texts()] == ["task-specific", "grouped", "unified"]
+
+
+def test_option_parsing_rejects_unknown_key():
+    spec = get_figure("transfer-matrix")
+    assert parse_options(spec, ["fraction=0.5"]) == {"fraction": 0.5}
+    with pytest.raises(ConfigError, match="no option 'colour'"):
+        parse_options(spec, ["colour=red"])
+    with pytest.raises(ConfigError, match="not a valid float"):
+        parse_options(spec, ["fraction=half"])
+
+
+def test_missing_inputs_name_what_is_needed(tmp_path):
+    results_only = FigureInputs(results=make_results(fractions=(1.0,), seeds=(0,)))
+    with pytest.raises(ConfigError, match="routing_stats.json"):
+        draw_figure("expert-usage", results_only)
+    with pytest.raises(DataError, match="affinity source"):
+        draw_figure("affinity", results_only)
+    with pytest.raises(DataError, match="not found"):
+        FigureInputs.from_paths([tmp_path / "missing.csv"])

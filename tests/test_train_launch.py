@@ -1,0 +1,90 @@
+"""Launchers and the train CLI: submitit jobs, dry runs, option errors and `results collect`."""
+
+from __future__ import annotations
+
+import pytest
+from typer.testing import CliRunner
+from train_fixtures import run_main, study_dict, write_study
+
+from usagg.cli import app
+from usagg.config import load_study
+from usagg.errors import ConfigError
+from usagg.results import read_results
+from usagg.train.launch import SlurmOptions, launch
+from usagg.train.loop import TrainOptions
+from usagg.train.plan import plan_runs
+
+runner = CliRunner()
+
+
+@pytest.mark.slow
+def test_submitit_local_launcher_trains_each_run(shared_data, tmp_path):
+    study_file = write_study(
+        tmp_path / "study.yaml",
+        study_dict(shared_data, tmp_path / "runs", ["breast_2cls", "fetal_head_axis"], train={"steps": 2}),
+    )
+    study = load_study(study_file)
+    specs = plan_runs(study, paradigms=["task_specific"])
+    options = TrainOptions(output=tmp_path / "runs", device="cpu", progress=False)
+    submitted = launch(study, specs, options, launcher="submitit-local", slurm=SlurmOptions(time_min=10))
+    assert [s.result["status"] for s in submitted] == ["finished", "finished"]
+    assert len({s.job_id for s in submitted}) == 2
+    table = read_results(tmp_path / "runs" / "tiny" / "results.parquet")
+    assert set(table["run_id"]) == {spec.run_id for spec in specs}
+    assert (tmp_path / "runs" / "tiny" / "submitit").is_dir()
+
+    # Collecting rebuilds the same study table from the run folders.
+    (tmp_path / "runs" / "tiny" / "results.parquet").unlink()
+    result = runner.invoke(app, ["results", "collect", str(tmp_path / "runs" / "tiny")])
+    assert result.exit_code == 0, result.output
+    assert "from 2 runs" in result.output
+    collected = read_results(tmp_path / "runs" / "tiny" / "results.parquet")
+    assert collected.height == table.height
+
+
+def test_launch_rejects_unknown_launcher(tmp_path):
+    with pytest.raises(ConfigError, match="unknown launcher"):
+        launch(None, [], TrainOptions(output=tmp_path), launcher="pbs")
+
+
+def test_train_dry_run_prints_plan(shared_data, tmp_path):
+    study = study_dict(shared_data, tmp_path / "runs", ["breast_2cls", "fetal_head_axis", "breast_lesion"], fractions=[0.5, 1.0])
+    study_file = write_study(tmp_path / "study.yaml", study)
+    result = runner.invoke(app, ["train", str(study_file), "--dry-run", "--fraction", "0.5"])
+    assert result.exit_code == 0, result.output
+    assert "plan for study tiny (6 runs)" in result.output  # 3 task-specific, 2 groups, 1 unified
+    assert "frac-0.5" in result.output
+    assert "frac-1/" not in result.output
+    assert not (tmp_path / "runs").exists()
+
+
+def test_train_cli_reports_bad_option(shared_data, tmp_path, monkeypatch):
+    study_file = write_study(tmp_path / "study.yaml", study_dict(shared_data, tmp_path / "runs", ["breast_2cls"]))
+    code, stderr = run_main(["train", str(study_file), "--dry-run", "--task", "lung"], monkeypatch)
+    assert code == 2
+    assert "--task lung: not a task of study 'tiny'" in stderr
+
+
+def test_train_cli_set_override_and_groups_file(shared_data, tmp_path):
+    study_file = write_study(tmp_path / "study.yaml", study_dict(shared_data, tmp_path / "runs", ["breast_2cls", "fetal_head_axis"]))
+    groups = tmp_path / "groups.yaml"
+    groups.write_text("groups:\n  both: [breast_2cls, fetal_head_axis]\n", encoding="utf-8")
+    result = runner.invoke(
+        app,
+        ["train", str(study_file), "--dry-run", "-p", "grouped", "--groups", str(groups), "--set", "train.steps=7"],
+    )
+    assert result.exit_code == 0, result.output
+    assert "grouped/both/frac-1/seed-0" in result.output
+    assert "total: 7 steps" in result.output
+
+
+def test_evaluate_cli_rejects_non_run_folder(tmp_path, monkeypatch):
+    code, stderr = run_main(["evaluate", str(tmp_path)], monkeypatch)
+    assert code == 2
+    assert "not a run directory" in stderr
+
+
+def test_results_collect_without_runs(tmp_path, monkeypatch):
+    code, stderr = run_main(["results", "collect", str(tmp_path)], monkeypatch)
+    assert code == 2
+    assert "no run results found" in stderr

@@ -1,0 +1,174 @@
+"""The training loop on real images with a tiny model: outputs, determinism, re-evaluation, NaN handling, affinity."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import polars as pl
+import pytest
+import torch
+from polars.testing import assert_frame_equal
+from safetensors.torch import load_file
+from train_fixtures import study_dict, tiny_trained_run, write_study  # noqa: F401  (fixture import)
+
+from usagg.config import load_study
+from usagg.errors import TrainingError
+from usagg.model import M2DINO
+from usagg.results import read_results
+from usagg.train.distributed import DistEnv
+from usagg.train.finalize import evaluate_run
+from usagg.train.loop import TrainOptions, train_run
+from usagg.train.plan import plan_runs
+from usagg.train.run import execute_plan
+
+
+def _train(tmp_path, shared_data, tasks, paradigm="unified", **study_kwargs):
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    study_file = write_study(tmp_path / "study.yaml", study_dict(shared_data, tmp_path / "runs", tasks, **study_kwargs))
+    study = load_study(study_file)
+    specs = plan_runs(study, paradigms=[paradigm])
+    options = TrainOptions(output=tmp_path / "runs", device="cpu", progress=False)
+    return study, specs, options, execute_plan(study, specs, options, DistEnv())
+
+
+def _latest_weights(run_dir):
+    pointer = json.loads((run_dir / "checkpoints" / "latest.json").read_text())
+    return load_file(run_dir / "checkpoints" / pointer["weights"])
+
+
+def test_train_writes_run_directory(tiny_trained_run):
+    run_dir = tiny_trained_run["run_dir"]
+    for name in ("config.yaml", "run.json", "train_log.jsonl", "routing_stats.json", "per_image_scores.parquet",
+                 "results.parquet", "results.csv", "results_meta.json"):
+        assert (run_dir / name).exists(), name
+    status = json.loads((run_dir / "run.json").read_text())
+    assert status["status"] == "finished"
+    assert status["step"] == 4
+    lines = [json.loads(line) for line in (run_dir / "train_log.jsonl").read_text().splitlines()]
+    steps = [line for line in lines if "event" not in line]
+    assert [line["step"] for line in steps] == [1, 2, 3, 4]
+    assert {"step", "epoch", "task", "loss", "loss_parts", "lr", "images_per_s", "time"} <= set(steps[0])
+    evals = [line for line in lines if line.get("event") == "eval"]
+    assert {line["step"] for line in evals} == {2, 4}
+    assert any(line.get("event") == "routing" for line in lines)
+    routing = json.loads((run_dir / "routing_stats.json").read_text())
+    assert {"num_experts", "layers", "tasks"} <= set(routing)
+    assert set(routing["tasks"]) == set(tiny_trained_run["spec"].tasks)
+
+
+def test_train_results_cover_every_task_and_metric(tiny_trained_run):
+    results = read_results(tiny_trained_run["run_dir"] / "results.parquet")
+    metrics = {(row["task"], row["metric"]) for row in results.iter_rows(named=True)}
+    expected = {
+        ("breast_lesion", "dice"), ("breast_lesion", "hd"), ("breast_lesion", "hd95"),
+        ("breast_2cls", "accuracy"), ("breast_2cls", "auc"), ("breast_2cls", "f1_macro"),
+        ("breast_2cls", "f1_weighted"), ("breast_2cls", "mcc"),
+        ("breast_lesion_det", "iou"), ("fetal_head_axis", "mre_px"),
+    }
+    assert expected <= metrics
+    assert set(results["split"]) == {"test"}
+    assert set(results["paradigm"]) == {"unified"}
+    assert results.filter(pl.col("task") == "breast_2cls")["n_train"][0] > 0
+    study_table = read_results(tiny_trained_run["run_dir"].parents[4] / "tiny" / "results.parquet")
+    assert study_table.height == results.height
+    per_image = pl.read_parquet(tiny_trained_run["run_dir"] / "per_image_scores.parquet")
+    assert per_image.columns == ["run_id", "task", "split", "image", "metric", "value"]
+    meta = json.loads((tiny_trained_run["run_dir"] / "results_meta.json").read_text())["test"]
+    assert meta["empty_mask_policy"] == "fmc_uia"
+    assert meta["one_class_policy"] == "nan"
+
+
+def test_train_same_seed_same_metrics(tmp_path, shared_data):
+    tasks = ["breast_2cls", "fetal_head_axis"]
+    _, _, _, first = _train(tmp_path / "a", shared_data, tasks)
+    _, _, _, second = _train(tmp_path / "b", shared_data, tasks)
+    results_a = read_results(first[0].run_dir / "results.parquet")
+    results_b = read_results(second[0].run_dir / "results.parquet")
+    assert_frame_equal(results_a, results_b)
+    weights_a = _latest_weights(first[0].run_dir)
+    weights_b = _latest_weights(second[0].run_dir)
+    assert all(torch.equal(weights_a[k], weights_b[k]) for k in weights_a)
+
+
+def test_train_rerun_skips_finished(tiny_trained_run):
+    study = tiny_trained_run["study"]
+    options = TrainOptions(output=tiny_trained_run["run_dir"].parents[4], device="cpu", progress=False)
+    outcome = train_run(study, tiny_trained_run["spec"], options, DistEnv())
+    assert outcome.status == "skipped"
+
+
+def test_evaluate_reproduces_training_results(tiny_trained_run):
+    stored = read_results(tiny_trained_run["run_dir"] / "results.parquet")
+    again = evaluate_run(tiny_trained_run["run_dir"], device="cpu")
+    assert_frame_equal(stored.sort("task", "metric"), again.sort("task", "metric"))
+
+
+def test_evaluate_val_split_adds_rows(tiny_trained_run, tmp_path):
+    rows = evaluate_run(tiny_trained_run["run_dir"], split="val", checkpoint="latest", device="cpu")
+    assert set(rows["split"]) == {"val"}
+    table = read_results(tiny_trained_run["run_dir"] / "results.parquet")
+    assert set(table["split"]) == {"val", "test"}
+    meta = json.loads((tiny_trained_run["run_dir"] / "results_meta.json").read_text())
+    assert meta["val"]["checkpoint"] == "latest"
+
+
+def _nan_loss_from_step(step: int):
+    original = M2DINO.compute_loss
+    calls = {"n": 0}
+
+    def compute_loss(self, outputs, target, task, label_smoothing=0.0):
+        loss, parts = original(self, outputs, target, task, label_smoothing)
+        if self.training and torch.is_grad_enabled():
+            calls["n"] += 1
+            if calls["n"] >= step:
+                loss = loss * float("nan")
+        return loss, parts
+
+    return compute_loss
+
+
+def test_train_nonfinite_loss_stops_with_context(tmp_path, shared_data, monkeypatch):
+    monkeypatch.setattr(M2DINO, "compute_loss", _nan_loss_from_step(3))
+    with pytest.raises(TrainingError) as info:
+        _train(tmp_path, shared_data, ["breast_2cls"], paradigm="task_specific")
+    message = str(info.value)
+    assert "task 'breast_2cls' at step 3" in message
+    assert "latest-0000002.safetensors (step 2)" in message
+    assert "--skip-nonfinite" in message
+    run = json.loads((tmp_path / "runs/tiny/task_specific/breast_2cls/frac-1/seed-0/run.json").read_text())
+    assert run["status"] == "failed"
+
+
+def test_train_skip_nonfinite_counts_batches(tmp_path, shared_data, monkeypatch):
+    monkeypatch.setattr(M2DINO, "compute_loss", _nan_loss_from_step(3))
+    _, _, _, outcomes = _train(
+        tmp_path, shared_data, ["breast_2cls"], paradigm="task_specific", train={"skip_nonfinite": True}
+    )
+    run = json.loads((outcomes[0].run_dir / "run.json").read_text())
+    assert run["status"] == "finished"
+    assert run["nonfinite_skipped"] == 2
+    weights = _latest_weights(outcomes[0].run_dir)
+    assert all(torch.isfinite(w).all() for w in weights.values())
+
+
+def test_train_records_affinity_and_uncertainty(tmp_path, shared_data):
+    _, _, _, outcomes = _train(
+        tmp_path,
+        shared_data,
+        ["breast_2cls", "fetal_head_axis"],
+        train={"lookahead_every": 2, "gradient_affinity_every": 2, "loss_weighting": "uncertainty", "affinity_batch_size": 2},
+    )
+    affinity = json.loads((outcomes[0].run_dir / "affinity.json").read_text())
+    assert affinity["tasks"] == ["breast_2cls", "fetal_head_axis"]
+    for key in ("lookahead", "gradient_cosine", "gradient_magnitude"):
+        matrix = affinity[key]["matrix"]
+        assert len(matrix) == 2 and len(matrix[0]) == 2, key
+        assert affinity[key]["n_records"] == 2
+    cosine = affinity["gradient_cosine"]["matrix"]
+    assert cosine[0][0] == pytest.approx(1.0)
+    assert cosine[0][1] == pytest.approx(cosine[1][0])
+    steps = [json.loads(x) for x in (outcomes[0].run_dir / "train_log.jsonl").read_text().splitlines()]
+    weights = [s["loss_weights"] for s in steps if "loss_weights" in s]
+    assert weights[0] != weights[-1]  # the learned log-variances moved
+    assert all(math.isfinite(v) for w in weights for v in w.values())

@@ -1,0 +1,88 @@
+"""Run-directory files: config checks on resume, run status, results merging."""
+
+from __future__ import annotations
+
+import polars as pl
+import pytest
+
+from usagg.config import StudyConfig
+from usagg.errors import DataError, TrainingError
+from usagg.evaluate.evaluate import PER_IMAGE_SCHEMA
+from usagg.results import read_results
+from usagg.train.plan import RunSpec
+from usagg.train.rundir import collect_results, is_finished, load_run, update_run_json, write_config, write_evaluation
+
+
+def _study(tmp_path, **train) -> StudyConfig:
+    tasks = [{"name": "a", "type": "classification", "num_classes": 2, "organ": "breast",
+              "source": {"format": "fmc_uia", "root": str(tmp_path / "data")}}]
+    return StudyConfig.model_validate({"name": "s", "output": str(tmp_path), "tasks": tasks, "train": train})
+
+
+def _rows(spec: RunSpec, value: float) -> pl.DataFrame:
+    return pl.DataFrame(
+        [{"study": "s", "run_id": spec.run_id, "paradigm": spec.paradigm, "group": spec.group, "task": "a",
+          "task_type": "classification", "organ": "breast", "clinical_group": "breast", "n_train": 5,
+          "data_fraction": spec.fraction, "seed": spec.seed, "split": "test", "metric": "auc", "value": value,
+          "higher_is_better": True, "source": "run"}]
+    )
+
+
+def test_write_config_rejects_changed_training_settings(tmp_path):
+    spec = RunSpec("s", "task_specific", "a", ("a",), 1.0, 0)
+    run_dir = spec.run_dir(tmp_path)
+    run_dir.mkdir(parents=True)
+    write_config(run_dir, _study(tmp_path, epochs=3), spec)
+    write_config(run_dir, _study(tmp_path, epochs=3), spec)  # same settings: accepted
+    with pytest.raises(TrainingError) as info:
+        write_config(run_dir, _study(tmp_path, epochs=4), spec)
+    assert "the study's train changed since this run started" in str(info.value)
+    assert str(run_dir / "config.yaml") in str(info.value)
+
+
+def test_write_config_allows_moved_data(tmp_path):
+    spec = RunSpec("s", "task_specific", "a", ("a",), 1.0, 0)
+    run_dir = spec.run_dir(tmp_path)
+    run_dir.mkdir(parents=True)
+    write_config(run_dir, _study(tmp_path), spec)
+    moved = _study(tmp_path / "elsewhere")
+    moved.output = tmp_path
+    write_config(run_dir, moved, spec)
+
+
+def test_run_status_and_load_run(tmp_path):
+    study = _study(tmp_path)
+    spec = RunSpec("s", "task_specific", "a", ("a",), 0.5, 2)
+    run_dir = spec.run_dir(tmp_path)
+    run_dir.mkdir(parents=True)
+    write_config(run_dir, study, spec)
+    update_run_json(run_dir, spec=spec.to_dict(), status="finished")
+    assert not is_finished(run_dir)  # no results yet
+    write_evaluation(run_dir, tmp_path / "s", "test", _rows(spec, 0.7), pl.DataFrame(schema=PER_IMAGE_SCHEMA), {"checkpoint": "best"})
+    assert is_finished(run_dir)
+    loaded_study, loaded_spec = load_run(run_dir)
+    assert loaded_spec == spec
+    assert loaded_study.name == "s"
+    with pytest.raises(DataError, match="not a run directory"):
+        load_run(tmp_path)
+
+
+def test_collect_results_merges_runs(tmp_path):
+    for seed, value in ((0, 0.6), (1, 0.8)):
+        spec = RunSpec("s", "unified", "all", ("a",), 1.0, seed)
+        run_dir = spec.run_dir(tmp_path)
+        run_dir.mkdir(parents=True)
+        update_run_json(run_dir, spec=spec.to_dict(), status="finished")
+        write_evaluation(run_dir, tmp_path / "s", "test", _rows(spec, value), pl.DataFrame(schema=PER_IMAGE_SCHEMA), {})
+    # A re-evaluation replaces the run's row instead of adding one.
+    write_evaluation(run_dir, tmp_path / "s", "test", _rows(spec, 0.9), pl.DataFrame(schema=PER_IMAGE_SCHEMA), {})
+    (tmp_path / "s" / "results.parquet").unlink()
+    path, runs, rows = collect_results(tmp_path / "s")
+    assert (runs, rows) == (2, 2)
+    table = read_results(path)
+    assert sorted(table["value"].to_list()) == [0.6, 0.9]
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="no run results found"):
+        collect_results(tmp_path / "empty")
+    with pytest.raises(DataError, match="not a directory"):
+        collect_results(tmp_path / "missing")

@@ -1,0 +1,172 @@
+"""Transfer matrix: relative change of every task (rows) under every aggregated paradigm (columns)."""
+
+from __future__ import annotations
+
+import matplotlib
+import numpy as np
+import polars as pl
+from matplotlib.colors import TwoSlopeNorm, to_rgb
+from matplotlib.patches import Rectangle
+
+from usagg.plots.common import (
+    compute_relative_change,
+    pick_fraction,
+    pick_split,
+    task_order,
+    task_type_handles,
+    text_color_for,
+    type_abbreviation,
+)
+from usagg.plots.inputs import FigureInputs
+from usagg.plots.registry import FigurePlot, register_figure
+from usagg.plots.style import (
+    DIVERGING_CMAP,
+    SINGLE_COLUMN_IN,
+    SMALL_FONT_SIZE,
+    new_figure,
+    ordered_paradigms,
+    paradigm_label,
+    task_type_color,
+)
+
+ROW_HEIGHT_IN = 0.17
+# Inches for the title, column labels, colour bar and legend around the rows.
+FRAME_HEIGHT_IN = 1.25
+COLORBAR_HEIGHT_IN = 0.08
+
+
+def transfer_table(rel: pl.DataFrame) -> pl.DataFrame:
+    """Mean relative change per task and paradigm over seeds, with the negative-transfer mark of each cell.
+
+    A cell is marked when :func:`usagg.analysis.inference.seed_summary` flags it (its 95 % interval lies below
+    0). Cells without an interval (a single seed or a reported value) are marked when the mean is below 0.
+    """
+    from usagg.analysis.inference import seed_summary
+    from usagg.analysis.relative import delta_m
+
+    per_cell = delta_m(rel, by=["task", "paradigm"]).select("task", "paradigm", pl.col("delta_m").alias("rel_change"), "n_rows")
+    summary, _ = seed_summary(rel)
+    flags = summary.group_by("task", "paradigm").agg(
+        pl.col("negative_transfer").first(), pl.col("ci_lo").first(), pl.col("ci_hi").first(), pl.col("ci_method").first()
+    )
+    table = per_cell.join(flags, on=["task", "paradigm"], how="left").join(task_order(rel), on="task", how="left")
+    return table.with_columns(
+        pl.when(pl.col("negative_transfer").is_not_null())
+        .then(pl.col("negative_transfer"))
+        .otherwise(pl.col("rel_change") < 0)
+        .alias("marked"),
+        pl.when(pl.col("negative_transfer").is_not_null()).then(pl.lit("interval below 0")).otherwise(pl.lit("mean below 0")).alias("mark_rule"),
+    )
+
+
+@register_figure(
+    "transfer-matrix",
+    "Heatmap of relative change (%) per task (rows, by clinical group) and aggregated paradigm; negative transfer outlined.",
+)
+def transfer_matrix(
+    inputs: FigureInputs,
+    *,
+    fraction: float | None = None,
+    split: str | None = None,
+) -> FigurePlot:
+    """Draw the transfer matrix at one data fraction (default: the largest) and split (default: test)."""
+    rel = compute_relative_change(inputs.require_results("transfer-matrix"))
+    rel, split = pick_split(rel, split)
+    rel, fraction = pick_fraction(rel, fraction)
+    table = transfer_table(rel)
+    order = task_order(rel)
+    paradigms = ordered_paradigms(table["paradigm"].unique().to_list())
+    tasks = order["task"].to_list()
+
+    values = np.full((len(tasks), len(paradigms)), np.nan)
+    marked = np.zeros(values.shape, dtype=bool)
+    index = {t: i for i, t in enumerate(tasks)}
+    for row in table.iter_rows(named=True):
+        cell = index[row["task"]], paradigms.index(row["paradigm"])
+        values[cell] = row["rel_change"] * 100.0 if row["rel_change"] is not None else np.nan
+        marked[cell] = bool(row["marked"])
+
+    fig = _draw(values, marked, order, paradigms, fraction, split)
+    data = table.with_columns((pl.col("rel_change") * 100).alias("rel_change_percent"), pl.lit(fraction).alias("data_fraction"), pl.lit(split).alias("split"))
+    return FigurePlot(fig, data.sort("clinical_group", "task", "paradigm"))
+
+
+def _draw(values: np.ndarray, marked: np.ndarray, order: pl.DataFrame, paradigms: list[str], fraction: float, split: str):
+    n_rows, n_cols = values.shape
+    fig = new_figure(SINGLE_COLUMN_IN, FRAME_HEIGHT_IN + ROW_HEIGHT_IN * max(n_rows, 2))
+    grid = fig.add_gridspec(
+        2, 2, width_ratios=[0.15, max(n_cols, 1) * 0.8], height_ratios=[ROW_HEIGHT_IN * max(n_rows, 2), COLORBAR_HEIGHT_IN]
+    )
+    strip = fig.add_subplot(grid[0, 0])
+    ax = fig.add_subplot(grid[0, 1], sharey=strip)
+    cbar_ax = fig.add_subplot(grid[1, 1])
+
+    limit = np.nanmax(np.abs(values)) if np.isfinite(values).any() else 1.0
+    limit = max(float(limit), 1.0)
+    norm = TwoSlopeNorm(vcenter=0.0, vmin=-limit, vmax=limit)
+    cmap = matplotlib.colormaps[DIVERGING_CMAP]
+    image = ax.imshow(np.ma.masked_invalid(values), cmap=cmap, norm=norm, aspect="auto", interpolation="nearest")
+
+    for i in range(n_rows):
+        for j in range(n_cols):
+            value = values[i, j]
+            if not np.isfinite(value):
+                ax.text(j, i, "n/a", ha="center", va="center", fontsize=SMALL_FONT_SIZE - 0.5, color="#666666")
+                continue
+            ax.text(j, i, f"{value:+.1f}", ha="center", va="center", fontsize=SMALL_FONT_SIZE - 0.5, color=text_color_for(cmap, norm, value))
+            if marked[i, j]:
+                ax.add_patch(Rectangle((j - 0.5 + 0.04, i - 0.5 + 0.06), 0.92, 0.88, fill=False, edgecolor="black", linewidth=0.9))
+
+    # Task type strip left of the heatmap; the row labels carry the type abbreviation as well.
+    types = order["task_type"].to_list()
+    colors = np.array([[to_rgb(task_type_color(t))] for t in types])
+    strip.imshow(colors, aspect="auto", interpolation="nearest")
+    strip.set_xticks([])
+    strip.set_yticks(range(n_rows))
+    strip.set_yticklabels([f"{task} [{type_abbreviation(t)}]" for task, t in zip(order["task"], types)])
+    strip.tick_params(axis="y", length=0)
+    for spine in strip.spines.values():
+        spine.set_visible(False)
+
+    ax.set_xticks(range(n_cols))
+    ax.set_xticklabels([paradigm_label(p) for p in paradigms])
+    ax.xaxis.tick_top()
+    ax.tick_params(axis="x", length=0)
+    ax.tick_params(axis="y", left=False, labelleft=False)
+    for spine in ax.spines.values():
+        spine.set_visible(False)
+
+    # Clinical groups: white separators between blocks and the group name on the right of the block.
+    groups = order["clinical_group"].to_list()
+    starts = [i for i in range(n_rows) if i == 0 or groups[i] != groups[i - 1]]
+    for k, start in enumerate(starts):
+        end = starts[k + 1] if k + 1 < len(starts) else n_rows
+        if start > 0:
+            ax.axhline(start - 0.5, color="white", linewidth=1.5)
+            strip.axhline(start - 0.5, color="white", linewidth=1.5)
+        ax.annotate(
+            groups[start],
+            xy=(1.0, (start + end - 1) / 2),
+            xycoords=("axes fraction", "data"),
+            xytext=(3, 0),
+            textcoords="offset points",
+            ha="left",
+            va="center",
+            fontsize=SMALL_FONT_SIZE,
+            rotation=0,
+        )
+
+    colorbar = fig.colorbar(image, cax=cbar_ax, orientation="horizontal")
+    colorbar.set_label("relative change to task-specific (%)")
+    colorbar.ax.tick_params(labelsize=SMALL_FONT_SIZE)
+
+    fig.suptitle(f"Transfer matrix (data fraction {fraction:g}, {split} split)")
+    fig.legend(
+        handles=task_type_handles(types),
+        loc="outside lower center",
+        ncols=4,
+        handlelength=1.0,
+        columnspacing=1.0,
+        title="outlined: negative transfer (95 % CI below 0;\nwithout a CI: mean below 0). n/a: no finite value\n(task-specific score 0 or missing). Strip: task type",
+    )
+    return fig

@@ -1,0 +1,109 @@
+"""Evaluate a trained run on a split and write its results, per-image scores and routing statistics."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+
+import polars as pl
+import torch
+
+from usagg.config import StudyConfig
+from usagg.evaluate.evaluate import evaluate_task, per_image_rows, results_rows
+from usagg.io import write_json_atomic
+from usagg.train import checkpoint as ckpt
+from usagg.train.distributed import resolve_device
+from usagg.train.plan import RunSpec
+from usagg.train.rundata import RecordCache, RunRecords
+from usagg.train.rundir import ROUTING_FILE, load_run, study_dir, write_evaluation
+
+logger = logging.getLogger(__name__)
+
+
+def evaluate_and_write(
+    study: StudyConfig,
+    spec: RunSpec,
+    model: torch.nn.Module,
+    records: RunRecords,
+    run_dir: Path,
+    device: torch.device,
+    split: str,
+    checkpoint: str = "best",
+) -> pl.DataFrame:
+    """Load the chosen checkpoint into ``model``, evaluate every task on ``split`` and store the outputs.
+
+    Writes ``results.parquet`` (+ CSV), ``per_image_scores.parquet``, ``results_meta.json`` (policies, checkpoint
+    and the reason for every NaN or conventional value) and ``routing_stats.json`` (routing on this split), and
+    merges the rows into ``<output>/<study>/results.parquet``. Returns the run's rows for this split.
+    """
+    pointer = ckpt.load_weights(model, run_dir, checkpoint)
+    model.to(device)
+    model.routing_stats(reset=True)
+    started = time.perf_counter()
+    evaluations = []
+    for task in spec.tasks:
+        task_records = records.split(task, split)
+        if not task_records:
+            logger.warning("%s: task %s has no %s images; no results for it", spec.run_id, task, split)
+            continue
+        evaluations.append(
+            evaluate_task(model, records.cards[task], task_records, study, device, study.model.max_boxes)
+        )
+    for ev in evaluations:
+        for metric, reason in ev.metrics.reasons.items():
+            logger.info("%s %s %s: %s", spec.run_id, ev.task, metric, reason)
+    results = results_rows(spec, records.cards, records.n_train(), split, evaluations)
+    per_image = per_image_rows(spec, split, evaluations)
+    meta = {
+        "checkpoint": pointer["kind"],
+        "checkpoint_step": pointer["step"],
+        "empty_mask_policy": study.evaluation.empty_mask_policy,
+        "one_class_policy": study.evaluation.one_class_policy,
+        "n_images": {ev.task: ev.n_images for ev in evaluations},
+        "reasons": {ev.task: ev.metrics.reasons for ev in evaluations if ev.metrics.reasons},
+        "seconds": round(time.perf_counter() - started, 3),
+    }
+    routing = model.routing_stats(reset=True)
+    if routing:
+        write_json_atomic(run_dir / ROUTING_FILE, {**routing, "split": split, "checkpoint_step": pointer["step"]})
+    write_evaluation(run_dir, study_dir(study, _output_of(run_dir, spec)), split, results, per_image, meta)
+    logger.info("%s: evaluated %d task(s) on %s (checkpoint %s, step %s)", spec.run_id, len(evaluations), split, pointer["kind"], pointer["step"])
+    return results
+
+
+def _output_of(run_dir: Path, spec: RunSpec) -> Path:
+    """Return the output root of a run directory: the folder above ``<study>/<run_id>``."""
+    depth = len(Path(spec.run_id).parts) + 1
+    return run_dir.resolve().parents[depth - 1]
+
+
+def build_run_model(study: StudyConfig, spec: RunSpec) -> torch.nn.Module:
+    from usagg.model import build_model
+
+    cards = [study.task(t) for t in spec.tasks]
+    return build_model(study.model, cards, study.data.size_hw)
+
+
+def evaluate_run(
+    run_dir: str | os.PathLike,
+    split: str | None = None,
+    checkpoint: str | None = None,
+    device: str = "auto",
+) -> pl.DataFrame:
+    """Evaluate a saved run on demand (``usagg evaluate``) and return the rows it wrote."""
+    folder = Path(run_dir)
+    study, spec = load_run(folder)
+    records = RecordCache(study).run_records(spec)
+    model = build_run_model(study, spec)
+    return evaluate_and_write(
+        study,
+        spec,
+        model,
+        records,
+        folder,
+        resolve_device(device),
+        split=split or study.evaluation.split,
+        checkpoint=checkpoint or study.evaluation.checkpoint,
+    )

@@ -1,0 +1,123 @@
+"""Launchers: run a plan in this process (``local``) or hand each run to Slurm as its own job (submitit)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from usagg.config import StudyConfig
+from usagg.errors import ConfigError
+from usagg.train.distributed import DistEnv, init_distributed
+from usagg.train.loop import TrainOptions, train_run
+from usagg.train.plan import RunSpec
+from usagg.train.run import execute_plan
+
+logger = logging.getLogger(__name__)
+
+LAUNCHERS = ("local", "slurm", "submitit-local")
+
+
+@dataclass
+class SlurmOptions:
+    """Resources of every Slurm job; each planned run is one job (``gpus`` > 1 runs it with DDP inside the job)."""
+
+    partition: str | None = None
+    time_min: int = 240
+    gpus: int = 1
+    cpus_per_task: int = 8
+    mem_gb: int | None = None
+    account: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)  # passed to submitit as slurm_additional_parameters
+
+
+@dataclass
+class SubmittedRun:
+    spec: RunSpec
+    job_id: str
+    result: dict[str, Any] | None = None  # filled in when the launcher waits (submitit-local)
+
+
+def run_job(study: StudyConfig, spec_data: dict[str, Any], options: TrainOptions) -> dict[str, Any]:
+    """Entry point of one submitted job: join the job's process group (if any), train the run, summarise it."""
+    import os
+
+    if int(os.environ.get("SLURM_NTASKS", "1")) > 1 and "WORLD_SIZE" not in os.environ:
+        import submitit
+
+        submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+    env = init_distributed(options.device)
+    outcome = train_run(study, RunSpec.from_dict(spec_data), TrainOptions(**{**vars(options), "progress": False}), env)
+    return {"run_id": outcome.spec.run_id, "status": outcome.status, "steps": outcome.steps, "run_dir": str(outcome.run_dir)}
+
+
+def submit_runs(
+    study: StudyConfig,
+    specs: Sequence[RunSpec],
+    options: TrainOptions,
+    slurm: SlurmOptions,
+    cluster: str = "slurm",
+    wait: bool = False,
+) -> list[SubmittedRun]:
+    """Submit one job per run with submitit; ``cluster="local"`` uses submitit's local executor (tests, one machine)."""
+    try:
+        import submitit
+    except ImportError:
+        raise ConfigError("--launcher slurm needs submitit; install it with `pip install 'usagg[slurm]'`") from None
+    folder = Path(options.output) / study.name / "submitit" / "%j"
+    executor = submitit.AutoExecutor(folder=folder, cluster=cluster)
+
+    tasks_per_node = max(1, slurm.gpus)
+    params: dict[str, Any] = {
+        "name": f"usagg-{study.name}",
+        "timeout_min": slurm.time_min,
+        "nodes": 1,
+        "tasks_per_node": tasks_per_node,
+        "cpus_per_task": slurm.cpus_per_task,
+    }
+    if cluster == "slurm":
+        params["gpus_per_node"] = slurm.gpus
+        if slurm.partition:
+            params["slurm_partition"] = slurm.partition
+        if slurm.mem_gb:
+            params["mem_gb"] = slurm.mem_gb
+        additional = dict(slurm.extra)
+        if slurm.account:
+            additional["account"] = slurm.account
+        if additional:
+            params["slurm_additional_parameters"] = additional
+    else:
+        params = {"timeout_min": slurm.time_min, "tasks_per_node": 1}
+    executor.update_parameters(**params)
+
+    submitted = []
+    for spec in specs:
+        job = executor.submit(run_job, study, spec.to_dict(), options)
+        logger.info("submitted %s as job %s", spec.run_id, job.job_id)
+        submitted.append((spec, job))
+    runs = [SubmittedRun(spec, str(job.job_id)) for spec, job in submitted]
+    if wait:
+        for run, (_, job) in zip(runs, submitted):
+            run.result = job.result()
+    return runs
+
+
+def launch(
+    study: StudyConfig,
+    specs: Sequence[RunSpec],
+    options: TrainOptions,
+    launcher: str = "local",
+    slurm: SlurmOptions | None = None,
+    env: DistEnv | None = None,
+):
+    """Run ``specs`` with the chosen launcher; returns run outcomes (local) or submitted jobs (slurm)."""
+    if launcher not in LAUNCHERS:
+        raise ConfigError(f"--launcher {launcher}: unknown launcher; choose one of {', '.join(LAUNCHERS)}")
+    if launcher == "local":
+        return execute_plan(study, specs, options, env or init_distributed(options.device))
+    if env is not None and env.distributed:
+        raise ConfigError("--launcher slurm submits jobs; run it as one process, not under torchrun")
+    cluster = "local" if launcher == "submitit-local" else "slurm"
+    return submit_runs(study, specs, options, slurm or SlurmOptions(), cluster=cluster, wait=cluster == "local")

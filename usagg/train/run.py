@@ -1,0 +1,63 @@
+"""Sweeps: run a plan one run after another, and describe a plan (``usagg train --dry-run``)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from usagg.config import StudyConfig
+from usagg.train import checkpoint as ckpt
+from usagg.train.distributed import DistEnv
+from usagg.train.loop import RunOutcome, TrainOptions, train_run
+from usagg.train.plan import RunSpec, check_budget_sampling, size_run
+from usagg.train.rundata import RecordCache
+from usagg.train.rundir import is_finished
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class PlannedRun:
+    """A planned run with its size and its state on disk."""
+
+    spec: RunSpec
+    n_train: dict[str, int]
+    steps: int
+    images: int
+    state: str  # new | resume at step k | finished
+
+
+def describe_plan(study: StudyConfig, specs: Sequence[RunSpec], options: TrainOptions, cache: RecordCache | None = None) -> list[PlannedRun]:
+    """Size every planned run (reads each task's records once) and report whether it is new, resumable or done."""
+    cache = cache or RecordCache(study)
+    planned = []
+    for spec in specs:
+        records = cache.run_records(spec)
+        size = size_run(study, spec, records.n_train())
+        run_dir = spec.run_dir(options.output)
+        if is_finished(run_dir):
+            state = "finished"
+        else:
+            pointer = ckpt.read_pointer(run_dir, "latest")
+            state = f"resume at step {pointer['step']}" if pointer else "new"
+        planned.append(PlannedRun(spec, size.n_train, size.steps, size.images, state))
+    return planned
+
+
+def execute_plan(
+    study: StudyConfig,
+    specs: Sequence[RunSpec],
+    options: TrainOptions,
+    env: DistEnv,
+    cache: RecordCache | None = None,
+) -> list[RunOutcome]:
+    """Train every run in order; finished runs are skipped and interrupted ones resume."""
+    check_budget_sampling(study)
+    cache = cache or RecordCache(study)
+    outcomes = []
+    for number, spec in enumerate(specs, start=1):
+        if env.is_main:
+            logger.info("run %d of %d: %s (%s)", number, len(specs), spec.run_id, ", ".join(spec.tasks))
+        outcomes.append(train_run(study, spec, options, env, cache))
+    return outcomes

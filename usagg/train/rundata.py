@@ -1,0 +1,66 @@
+"""The records of one run: every task's train (after the data fraction), val and test images."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from usagg.config import StudyConfig
+from usagg.data.record import SampleRecord
+from usagg.errors import DataError
+from usagg.tasks import TaskCard
+from usagg.train.plan import RunSpec
+
+logger = logging.getLogger(__name__)
+
+SPLITS = ("train", "val", "test")
+
+
+@dataclass
+class RunRecords:
+    """Records per task and split for one run; ``train`` is already cut to the run's data fraction."""
+
+    cards: dict[str, TaskCard]
+    splits: dict[str, dict[str, list[SampleRecord]]]  # task -> split -> records
+
+    def n_train(self) -> dict[str, int]:
+        return {task: len(by_split["train"]) for task, by_split in self.splits.items()}
+
+    def split(self, task: str, split: str) -> list[SampleRecord]:
+        return self.splits[task][split]
+
+
+class RecordCache:
+    """Reads and splits each task's records once per process; plans and runs of a sweep share it."""
+
+    def __init__(self, study: StudyConfig) -> None:
+        self.study = study
+        self._split: dict[str, dict[str, list[SampleRecord]]] = {}
+
+    def full_splits(self, task: str) -> dict[str, list[SampleRecord]]:
+        if task not in self._split:
+            from usagg.data.sources import load_task_records
+            from usagg.data.splits import split_records
+
+            card = self.study.task(task)
+            if card.source is None:
+                raise DataError(f"study {self.study.name!r}: task {task!r} has no source; add a source: block to its card")
+            records = load_task_records(card)
+            self._split[task] = split_records(records, card, self.study.data)
+        return self._split[task]
+
+    def run_records(self, spec: RunSpec) -> RunRecords:
+        from usagg.data.splits import select_fraction
+
+        cards = {task: self.study.task(task) for task in spec.tasks}
+        splits: dict[str, dict[str, list[SampleRecord]]] = {}
+        for task, card in cards.items():
+            full = self.full_splits(task)
+            train = select_fraction(full["train"], card, spec.fraction, spec.seed) if spec.fraction < 1 else full["train"]
+            if not train:
+                raise DataError(
+                    f"task {task!r}: no training images at data fraction {spec.fraction} "
+                    f"(the full training split has {len(full['train'])}); use a larger fraction"
+                )
+            splits[task] = {"train": list(train), "val": list(full.get("val", [])), "test": list(full.get("test", []))}
+        return RunRecords(cards=cards, splits=splits)

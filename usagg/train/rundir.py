@@ -1,0 +1,172 @@
+"""Files of a run directory: resolved config, run status, results, per-image scores and the study table."""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import logging
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+import yaml
+
+from usagg.config import StudyConfig, load_study, study_to_yaml
+from usagg.errors import DataError, TrainingError
+from usagg.io import atomic_path, write_json_atomic, write_text_atomic
+from usagg.results import append_results, read_results, write_results
+from usagg.train.plan import RunSpec
+
+logger = logging.getLogger(__name__)
+
+CONFIG_FILE = "config.yaml"
+RUN_FILE = "run.json"
+LOG_FILE = "train_log.jsonl"
+RESULTS_FILE = "results.parquet"
+PER_IMAGE_FILE = "per_image_scores.parquet"
+RESULTS_META_FILE = "results_meta.json"
+ROUTING_FILE = "routing_stats.json"
+AFFINITY_FILE = "affinity.json"
+
+# Parts of the study that change what a run trains; a resumed run must see the same values.
+_TRAINING_KEYS = ("data", "model", "train")
+
+
+def write_config(run_dir: Path, study: StudyConfig, spec: RunSpec) -> None:
+    """Write the resolved study into the run, or check that a resumed run still has the same training settings."""
+    file = run_dir / CONFIG_FILE
+    if file.exists():
+        old = yaml.safe_load(file.read_text(encoding="utf-8")) or {}
+        new = study.model_dump(mode="json")
+        changed = [key for key in _TRAINING_KEYS if old.get(key) != new.get(key)]
+        # A card's source may move (another data folder) without changing what the run learns.
+        old_cards = {c["name"]: _without_source(c) for c in old.get("tasks", [])}
+        changed += [
+            f"tasks.{t}" for t in spec.tasks if old_cards.get(t) != _without_source(new["tasks"][_task_index(study, t)])
+        ]
+        if changed:
+            raise TrainingError(
+                f"{file}: the study's {', '.join(changed)} changed since this run started; "
+                "restore the old values, or delete the run directory to train it again with the new ones"
+            )
+        return
+    write_text_atomic(file, study_to_yaml(study))
+
+
+def _without_source(card: dict[str, Any]) -> dict[str, Any]:
+    return {key: value for key, value in card.items() if key != "source"}
+
+
+def _task_index(study: StudyConfig, task: str) -> int:
+    return [c.name for c in study.tasks].index(task)
+
+
+def read_run_json(run_dir: Path) -> dict[str, Any] | None:
+    file = run_dir / RUN_FILE
+    if not file.exists():
+        return None
+    try:
+        return json.loads(file.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{file}: unreadable run status ({exc}); delete it and rerun training") from None
+
+
+def update_run_json(run_dir: Path, **fields: Any) -> dict[str, Any]:
+    data = read_run_json(run_dir) or {}
+    data.update(fields)
+    data["updated"] = time.strftime("%Y-%m-%dT%H:%M:%S")
+    write_json_atomic(run_dir / RUN_FILE, data)
+    return data
+
+
+def is_finished(run_dir: Path) -> bool:
+    data = read_run_json(run_dir)
+    return bool(data and data.get("status") == "finished" and (run_dir / RESULTS_FILE).exists())
+
+
+def load_run(run_dir: str | os.PathLike) -> tuple[StudyConfig, RunSpec]:
+    """Read a run directory's resolved config and run spec."""
+    folder = Path(run_dir)
+    if not (folder / CONFIG_FILE).exists() or not (folder / RUN_FILE).exists():
+        raise DataError(
+            f"{folder}: not a run directory (needs {CONFIG_FILE} and {RUN_FILE}); "
+            "give a folder like <output>/<study>/<paradigm>/<group>/frac-<f>/seed-<s>"
+        )
+    study = load_study(folder / CONFIG_FILE)
+    data = read_run_json(folder) or {}
+    if "spec" not in data:
+        raise DataError(f"{folder / RUN_FILE}: missing 'spec'; the run directory is incomplete")
+    return study, RunSpec.from_dict(data["spec"])
+
+
+def study_dir(study: StudyConfig, output: Path | None = None) -> Path:
+    return Path(output if output is not None else study.output) / study.name
+
+
+@contextlib.contextmanager
+def locked(path: Path) -> Iterator[None]:
+    """Hold an exclusive advisory lock on ``path`` (created if needed), so parallel jobs append one at a time."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def write_evaluation(
+    run_dir: Path,
+    study_folder: Path,
+    split: str,
+    results: pl.DataFrame,
+    per_image: pl.DataFrame,
+    meta: dict[str, Any],
+) -> None:
+    """Store one split's results in the run (replacing that split's old rows) and merge them into the study table."""
+    append_results(results, run_dir / RESULTS_FILE, key=("run_id", "task", "metric", "split"))
+    _replace_split_rows(run_dir / PER_IMAGE_FILE, per_image, split)
+    meta_file = run_dir / RESULTS_META_FILE
+    all_meta = json.loads(meta_file.read_text(encoding="utf-8")) if meta_file.exists() else {}
+    all_meta[split] = meta
+    write_json_atomic(meta_file, all_meta)
+    with locked(study_folder / ".results.lock"):
+        append_results(results, study_folder / RESULTS_FILE)
+
+
+def _replace_split_rows(file: Path, new: pl.DataFrame, split: str) -> None:
+    if file.exists():
+        old = pl.read_parquet(file).filter(pl.col("split") != split)
+        new = pl.concat([old, new], how="vertical")
+    with atomic_path(file) as tmp:
+        new.write_parquet(tmp)
+
+
+def collect_results(study_folder: str | os.PathLike) -> tuple[Path, int, int]:
+    """Merge every run's results.parquet under ``study_folder`` into ``study_folder/results.parquet``.
+
+    Returns the table path, the number of runs and the number of rows. An output root with several studies
+    (``<output>/<study>/...``) can also be given. Then each study gets its own table, and the root a merged one.
+    """
+    folder = Path(study_folder)
+    if not folder.is_dir():
+        raise DataError(f"{folder}: not a directory; give a study output directory such as runs/<study>")
+    files = sorted(p for p in folder.rglob(RESULTS_FILE) if (p.parent / RUN_FILE).exists())
+    if not files:
+        raise DataError(f"{folder}: no run results found below this folder; train or evaluate runs first")
+    tables = [read_results(f) for f in files]
+    merged = pl.concat(tables, how="vertical").unique(subset=["run_id", "task", "metric", "split", "study"], keep="last")
+    merged = merged.sort(["study", "paradigm", "group", "data_fraction", "seed", "task", "split", "metric"])
+    studies = merged["study"].unique().to_list()
+    if len(studies) == 1 and (folder.name == studies[0] or not (folder / studies[0]).is_dir()):
+        out = write_results(merged, folder / RESULTS_FILE)
+    else:
+        for name in studies:
+            write_results(merged.filter(pl.col("study") == name), folder / name / RESULTS_FILE)
+        out = folder / RESULTS_FILE
+        write_results(merged, out)
+    return out, len(files), merged.height
