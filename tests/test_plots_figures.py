@@ -15,6 +15,7 @@ from usagg.plots.inputs import FigureInputs
 from usagg.plots.layout import layout_problems
 from usagg.plots.registry import FIGURE_MODULES, draw_figure, get_figure, load_figures, parse_options
 from usagg.plots.style import save_figure
+from usagg.plots.transfer_matrix import cell_text
 
 FIGURE_NAMES = ["data-scale", "transfer-matrix", "group-paradigm", "task-type", "affinity", "expert-usage", "grouping", "training"]
 GROUPS_27 = sorted({t[2] for t in TASKS_27})
@@ -92,7 +93,7 @@ def test_transfer_matrix_value_matches_hand_computation(drawn):
     cell = plot.data.filter((pl.col("task") == "breast_lesion") & (pl.col("paradigm") == "unified"))
     assert math.isclose(cell["rel_change_percent"][0], expected, rel_tol=1e-9)
     texts = [t.get_text() for t in plot.figure.axes[1].texts]
-    assert f"{expected:+.1f}" in texts
+    assert cell_text(expected) in texts
 
 
 def test_group_paradigm_groups_and_sizes(drawn):
@@ -176,3 +177,11 @@ def test_missing_inputs_name_what_is_needed(tmp_path):
         draw_figure("affinity", results_only)
     with pytest.raises(DataError, match="not found"):
         FigureInputs.from_paths([tmp_path / "missing.csv"])
+
+
+def test_cell_text_rounds_noise_to_zero():
+    assert cell_text(-79.66) == "-79.7"
+    assert cell_text(0.0) == "0.0"
+    assert cell_text(-0.0009) == "0.0"
+    assert cell_text(-0.06) == "-0.1"
+    assert cell_text(2.0) == "+2.0"

@@ -81,3 +81,13 @@ def test_unsupported_suffix(tmp_path):
 def test_folder_without_table_suggests_collect(tmp_path):
     with pytest.raises(DataError, match="usagg results collect"):
         read_results(tmp_path)
+
+
+def test_written_files_follow_umask(tmp_path):
+    import os
+    import stat
+
+    path = write_results(rows("r1", 0.5), tmp_path / "results.parquet")
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask

@@ -91,6 +91,11 @@ def load_method(inputs: FigureInputs, method: str) -> Matrix:
 
 
 def choose_methods(inputs: FigureInputs, methods: list[str] | None, figure: str) -> list[str]:
+    """Return ``methods``, or by default the first available method in ``METHODS`` order.
+
+    Pair runs often cover only a few pairs. When measured affinity has values for less than half of the task
+    pairs, the default is the next available method followed by measured, so a dense matrix orders the tasks.
+    """
     if methods:
         return methods
     found = available_methods(inputs)
@@ -99,7 +104,18 @@ def choose_methods(inputs: FigureInputs, methods: list[str] | None, figure: str)
             f"figure {figure!r} needs an affinity source: pair runs in the results table, or affinity.json / "
             f"routing_stats.json in run directories (got {inputs.origin})"
         )
+    if found[0] == "measured" and len(found) > 1 and _coverage(load_method(inputs, "measured")[1]) < 0.5:
+        return [found[1], "measured"]
     return found[:1]
+
+
+def _coverage(matrix: np.ndarray) -> float:
+    """Share of the off-diagonal entries that have a value."""
+    n = matrix.shape[0]
+    if n < 2:
+        return 0.0
+    off_diagonal = ~np.eye(n, dtype=bool)
+    return float(np.isfinite(matrix[off_diagonal]).mean())
 
 
 def cluster_order(matrix: np.ndarray) -> tuple[np.ndarray | None, list[int]]:
@@ -149,10 +165,11 @@ def affinity(inputs: FigureInputs, *, methods: list[str] | None = None) -> Figur
     matrices = {m: load_method(inputs, m) for m in chosen}
     first_tasks = matrices[chosen[0]][0]
     if len(chosen) == 2:
-        common = [t for t in first_tasks if t in set(matrices[chosen[1]][0])]
-        if len(common) < 2:
+        # The second matrix takes the first one's tasks; tasks it lacks (pairs never trained) stay empty.
+        second_tasks = set(matrices[chosen[1]][0])
+        if len([t for t in first_tasks if t in second_tasks]) < 2:
             raise DataError(f"methods {chosen[0]} and {chosen[1]} share fewer than two tasks; they cannot be compared")
-        matrices = {m: _restrict(matrices[m], common) for m in chosen}
+        matrices[chosen[1]] = _reindex(matrices[chosen[1]], first_tasks)
     tasks, first = matrices[chosen[0]]
     tree, order = cluster_order(first)
     ordered = [tasks[i] for i in order]
@@ -213,10 +230,16 @@ def affinity(inputs: FigureInputs, *, methods: list[str] | None = None) -> Figur
     return FigurePlot(fig, pl.DataFrame(rows))
 
 
-def _restrict(matrix: Matrix, tasks: list[str]) -> Matrix:
+def _reindex(matrix: Matrix, tasks: list[str]) -> Matrix:
+    """Return ``matrix`` over ``tasks`` in that order, NaN for the tasks it does not have."""
     names, values = matrix
-    index = [names.index(t) for t in tasks]
-    return tasks, values[np.ix_(index, index)]
+    position = {t: i for i, t in enumerate(names)}
+    out = np.full((len(tasks), len(tasks)), np.nan)
+    for i, source in enumerate(tasks):
+        for j, target in enumerate(tasks):
+            if source in position and target in position:
+                out[i, j] = values[position[source], position[target]]
+    return list(tasks), out
 
 
 def _label_size(n: int) -> float:

@@ -19,6 +19,7 @@ from usagg.plots.registry import FigurePlot, register_figure
 from usagg.plots.style import (
     DOUBLE_COLUMN_IN,
     SINGLE_COLUMN_IN,
+    SMALL_FONT_SIZE,
     clinical_group_markers,
     new_figure,
     ordered_paradigms,
@@ -102,6 +103,7 @@ def data_scale(
         ax.set_title(paradigm_label(paradigm))
         ax.set_xlabel("training images (log scale)")
     axes[0].set_ylabel("relative change to task-specific (%)")
+    clip_notes = _limit_y(axes, paradigms, observations)
 
     handles = task_type_handles(task_types, marker="o") + clinical_group_handles(markers)
     if "task_type" not in fit.uses:
@@ -135,7 +137,7 @@ def data_scale(
         how="diagonal_relaxed",
     )
     notes = [f"fitted model: rel_change ~ {fit.formula} (OLS, HC3 errors; bands are 95 % confidence intervals)"]
-    notes += list(fit.messages) + list(fit.warnings)
+    notes += clip_notes + list(fit.messages) + list(fit.warnings)
     return FigurePlot(fig, data, notes)
 
 
@@ -180,6 +182,41 @@ def _crossing_handle() -> Line2D:
         [], [], linestyle="none", marker="D", markersize=4.5, markerfacecolor="white", markeredgecolor="#333333",
         label="zero crossing (bar: 95 % CI)",
     )
+
+
+def _limit_y(axes, paradigms: list[str], observations: pl.DataFrame) -> list[str]:
+    """Fit the shared y range to the bulk of the points and mark the points beyond it at the edge.
+
+    A task whose task-specific score is near 0 can have a relative change of thousands of percent, which would
+    flatten every other point onto the zero line. The range spans the points within three interquartile
+    ranges of the quartiles (Tukey's far-out fences) and always includes 0; points beyond it are drawn as
+    triangles at the edge, with their count and extreme value written in the panel.
+    """
+    values = observations["rel_change"].to_numpy() * 100
+    q1, q3 = np.percentile(values, [25, 75])
+    spread = max(q3 - q1, 1e-9)
+    inside = values[(values >= q1 - 3 * spread) & (values <= q3 + 3 * spread)]
+    low, high = min(inside.min(), 0.0), max(inside.max(), 0.0)
+    if inside.size == values.size:
+        return []
+    pad = 0.08 * (high - low or 1.0)
+    low, high = low - pad, high + pad
+    axes[0].set_ylim(low, high)
+    notes = []
+    for ax, paradigm in zip(axes, paradigms):
+        part = observations.filter(pl.col("paradigm") == paradigm)
+        y = part["rel_change"].to_numpy() * 100
+        for side, beyond, edge, marker in (("above", y > high, high, "^"), ("below", y < low, low, "v")):
+            if not beyond.any():
+                continue
+            colors = [task_type_color(t) for t, out in zip(part["task_type"], beyond) if out]
+            ax.scatter(part["n_train"].to_numpy()[beyond], np.full(beyond.sum(), edge), marker=marker, s=22, c=colors, clip_on=False, zorder=6)
+            extreme = y[beyond].max() if side == "above" else y[beyond].min()
+            text = f"{beyond.sum()} point(s) {side} the range, up to {extreme:+,.0f} %"
+            ax.text(0.02, 0.97 if side == "above" else 0.03, text, transform=ax.transAxes, ha="left",
+                    va="top" if side == "above" else "bottom", fontsize=SMALL_FONT_SIZE, color="#444444")
+            notes.append(f"{paradigm_label(paradigm)}: {text} (drawn as triangles at the axis edge)")
+    return notes
 
 
 def _log_axis(ax, n_min: float, n_max: float) -> None:

@@ -85,14 +85,16 @@ def grouping(inputs: FigureInputs, *, method: str | None = None, k: str = "auto"
         for spine in axis.spines.values():
             spine.set_visible(False)
     ax.set_title("clinical groups", loc="left")
-    ax.set_title(f"recommended groups ({METHOD_LABELS[chosen]})", loc="right")
+    ax.set_title("recommended groups", loc="right")
 
     score_text = f"within-group affinity: recommended {result.score:.3g}"
     if result.taxonomy_score is not None:
         score_text += f", clinical {result.taxonomy_score:.3g}"
     if result.random_score_mean is not None:
         score_text += f", random partitions {result.random_score_mean:.3g} (95th percentile {result.random_score_p95:.3g})"
-    fig.suptitle(f"Task grouping: {len(clinical)} clinical groups vs {result.k} recommended groups\n{score_text}")
+    fig.suptitle(
+        f"Task grouping: {len(clinical)} clinical groups vs {result.k} groups recommended from {METHOD_LABELS[chosen]}\n{score_text}"
+    )
     handles = task_type_handles({info[t][1] for t in tasks if info[t][1]}, marker=None)
     handles = [Line2D([], [], color=h.get_facecolor(), linewidth=1.2, label=h.get_label()) for h in handles]
     fig.legend(handles=handles, loc="outside lower center", ncols=len(handles), title="line colour: task type")

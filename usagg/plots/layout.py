@@ -70,7 +70,7 @@ def assert_clean_layout(fig: Figure, name: str = "figure") -> None:
 def _axes_name(ax: Axes | None) -> str:
     if ax is None:
         return ""
-    return ax.get_title() or ax.get_label() or ax.get_ylabel() or ax.get_xlabel() or "unnamed"
+    return ax.get_title() or ax.get_title("left") or ax.get_label() or ax.get_ylabel() or ax.get_xlabel() or "unnamed"
 
 
 def _collect_texts(fig: Figure, renderer) -> list[_PlacedText]:
@@ -110,6 +110,7 @@ def _collect_texts(fig: Figure, renderer) -> list[_PlacedText]:
             for tick in _drawn_ticks(axis):
                 for label in (tick.label1, tick.label2):
                     add("tick", label, ax)
+            add("tick", axis.offsetText, ax)  # the "1e3" or "+1e-8" label of scaled tick values
             add("axis label", axis.label, ax)
         for title in (ax.title, ax._left_title, ax._right_title):
             add("title", title, ax)

@@ -94,7 +94,9 @@ def load_figures() -> dict[str, FigureSpec]:
     """Import every figure module so that it registers itself, and return the registry."""
     for module in FIGURE_MODULES:
         importlib.import_module(f"usagg.plots.{module}")
-    return FIGURES
+    # A figure module imported earlier (by a caller) registered first; return the documented order.
+    rank = {f"usagg.plots.{module}": k for k, module in enumerate(FIGURE_MODULES)}
+    return dict(sorted(FIGURES.items(), key=lambda item: rank.get(item[1].function.__module__, len(rank))))
 
 
 def get_figure(name: str) -> FigureSpec:

@@ -115,6 +115,8 @@ def rc_params() -> dict[str, object]:
         "xtick.major.size": 2.5,
         "ytick.major.size": 2.5,
         "axes.spines.top": False,
+        # No "1e-8 + 0.9999999" offset labels: tick labels show the values themselves.
+        "axes.formatter.useoffset": False,
         "axes.spines.right": False,
         "legend.frameon": False,
         # TrueType (Type 42) fonts in PDF and PostScript: journals reject Type 3 bitmap fonts.

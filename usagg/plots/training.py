@@ -106,11 +106,13 @@ def training(inputs: FigureInputs, *, runs: list[str] | None = None, max_columns
     for run in chosen:
         train, evals = read_train_log(run.path / "train_log.jsonl")
         label = run.label
-        # Evaluation lines carry steps only; place them on the epoch axis of the same run.
-        if train.height and train["epoch"].null_count() < train.height:
-            steps = train["step"].to_numpy().astype(float)
-            epochs = train["epoch"].fill_null(strategy="forward").to_numpy().astype(float)
-            evals = evals.with_columns(pl.Series("epoch", np.interp(evals["step"].to_numpy().astype(float), steps, epochs)))
+        # Evaluation lines carry steps only. A run's epoch grows linearly with its step (a fixed number of
+        # images per step), so the ratio of the last logged line places them on the epoch axis.
+        logged = train.filter(pl.col("epoch").is_not_null() & (pl.col("step") > 0))
+        if logged.height:
+            last = logged.sort("step").row(-1, named=True)
+            epochs_per_step = float(last["epoch"]) / float(last["step"])
+            evals = evals.with_columns((pl.col("step").cast(pl.Float64) * epochs_per_step).alias("epoch"))
         else:
             train = train.with_columns(pl.col("step").cast(pl.Float64).alias("epoch"))
             evals = evals.with_columns(pl.col("step").cast(pl.Float64).alias("epoch"))
@@ -169,6 +171,8 @@ def training(inputs: FigureInputs, *, runs: list[str] | None = None, max_columns
                 # An empty panel would show matplotlib's default 0-1 range as if it were data.
                 ax.tick_params(axis="y", left=False, labelleft=False)
                 ax.text(0.5, 0.5, missing, transform=ax.transAxes, ha="center", va="center", fontsize=SMALL_FONT_SIZE - 0.5, color="#777777")
+            else:
+                _widen_flat_range(ax)
         loss_ax.tick_params(labelbottom=False)
         metric_ax.set_ylabel(" / ".join(sorted(metric_names)) or "metric", fontsize=SMALL_FONT_SIZE - 0.5)
         if col == 0:
@@ -179,7 +183,7 @@ def training(inputs: FigureInputs, *, runs: list[str] | None = None, max_columns
         else:
             metric_ax.tick_params(labelbottom=False)
 
-    fig.legend(handles=_legend(run_styles), loc="outside lower center", ncols=min(3, len(run_styles)), handlelength=2.0)
+    fig.legend(handles=_legend(run_styles), loc="outside lower center", ncols=min(4, len(run_styles)), handlelength=2.0)
     fig.suptitle("Training loss (smoothed) and validation metric per task")
     data = pl.concat(
         [
@@ -189,6 +193,15 @@ def training(inputs: FigureInputs, *, runs: list[str] | None = None, max_columns
         how="diagonal_relaxed",
     )
     return FigurePlot(fig, data)
+
+
+def _widen_flat_range(ax) -> None:
+    """Give a flat curve (an AUC of 1 throughout, say) a readable range instead of rounding-noise ticks."""
+    low, high = ax.get_ylim()
+    middle = (low + high) / 2
+    scale = max(abs(middle), 1.0)
+    if high - low < 1e-3 * scale:
+        ax.set_ylim(middle - 0.01 * scale, middle + 0.01 * scale)
 
 
 def _primary_metric_rows(evals: pl.DataFrame) -> pl.DataFrame:

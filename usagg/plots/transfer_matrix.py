@@ -30,6 +30,8 @@ from usagg.plots.style import (
 )
 
 ROW_HEIGHT_IN = 0.17
+# Half the displayed precision (0.05 percentage points), as a fraction: smaller means count as 0.
+SIGN_RESOLUTION = 0.0005
 # Inches for the title, column labels, colour bar and legend around the rows.
 FRAME_HEIGHT_IN = 1.25
 COLORBAR_HEIGHT_IN = 0.08
@@ -39,7 +41,8 @@ def transfer_table(rel: pl.DataFrame) -> pl.DataFrame:
     """Mean relative change per task and paradigm over seeds, with the negative-transfer mark of each cell.
 
     A cell is marked when :func:`usagg.analysis.inference.seed_summary` flags it (its 95 % interval lies below
-    0). Cells without an interval (a single seed or a reported value) are marked when the mean is below 0.
+    0). Cells without an interval (a single seed or a reported value) are marked when the mean is below
+    ``-SIGN_RESOLUTION``, so floating-point noise that the cell shows as 0.0 is not marked.
     """
     from usagg.analysis.inference import seed_summary
     from usagg.analysis.relative import delta_m
@@ -53,9 +56,9 @@ def transfer_table(rel: pl.DataFrame) -> pl.DataFrame:
     return table.with_columns(
         pl.when(pl.col("negative_transfer").is_not_null())
         .then(pl.col("negative_transfer"))
-        .otherwise(pl.col("rel_change") < 0)
+        .otherwise(pl.col("rel_change") < -SIGN_RESOLUTION)
         .alias("marked"),
-        pl.when(pl.col("negative_transfer").is_not_null()).then(pl.lit("interval below 0")).otherwise(pl.lit("mean below 0")).alias("mark_rule"),
+        pl.when(pl.col("negative_transfer").is_not_null()).then(pl.lit("interval below 0")).otherwise(pl.lit("mean below -0.05 %")).alias("mark_rule"),
     )
 
 
@@ -91,6 +94,13 @@ def transfer_matrix(
     return FigurePlot(fig, data.sort("clinical_group", "task", "paradigm"))
 
 
+def cell_text(percent: float) -> str:
+    """Format a relative change in percent with a sign and one decimal; values that round to 0 show 0.0."""
+    if abs(percent) < 0.05:
+        return "0.0"
+    return f"{percent:+.1f}"
+
+
 def _draw(values: np.ndarray, marked: np.ndarray, order: pl.DataFrame, paradigms: list[str], fraction: float, split: str):
     n_rows, n_cols = values.shape
     fig = new_figure(SINGLE_COLUMN_IN, FRAME_HEIGHT_IN + ROW_HEIGHT_IN * max(n_rows, 2))
@@ -113,7 +123,7 @@ def _draw(values: np.ndarray, marked: np.ndarray, order: pl.DataFrame, paradigms
             if not np.isfinite(value):
                 ax.text(j, i, "n/a", ha="center", va="center", fontsize=SMALL_FONT_SIZE - 0.5, color="#666666")
                 continue
-            ax.text(j, i, f"{value:+.1f}", ha="center", va="center", fontsize=SMALL_FONT_SIZE - 0.5, color=text_color_for(cmap, norm, value))
+            ax.text(j, i, cell_text(value), ha="center", va="center", fontsize=SMALL_FONT_SIZE - 0.5, color=text_color_for(cmap, norm, value))
             if marked[i, j]:
                 ax.add_patch(Rectangle((j - 0.5 + 0.04, i - 0.5 + 0.06), 0.92, 0.88, fill=False, edgecolor="black", linewidth=0.9))
 
@@ -167,6 +177,6 @@ def _draw(values: np.ndarray, marked: np.ndarray, order: pl.DataFrame, paradigms
         ncols=4,
         handlelength=1.0,
         columnspacing=1.0,
-        title="outlined: negative transfer (95 % CI below 0;\nwithout a CI: mean below 0). n/a: no finite value\n(task-specific score 0 or missing). Strip: task type",
+        title="outlined: negative transfer (95 % CI below 0;\nwithout a CI: mean below -0.05 %). n/a: no finite value\n(task-specific score 0 or missing). Strip: task type",
     )
     return fig

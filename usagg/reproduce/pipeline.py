@@ -85,7 +85,7 @@ class ReproduceResult:
 class _Stages:
     """Runs stages in order and records their outcome in the state file after each stage.
 
-    The state file also keeps facts a rerun uses (the digest of the study file whose data check passed).
+    The state file also keeps facts a rerun uses (the digest of the resolved study whose data check passed).
     """
 
     def __init__(self) -> None:
@@ -211,16 +211,23 @@ def analyse(study_dir: Path, relations: Path | None):
 def render_all_figures(
     inputs: FigureInputs, figures_dir: Path, formats: Sequence[str]
 ) -> tuple[list[RenderedFigure], list[str]]:
-    """Render every registered figure the inputs allow; the others are listed with the reason."""
+    """Render every registered figure the inputs allow.
+
+    Returns the rendered figures and messages for the report: figures not drawn (with the reason) and layout
+    problems (clipped or overlapping text) of the drawn ones.
+    """
     rendered: list[RenderedFigure] = []
-    skipped: list[str] = []
+    messages: list[str] = []
     for name in load_figures():
         try:
-            rendered.append(render_figure(name, inputs, figures_dir, formats))
+            figure = render_figure(name, inputs, figures_dir, formats)
         except (AnalysisError, DataError, ConfigError) as exc:
-            skipped.append(f"figure {name} not drawn: {exc}")
+            messages.append(f"figure {name} not drawn: {exc}")
             logger.warning("figure %s not drawn: %s", name, exc)
-    return rendered, skipped
+            continue
+        rendered.append(figure)
+        messages += [f"figure {name}: {problem}" for problem in figure.layout_problems]
+    return rendered, messages
 
 
 # --- orchestration ----------------------------------------------------------------------------------
@@ -289,14 +296,14 @@ def _reproduce(options: ReproduceOptions) -> ReproduceResult:
         stages.skip("train", "--no-train: using the results on disk")
 
     analysis_report = _analysis_stage(stages, study_dir, _relations_file(study_file))
-    figures, not_drawn = _figures_stage(stages, study_dir, figures_dir, options.formats)
+    figures, figure_messages = _figures_stage(stages, study_dir, figures_dir, options.formats)
 
     content = ReportContent(
         title=f"usagg study report: {study.name}",
         summary=key_findings(analysis_report),
         figures=figures,
         tables=key_tables(analysis_report),
-        messages=not_drawn + list(analysis_report.messages),
+        messages=figure_messages + list(analysis_report.messages),
         meta={
             "study": f"{study.name} ({study_file})",
             "tasks": str(len(study.tasks)),
@@ -354,12 +361,12 @@ def _figures_stage(
 
     def run() -> str:
         inputs = FigureInputs.from_paths([study_dir])
-        holder["figures"], holder["not_drawn"] = render_all_figures(inputs, figures_dir, formats)
+        holder["figures"], holder["figure_messages"] = render_all_figures(inputs, figures_dir, formats)
         detail = f"{len(holder['figures'])} figure(s) in {figures_dir}"
-        return detail + (f"; {len(holder['not_drawn'])} not drawn" if holder["not_drawn"] else "")
+        return detail + (f"; {len(holder['figure_messages'])} message(s) in the report" if holder["figure_messages"] else "")
 
     stages.run("figures", run)
-    return holder["figures"], holder["not_drawn"]
+    return holder["figures"], holder["figure_messages"]
 
 
 def _relations_file(study_file: Path) -> Path | None:
