@@ -7,7 +7,7 @@ import pytest
 
 from usagg.config import StudyConfig
 from usagg.errors import DataError, TrainingError
-from usagg.evaluate.evaluate import PER_IMAGE_SCHEMA
+from usagg.results import PER_IMAGE_SCHEMA
 from usagg.results import read_results
 from usagg.train.plan import RunSpec
 from usagg.train.rundir import collect_results, is_finished, load_run, update_run_json, write_config, write_evaluation

@@ -32,6 +32,17 @@ RESULTS_SCHEMA: dict[str, pl.DataType] = {
     "source": pl.String,
 }
 
+# Per-image scores of one run, kept in its run directory so that bootstrap intervals over test images are possible.
+PER_IMAGE_FILE = "per_image_scores.parquet"
+PER_IMAGE_SCHEMA: dict[str, pl.DataType] = {
+    "run_id": pl.String,
+    "task": pl.String,
+    "split": pl.String,
+    "image": pl.String,
+    "metric": pl.String,
+    "value": pl.Float64,
+}
+
 # Columns that may be null: seed for numbers typed in from a publication; organ may be unknown.
 NULLABLE_COLUMNS = {"seed", "organ", "value", "n_train"}
 

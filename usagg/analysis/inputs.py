@@ -11,23 +11,13 @@ from pathlib import Path
 import polars as pl
 
 from usagg.errors import DataError
-from usagg.results import read_results, validate_results
+from usagg.results import PER_IMAGE_FILE, PER_IMAGE_SCHEMA, read_results, validate_results
 
 logger = logging.getLogger(__name__)
 
 # Rows with this metric carry the training-image count of a clinical group or task type, as a publication may
 # report it. They are not scores, so they are kept apart from the score rows.
 SIZE_METRIC = "train_images"
-
-PER_IMAGE_FILE = "per_image_scores.parquet"
-PER_IMAGE_SCHEMA = {
-    "run_id": pl.String,
-    "task": pl.String,
-    "split": pl.String,
-    "image": pl.String,
-    "metric": pl.String,
-    "value": pl.Float64,
-}
 
 # Keys of run.json that may hold a run's training wall time in seconds, in order of preference.
 RUN_SECONDS_KEYS = ("train_seconds", "wall_seconds", "elapsed_s", "seconds", "wall_time_s")

@@ -25,21 +25,11 @@ from usagg.evaluate.metrics import (
     segmentation_image_scores,
     single_box_iou,
 )
-from usagg.results import RESULTS_SCHEMA, validate_results
+from usagg.results import PER_IMAGE_SCHEMA, RESULTS_SCHEMA, validate_results
 from usagg.tasks import TaskCard, metric_higher_is_better
 from usagg.train.plan import RunSpec
 
 logger = logging.getLogger(__name__)
-
-PER_IMAGE_SCHEMA: dict[str, pl.DataType] = {
-    "run_id": pl.String,
-    "task": pl.String,
-    "split": pl.String,
-    "image": pl.String,
-    "metric": pl.String,
-    "value": pl.Float64,
-}
-
 
 @dataclass
 class TaskEvaluation:

@@ -18,7 +18,7 @@ import yaml
 from usagg.config import StudyConfig, load_study, study_to_yaml
 from usagg.errors import DataError, TrainingError
 from usagg.io import atomic_path, write_json_atomic, write_text_atomic
-from usagg.results import append_results, read_results, write_results
+from usagg.results import PER_IMAGE_FILE, append_results, read_results, write_results
 from usagg.train.plan import RunSpec
 
 logger = logging.getLogger(__name__)
@@ -27,7 +27,6 @@ CONFIG_FILE = "config.yaml"
 RUN_FILE = "run.json"
 LOG_FILE = "train_log.jsonl"
 RESULTS_FILE = "results.parquet"
-PER_IMAGE_FILE = "per_image_scores.parquet"
 RESULTS_META_FILE = "results_meta.json"
 ROUTING_FILE = "routing_stats.json"
 AFFINITY_FILE = "affinity.json"
