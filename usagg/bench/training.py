@@ -137,8 +137,9 @@ def bench_training(quick: bool = False) -> dict[str, Any]:
         "loop_images_per_s": round(loop_rate, 2),
         "train_step_images_per_s": round(step_rate, 2),
         "loop_vs_train_step": round(loop_rate / step_rate, 3),
-        "target_loop_vs_train_step": TARGET_LOOP_VS_STEP,
-        "meets_target": loop_rate / step_rate >= TARGET_LOOP_VS_STEP,
+        # The target is set for the full setting. The --quick model is so small that data loading bounds its loop.
+        "target_loop_vs_train_step": None if quick else TARGET_LOOP_VS_STEP,
+        "meets_target": None if quick else loop_rate / step_rate >= TARGET_LOOP_VS_STEP,
         "loop_step_seconds_median": round(statistics.median(loop_seconds), 3),
         "train_step_seconds_median": round(statistics.median(step_seconds), 3),
         "validation_images": n_val,

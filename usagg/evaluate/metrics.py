@@ -2,8 +2,9 @@
 
 Every function returns a :class:`MetricSet`: metric name -> value, plus the reason for each value that is NaN or
 that a convention fixed. Per-image functions return arrays so that callers can keep per-image scores for bootstrap
-confidence intervals. Conventions follow the FMC_UIA challenge evaluator (segmentation averaged per image then per
-class; detection IoU of one box; mean radial error per image), so our numbers are comparable to the challenge's.
+confidence intervals. Conventions follow the FMC_UIA challenge evaluator, so the numbers are comparable to the
+challenge's: segmentation is averaged per image, then per class, detection scores the IoU of one box, and the
+mean radial error is averaged per image.
 """
 
 from __future__ import annotations
@@ -79,8 +80,8 @@ def segmentation_image_scores(
 
     Dice and the Hausdorff distance (HD) follow the FMC_UIA evaluator: HD is the symmetric Hausdorff distance between
     the two sets of class pixels (what SimpleITK's HausdorffDistanceImageFilter returns). HD95 is the 95th
-    percentile of the pooled surface-to-surface distances in both directions, as medpy's ``hd95`` pools them; surface
-    pixels are class pixels with a 4-neighbour outside the class or on the image edge. With ``empty_mask_policy="fmc_uia"`` a class absent
+    percentile of the pooled surface-to-surface distances in both directions, as medpy's ``hd95`` pools them.
+    Surface pixels are class pixels with a 4-neighbour outside the class or on the image edge. With ``empty_mask_policy="fmc_uia"`` a class absent
     from both masks scores Dice 1, HD 0, and a class absent from exactly one scores Dice 0, HD = image diagonal; with
     ``"nan"`` both-empty classes are NaN and one-empty classes keep Dice 0 but get NaN distances.
     ``distances=False`` skips HD and HD95, which cost far more than Dice on large masks.
@@ -133,9 +134,9 @@ def segmentation_image_scores(
 def _hausdorff_pair(a_HW: np.ndarray, b_HW: np.ndarray) -> tuple[float, float]:
     """Return (HD over class pixels, HD95 over surface pixels) of two non-empty boolean masks, in pixels.
 
-    scipy's exact Euclidean distance transform is used instead of torchmetrics' ``hausdorff_distance`` because the
-    masks of one split have different sizes (no batching), the FMC_UIA HD is defined on all class pixels rather
-    than on edges, and HD95 needs the full distance distribution. Both masks are cropped to the box around their
+    scipy's exact Euclidean distance transform is used instead of torchmetrics' ``hausdorff_distance``. The masks
+    of one split differ in size, so they cannot be batched. The FMC_UIA HD is defined on all class pixels, not
+    on edges, and HD95 needs the full distance distribution. Both masks are cropped to the box around their
     union first. Every pixel of both sets lies inside that box and the erosion treats the outside as background
     (``border_value=0``), so distances and surfaces are the same as on the full image.
     """
@@ -161,8 +162,8 @@ def _hausdorff_pair(a_HW: np.ndarray, b_HW: np.ndarray) -> tuple[float, float]:
 def aggregate_segmentation(scores: list[SegmentationImageScores], num_classes: int) -> MetricSet:
     """Average per-image scores over images per class, then over the non-background classes (the FMC_UIA order).
 
-    NaN image scores (``empty_mask_policy="nan"``) are left out of the image mean; mm metrics use the images whose
-    spacing is known and are omitted when no image has one.
+    NaN image scores (``empty_mask_policy="nan"``) are left out of the image mean. mm metrics use the images whose
+    spacing is known, and they are omitted when no image has one.
     """
     out = MetricSet()
     if not scores:
@@ -201,7 +202,7 @@ def classification_metrics(
     labels_N: torch.Tensor | np.ndarray,
     one_class_policy: OneClassPolicy = "nan",
 ) -> MetricSet:
-    """Accuracy, AUC, macro and weighted F1 and MCC over a whole split.
+    """Compute accuracy, AUC, macro and weighted F1 and MCC over a whole split.
 
     AUC is the binary ROC AUC of the positive class (index 1) for two classes and the macro one-vs-rest AUC
     otherwise, over the classes present in the labels. With a single class in the labels AUC and MCC are undefined:
@@ -218,8 +219,8 @@ def classification_metrics(
     preds = probs.argmax(dim=1)
 
     out.set("accuracy", multiclass_accuracy(preds, labels, num_classes=num_classes, average="micro").item())
-    # torchmetrics leaves classes absent from both labels and predictions out of the macro mean, as sklearn's
-    # f1_score does by default (it scores only the labels present in either), which is what FMC_UIA calls.
+    # torchmetrics leaves classes absent from both labels and predictions out of the macro mean. sklearn's
+    # f1_score, which the FMC_UIA evaluator calls, does the same by default: it scores the labels present in either.
     out.set("f1_macro", multiclass_f1_score(preds, labels, num_classes=num_classes, average="macro").item())
     out.set("f1_weighted", multiclass_f1_score(preds, labels, num_classes=num_classes, average="weighted").item())
 
@@ -252,9 +253,9 @@ def classification_metrics(
 def _matthews_corrcoef(confusion_CC: torch.Tensor) -> tuple[str, float, str | None]:
     """Multi-class MCC (Gorodkin 2004, R_K) from a confusion matrix with rows = true class.
 
-    Hand-written on torchmetrics' confusion matrix because torchmetrics 1.9's ``matthews_corrcoef`` replaces the
-    0/0 of constant predictions by a limit value (0.577 for predictions all 0 against labels [0, 1, 0, 0]), whereas
-    sklearn and the FMC_UIA evaluator report 0 there; we report 0 and give the reason.
+    Hand-written on torchmetrics' confusion matrix, because torchmetrics 1.9's ``matthews_corrcoef`` replaces the
+    0/0 of constant predictions by a limit value: 0.577 for predictions all 0 against labels [0, 1, 0, 0].
+    sklearn and the FMC_UIA evaluator report 0 there, and so does this function, with the reason.
     """
     c = confusion_CC.double()
     total = c.sum()
@@ -272,12 +273,12 @@ def _matthews_corrcoef(confusion_CC: torch.Tensor) -> tuple[str, float, str | No
 
 
 def single_box_iou(pred_N4: np.ndarray | torch.Tensor, target_N4: np.ndarray | torch.Tensor) -> np.ndarray:
-    """IoU of each image's predicted box with its reference box (xyxy, pixels); zero-area unions give 0 (FMC_UIA)."""
+    """Return the IoU of each image's predicted box with its reference box (xyxy, pixels); a zero-area union gives 0."""
     pred = torch.as_tensor(np.asarray(pred_N4), dtype=torch.float64).reshape(-1, 4)
     target = torch.as_tensor(np.asarray(target_N4), dtype=torch.float64).reshape(-1, 4)
     if pred.shape[0] == 0:
         return np.zeros(0)
-    # Degenerate boxes (x_max < x_min) are given zero width, as the challenge's IoU does by clamping the overlap.
+    # Degenerate boxes (x_max < x_min) get zero width, so their area is never negative.
     pred = torch.cat([pred[:, :2], torch.maximum(pred[:, 2:], pred[:, :2])], dim=1)
     iou = torch.diagonal(box_iou(pred, target)).numpy().copy()
     iou[~np.isfinite(iou)] = 0.0
@@ -291,10 +292,10 @@ def mean_average_precision_50(
     target_boxes: list[np.ndarray],
     target_labels: list[np.ndarray],
 ) -> tuple[float, str | None]:
-    """COCO-style AP at IoU 0.5 (101-point interpolated precision), averaged over classes with reference boxes.
+    """Compute COCO-style AP at IoU 0.5 (101-point interpolated precision), averaged over classes with reference boxes.
 
-    Hand-written because torchmetrics' ``MeanAveragePrecision`` (1.9) refuses to run unless pycocotools or
-    faster-coco-eval is installed. Detections are matched greedily by descending score to the unmatched reference
+    Hand-written because torchmetrics' ``MeanAveragePrecision`` (1.9) raises ModuleNotFoundError unless pycocotools
+    or faster-coco-eval is installed. Detections are matched greedily by descending score to the unmatched reference
     box of the same class with the highest IoU >= 0.5, as COCO does (no crowd regions, no area ranges).
     """
     classes = sorted({int(c) for labels in target_labels for c in np.asarray(labels).ravel()})
@@ -345,7 +346,7 @@ def mean_average_precision_50(
 
 
 def radial_errors(pred_NK2: np.ndarray, target_NK2: np.ndarray) -> np.ndarray:
-    """Mean over points of the Euclidean distance between predicted and reference points, per image (pixels)."""
+    """Return per image the mean over points of the distance between predicted and reference points, in pixels."""
     pred = np.asarray(pred_NK2, dtype=np.float64)
     target = np.asarray(target_NK2, dtype=np.float64)
     if pred.shape != target.shape:
@@ -354,7 +355,7 @@ def radial_errors(pred_NK2: np.ndarray, target_NK2: np.ndarray) -> np.ndarray:
 
 
 def keypoint_metrics(errors_px_N: np.ndarray, spacing_mm_per_px_N: np.ndarray | None = None) -> MetricSet:
-    """Mean radial error over images in pixels, and in mm over the images whose pixel spacing is known."""
+    """Compute the mean radial error over images in pixels, and in mm over the images with a known pixel spacing."""
     out = MetricSet()
     errors = np.asarray(errors_px_N, dtype=np.float64)
     if errors.size == 0:
@@ -374,7 +375,7 @@ def keypoint_metrics(errors_px_N: np.ndarray, spacing_mm_per_px_N: np.ndarray | 
 
 
 def scalar_metrics(pred_N: np.ndarray, target_N: np.ndarray) -> MetricSet:
-    """MAE, RMSE and R² of scalar predictions in the task's unit."""
+    """Compute MAE, RMSE and R² of scalar predictions, in the task's unit."""
     pred = torch.as_tensor(np.asarray(pred_N, dtype=np.float64))
     target = torch.as_tensor(np.asarray(target_N, dtype=np.float64))
     out = MetricSet()
