@@ -295,7 +295,7 @@ def _reproduce(options: ReproduceOptions) -> ReproduceResult:
         stages.skip("check", "--no-train: the data are not read")
         stages.skip("train", "--no-train: using the results on disk")
 
-    analysis_report = _analysis_stage(stages, study_dir, _relations_file(study_file))
+    analysis_report = _analysis_stage(stages, study_dir, _relations_file(study_file, study))
     figures, figure_messages = _figures_stage(stages, study_dir, figures_dir, options.formats)
 
     content = ReportContent(
@@ -369,7 +369,20 @@ def _figures_stage(
     return holder["figures"], holder["figure_messages"]
 
 
-def _relations_file(study_file: Path) -> Path | None:
-    """Return the known task-relation matrix written beside the study (by the synthetic benchmark), if any."""
-    candidate = study_file.parent / "relations.csv"
-    return candidate if candidate.is_file() else None
+def _relations_file(study_file: Path, study) -> Path | None:
+    """Return the known task-relation matrix, if any: beside the study, or beside its data folders.
+
+    The synthetic benchmark writes ``relations.csv`` next to its ``train/``, ``val/`` and ``test/`` roots, while
+    its study file may live elsewhere (the bundled ``analysis/synthetic.yaml``).
+    """
+    candidates = [study_file.parent / "relations.csv"]
+    for task in study.tasks:
+        if task.source is None:  # a study analysed from results on disk may name no data source
+            continue
+        root = Path(task.source.root)
+        candidates += [root / "relations.csv", root.parent / "relations.csv"]
+    for candidate in dict.fromkeys(candidates):
+        if candidate.is_file():
+            logger.info("scoring affinity estimators against %s", candidate)
+            return candidate
+    return None
