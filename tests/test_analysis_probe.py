@@ -126,16 +126,54 @@ def test_lookahead_known_value_for_first_adamw_step():
     def loss_fn(task, _batch):
         return (model.w - targets[task]) ** 2
 
-    z = lookahead_affinity(model, optimizer, {"a": None, "b": None}, loss_fn, [model.w])
-    expected = np.zeros((2, 2))
+    z_current = lookahead_affinity(model, optimizer, {"a": None, "b": None}, loss_fn, [model.w], reference="current")
+    z_momentum = lookahead_affinity(model, optimizer, {"a": None, "b": None}, loss_fn, [model.w])
+    # With a fresh optimizer the zero-gradient reference step only applies the decoupled weight decay.
+    w_reference = w0 * (1 - lr * wd)
+    expected_current = np.zeros((2, 2))
+    expected_momentum = np.zeros((2, 2))
     for i, source in enumerate(targets):
         grad = 2 * (w0 - targets[source])
         # First AdamW step: bias-corrected m / sqrt(v) is g / |g|; decoupled decay scales w first.
         w1 = w0 * (1 - lr * wd) - lr * grad / (abs(grad) + eps)
         for j, target in enumerate(targets):
-            expected[i, j] = 1 - (w1 - targets[target]) ** 2 / (w0 - targets[target]) ** 2
-    assert z == pytest.approx(expected, rel=1e-5)
+            expected_current[i, j] = 1 - (w1 - targets[target]) ** 2 / (w0 - targets[target]) ** 2
+            expected_momentum[i, j] = 1 - (w1 - targets[target]) ** 2 / (w_reference - targets[target]) ** 2
+    assert z_current == pytest.approx(expected_current, rel=1e-5)
+    assert z_momentum == pytest.approx(expected_momentum, rel=1e-5)
     assert model.w.item() == w0
+
+
+def test_momentum_reference_removes_shared_offset():
+    """Tasks on disjoint coordinates do not affect each other once the common momentum step is the reference."""
+    model = torch.nn.Module()
+    model.w = torch.nn.Parameter(torch.tensor([1.0, 1.0]))
+    targets = {"a": (0, 3.0), "b": (1, -2.0)}  # task -> (coordinate it reads, its optimum)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1, weight_decay=0.0)
+
+    def loss_fn(task, _batch):
+        index, target = targets[task]
+        return (model.w[index] - target) ** 2
+
+    for _ in range(5):  # build up first and second moments in both coordinates
+        optimizer.zero_grad()
+        (loss_fn("a", None) + loss_fn("b", None)).backward()
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+    z_current = lookahead_affinity(model, optimizer, dict.fromkeys(targets), loss_fn, [model.w], reference="current")
+    z_momentum = lookahead_affinity(model, optimizer, dict.fromkeys(targets), loss_fn, [model.w])
+    assert abs(z_current[0, 1]) > 1e-3  # the momentum in coordinate 1 moves task b's loss whatever the source
+    assert z_momentum[0, 1] == pytest.approx(0.0, abs=1e-7)
+    assert z_momentum[1, 0] == pytest.approx(0.0, abs=1e-7)
+    assert z_momentum[0, 0] > 0
+
+
+def test_lookahead_rejects_unknown_reference():
+    model = Scalar(1.0)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+    with pytest.raises(ValueError, match="reference 'initial' invalid"):
+        lookahead_affinity(model, optimizer, {"a": None}, lambda t, _b: model.w**2, [model.w], reference="initial")
 
 
 def test_gradient_affinity_known_value():
@@ -160,7 +198,9 @@ def test_zero_loss_target_gives_nan():
     model = Scalar(2.0)
     optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
     targets = {"a": 2.0, "b": 0.0}
-    z = lookahead_affinity(model, optimizer, dict.fromkeys(targets), lambda t, _b: (model.w - targets[t]) ** 2, [model.w])
+    z = lookahead_affinity(
+        model, optimizer, dict.fromkeys(targets), lambda t, _b: (model.w - targets[t]) ** 2, [model.w], reference="current"
+    )
     assert math.isnan(z[1, 0])
     assert math.isnan(z[0, 0])
     assert np.isfinite(z[:, 1]).all()

@@ -145,6 +145,8 @@ class TrainConfig(StrictModel):
     tensorboard: bool = False
     lookahead_every: int | None = Field(default=None, ge=1)  # record lookahead affinity every k steps (unified runs)
     gradient_affinity_every: int | None = Field(default=None, ge=1)  # record task-gradient similarity every k steps
+    # Lookahead loss ratio against the loss after a zero-gradient optimizer step (momentum) or the current loss.
+    lookahead_reference: Literal["momentum", "current"] = "momentum"
     affinity_batch_size: int | None = Field(default=None, ge=1)  # images per task for affinity records; default batch_size
 
     @model_validator(mode="after")

@@ -8,10 +8,15 @@ Lookahead (TAG, Fifty et al., NeurIPS 2021): for a source task i, apply the opti
 shared parameters θ_s from task i's loss alone. The update includes AdamW moments, bias correction and weight
 decay, plus gradient clipping when the trainer clips. Then, for every target task j,
 
-    Z(i→j) = 1 − L_j(θ_s after the step on i) / L_j(θ_s),
+    Z(i→j) = 1 − L_j(θ_s after the step on i) / L_j(θ_s after the reference step),
 
 and restore θ_s, the optimizer state, the gradients, the buffers and the RNG state before the next source.
-Task-specific parameters (heads) are not stepped: only ``shared_params`` receive a gradient.
+Task-specific parameters (heads) are not stepped: only ``shared_params`` receive a gradient. The reference
+step (``reference="momentum"``, the default) is the optimizer's step with a zero gradient. It moves θ_s by
+AdamW's first moment and weight decay alone. With β1 = 0.9, about nine tenths of every step comes from the
+moment of earlier batches, the same for every source, so measured from θ_s each target's column would share one
+offset that says nothing about the source. ``reference="current"`` measures from θ_s itself, as written in
+Fifty et al. for a plain gradient step.
 
 Gradient similarity on the shared parameters: cosine similarity of the task gradients, and the magnitude
 similarity 2‖g_i‖‖g_j‖ / (‖g_i‖² + ‖g_j‖²) of Yu et al., NeurIPS 2020 (PCGrad).
@@ -122,6 +127,9 @@ def _rng_state() -> tuple[Any, Any]:
     return torch.get_rng_state(), (torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
 
 
+LOOKAHEAD_REFERENCES = ("momentum", "current")
+
+
 def lookahead_affinity(
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -129,40 +137,56 @@ def lookahead_affinity(
     loss_fn: LossFn,
     shared_params: Sequence[torch.nn.Parameter],
     clip_grad_norm: float | None = None,
+    reference: str = "momentum",
 ) -> np.ndarray:
-    """Return Z[i, j] = 1 − L_j(after the real optimizer step on task i) / L_j(before), for tasks in ``batches``.
+    """Return Z[i, j] = 1 − L_j(after the real optimizer step on task i) / L_j(reference), for tasks in ``batches``.
 
     ``loss_fn(task, batch)`` runs the forward pass and returns the task's scalar loss. Rows follow the order of
-    ``batches`` (source tasks), columns the same order (target tasks). Everything the probe touches is
-    restored exactly afterwards (see :func:`preserved_training_state`). A target whose current loss is 0
-    gets NaN.
+    ``batches`` (source tasks), columns the same order (target tasks). The reference is the loss after the
+    optimizer's step with a zero gradient (``"momentum"``) or the current loss (``"current"``). Everything the
+    probe touches is restored exactly afterwards (see :func:`preserved_training_state`). A target whose
+    reference loss is 0 gets NaN.
     """
+    if reference not in LOOKAHEAD_REFERENCES:
+        raise ValueError(f"lookahead reference {reference!r} invalid; choose from {', '.join(LOOKAHEAD_REFERENCES)}")
     tasks = list(batches)
     shared = list(shared_params)
-    shared_ids = {id(p) for p in shared}
     with preserved_training_state(model, optimizer, shared) as restore:
         rng = _rng_state()
+        if reference == "momentum":
+            _step_shared(optimizer, shared, [torch.zeros_like(p) for p in shared], clip_grad_norm=None)
         base = _losses(tasks, batches, loss_fn, rng)
         restore()
         z = np.full((len(tasks), len(tasks)), np.nan)
         for i, source in enumerate(tasks):
             optimizer.zero_grad(set_to_none=True)
             (grads,) = _task_gradients([source], batches, loss_fn, shared)
-            for p, g in zip(shared, grads):
-                p.grad = None if g is None else g.clone()
-            # Parameters outside the shared set keep grad None, so the optimizer leaves them unchanged.
-            for group in optimizer.param_groups:
-                for p in group["params"]:
-                    if id(p) not in shared_ids:
-                        p.grad = None
-            if clip_grad_norm is not None:
-                torch.nn.utils.clip_grad_norm_(shared, clip_grad_norm)
-            optimizer.step()
+            _step_shared(optimizer, shared, grads, clip_grad_norm)
             after = _losses(tasks, batches, loss_fn, rng)
             with np.errstate(divide="ignore", invalid="ignore"):
                 z[i] = np.where(base != 0, 1.0 - after / base, np.nan)
             restore()
     return z
+
+
+def _step_shared(
+    optimizer: torch.optim.Optimizer,
+    shared: Sequence[torch.nn.Parameter],
+    grads: Sequence[torch.Tensor | None],
+    clip_grad_norm: float | None,
+) -> None:
+    """Take one optimizer step that moves only ``shared``, with ``grads`` as their gradients."""
+    shared_ids = {id(p) for p in shared}
+    for p, g in zip(shared, grads):
+        p.grad = None if g is None else g.clone()
+    # Parameters outside the shared set keep grad None, so the optimizer leaves them unchanged.
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            if id(p) not in shared_ids:
+                p.grad = None
+    if clip_grad_norm is not None:
+        torch.nn.utils.clip_grad_norm_(shared, clip_grad_norm)
+    optimizer.step()
 
 
 def gradient_affinity(

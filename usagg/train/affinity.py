@@ -59,6 +59,7 @@ class AffinityRecorder:
         self.device = device
         self.seed = spec.seed
         self.lookahead_every = cfg.lookahead_every
+        self.lookahead_reference = cfg.lookahead_reference
         self.gradient_every = cfg.gradient_affinity_every
         self.batch_size = cfg.affinity_batch_size or cfg.batch_size
         self.datasets = {t: TaskDataset(records.cards[t], records.split(t, "train"), study.data, train=False) for t in self.tasks}
@@ -105,7 +106,9 @@ class AffinityRecorder:
         # training log includes a few probe batches.
         if due_lookahead:
             start = time.perf_counter()
-            z = lookahead_affinity(self.model, optimizer, batches, self._loss, shared, clip_grad_norm=grad_clip)
+            z = lookahead_affinity(
+                self.model, optimizer, batches, self._loss, shared, clip_grad_norm=grad_clip, reference=self.lookahead_reference
+            )
             self.means["lookahead"].add(z, time.perf_counter() - start)
         if due_gradient:
             start = time.perf_counter()
@@ -128,5 +131,7 @@ class AffinityRecorder:
             if mean.records:
                 matrix = [[None if not np.isfinite(v) else float(v) for v in row] for row in mean.mean()]
                 data[key] = {"matrix": matrix, "n_records": mean.records, "seconds": round(mean.seconds, 3)}
+        if "lookahead" in data:
+            data["lookahead"]["reference"] = self.lookahead_reference
         if len(data) > 1:
             write_json_atomic(run_dir / AFFINITY_FILE, data)
