@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from train_fixtures import study_dict, tiny_trained_run, write_study  # noqa: F401  (fixture import)
 
 from usagg.config import load_study
-from usagg.errors import TrainingError
+from usagg.errors import ConfigError, TrainingError
 from usagg.model import M2DINO
 from usagg.results import read_results
 from usagg.train.distributed import DistEnv
@@ -138,6 +138,19 @@ def test_train_nonfinite_loss_stops_with_context(tmp_path, shared_data, monkeypa
     assert "--skip-nonfinite" in message
     run = json.loads((tmp_path / "runs/tiny/task_specific/breast_2cls/frac-1/seed-0/run.json").read_text())
     assert run["status"] == "failed"
+
+
+def test_train_build_failure_marks_run_failed(tmp_path, shared_data):
+    """An invalid model setting fails the run in run.json, and the corrected study then trains it."""
+    with pytest.raises(ConfigError, match="moe_blocks"):
+        _train(tmp_path, shared_data, ["breast_2cls"], paradigm="task_specific", model={"moe_blocks": [2]})
+    run_file = tmp_path / "runs/tiny/task_specific/breast_2cls/frac-1/seed-0/run.json"
+    run = json.loads(run_file.read_text())
+    assert run["status"] == "failed"
+    assert "moe_blocks" in run["error"]
+
+    _train(tmp_path, shared_data, ["breast_2cls"], paradigm="task_specific", model={"moe_blocks": [1]})
+    assert json.loads(run_file.read_text())["status"] == "finished"
 
 
 def test_train_skip_nonfinite_counts_batches(tmp_path, shared_data, monkeypatch):

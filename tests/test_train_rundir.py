@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
+
 import polars as pl
 import pytest
+import yaml
 
 from usagg.config import StudyConfig
 from usagg.errors import DataError, TrainingError
@@ -33,11 +36,26 @@ def test_write_config_rejects_changed_training_settings(tmp_path):
     run_dir = spec.run_dir(tmp_path)
     run_dir.mkdir(parents=True)
     write_config(run_dir, _study(tmp_path, epochs=3), spec)
+    (run_dir / "checkpoints").mkdir()
+    (run_dir / "checkpoints" / "latest.json").write_text(
+        json.dumps({"step": 2, "weights": "latest-0000002.safetensors", "state": "latest-0000002.pt"}), encoding="utf-8"
+    )
     write_config(run_dir, _study(tmp_path, epochs=3), spec)  # same settings: accepted
     with pytest.raises(TrainingError) as info:
         write_config(run_dir, _study(tmp_path, epochs=4), spec)
     assert "the study's train changed since this run started" in str(info.value)
     assert str(run_dir / "config.yaml") in str(info.value)
+
+
+def test_write_config_replaced_before_first_checkpoint(tmp_path):
+    """A run that failed before its first checkpoint takes the new settings instead of raising."""
+    spec = RunSpec("s", "task_specific", "a", ("a",), 1.0, 0)
+    run_dir = spec.run_dir(tmp_path)
+    run_dir.mkdir(parents=True)
+    (run_dir / "config.yaml").write_text("train:\n  epochs: 3\n", encoding="utf-8")
+    write_config(run_dir, _study(tmp_path, epochs=4), spec)
+    written = yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8"))
+    assert written["train"]["epochs"] == 4
 
 
 def test_write_config_allows_moved_data(tmp_path):

@@ -264,18 +264,18 @@ class _Trainer:
                 world_size=self.env.world_size,
                 device=str(self.device),
             )
-        self._build()
-        state = self._resume()
-        from usagg.data.loader import build_multitask_loader
-
-        loader = build_multitask_loader(self.datasets, self.sampler, self.study.data.num_workers)
-        _seed_loader(loader, self.spec.seed)
-        batches = iter(loader)
-        if state is not None:
-            ckpt.restore_rng_state(state["rng"])
         try:
+            self._build()
+            state = self._resume()
+            from usagg.data.loader import build_multitask_loader
+
+            loader = build_multitask_loader(self.datasets, self.sampler, self.study.data.num_workers)
+            _seed_loader(loader, self.spec.seed)
+            batches = iter(loader)
+            if state is not None:
+                ckpt.restore_rng_state(state["rng"])
             self._loop(batches)
-        except TrainingError as exc:
+        except Exception as exc:  # recorded in run.json, then re-raised
             if self.writes:
                 update_run_json(self.run_dir, status="failed", error=str(exc), step=self.step)
             raise

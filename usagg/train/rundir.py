@@ -37,8 +37,14 @@ _TRAINING_KEYS = ("data", "model", "train")
 
 def write_config(run_dir: Path, study: StudyConfig, spec: RunSpec) -> None:
     """Write the resolved study into the run, or check that a resumed run still has the same training settings."""
+    from usagg.train.checkpoint import read_pointer
+
     file = run_dir / CONFIG_FILE
-    if file.exists():
+    if file.exists() and read_pointer(run_dir, "latest") is None:
+        # Nothing was trained yet (e.g. the first attempt failed while building the model), so the new
+        # settings simply replace the old ones.
+        logger.info("%s: no checkpoint to resume; replacing the recorded study settings", run_dir)
+    elif file.exists():
         old = yaml.safe_load(file.read_text(encoding="utf-8")) or {}
         new = study.model_dump(mode="json")
         changed = [key for key in _TRAINING_KEYS if old.get(key) != new.get(key)]
