@@ -205,6 +205,21 @@ def test_overrides_apply_before_validation(tmp_path):
     assert study.train.epochs == 2.5
 
 
+def test_override_error_names_command_line(tmp_path):
+    with pytest.raises(ConfigError) as info:
+        load_study(write(tmp_path, VALID_STUDY), overrides={"train.epoch": 2})
+    message = str(info.value)
+    assert "train.epoch: unknown key" in message
+    assert "comes from the command line (--set train.epoch=...)" in message
+
+
+def test_file_error_not_blamed_on_override(tmp_path):
+    with pytest.raises(ConfigError) as info:
+        load_study(write(tmp_path, VALID_STUDY + "bogus: 1\n"), overrides={"train.epochs": 2})
+    assert "bogus: unknown key" in str(info.value)
+    assert "command line" not in str(info.value)
+
+
 def test_resolved_study_round_trips(tmp_path):
     study = load_study(write(tmp_path, VALID_STUDY))
     again = write(tmp_path, study_to_yaml(study), "resolved.yaml")

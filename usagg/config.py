@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 import typing
+from collections.abc import Sequence
 from enum import Enum
 from pathlib import Path
 from typing import Any, Literal
@@ -284,8 +285,13 @@ def read_yaml(path: str | os.PathLike) -> Any:
         raise ConfigError(f"{file}: invalid YAML{where}: {problem}") from None
 
 
-def format_validation_error(exc: ValidationError, file: Path, model: type[BaseModel], prefix: str = "") -> str:
-    """Render pydantic errors as ``file: key.path: message (got value)`` lines, listing allowed keys for unknown ones."""
+def format_validation_error(
+    exc: ValidationError, file: Path, model: type[BaseModel], prefix: str = "", overridden: Sequence[str] = ()
+) -> str:
+    """Render pydantic errors as ``file: key.path: message (got value)`` lines, listing allowed keys for unknown ones.
+
+    Lines for keys in ``overridden`` (or below them) state that the value came from the command line.
+    """
     lines = []
     for err in exc.errors():
         loc, owner = _clean_location(model, err["loc"])
@@ -300,6 +306,9 @@ def format_validation_error(exc: ValidationError, file: Path, model: type[BaseMo
         line = f"{file}: {key}: {message}" if key else f"{file}: {message}"
         if err["type"] != "missing" and not isinstance(err.get("input"), (dict, list, BaseModel, type(None))):
             line += f" (got {err['input']!r})"
+        override = next((o for o in overridden if key == o or key.startswith(o + ".") or key.startswith(o + "[")), None)
+        if override is not None:
+            line += f"; this value comes from the command line (--set {override}=...), not from the file"
         lines.append(line)
     return "\n".join(lines)
 
@@ -413,7 +422,7 @@ def load_study(path: str | os.PathLike, overrides: dict[str, Any] | None = None)
     try:
         return StudyConfig.model_validate(raw, context={"base_dir": file.parent})
     except ValidationError as exc:
-        raise ConfigError(format_validation_error(exc, file, StudyConfig)) from None
+        raise ConfigError(format_validation_error(exc, file, StudyConfig, overridden=list(overrides or {}))) from None
 
 
 def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:

@@ -52,7 +52,12 @@ def read_source(card: TaskCard, log: ProblemLog) -> list[SampleRecord]:
         root = Path(root)
         if not root.exists():
             what = {None: "root", "val": "val_root", "test": "test_root"}[split]
-            log.error(card.name, f"source {what} {root} not found", f"correct source.{what} in the task card (relative paths start at the YAML file's folder)", file=root)
+            fix = (
+                f"correct source.{what} in the task card (relative paths start at the YAML file's folder), or set "
+                "the environment variable the study reads it from (the bundled studies use USAGG_DATA, "
+                "FMC_UIA_ROOT or USAGG_SYNTH_ROOT)"
+            )
+            log.error(card.name, f"source {what} {root} not found", fix, file=root)
             continue
         records.extend(reader(card, source, root, split, log))
     return records
