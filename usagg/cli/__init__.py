@@ -11,6 +11,7 @@ from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from usagg import __version__
 from usagg.errors import UsaggError
@@ -57,24 +58,18 @@ _register_commands()
 
 
 def main() -> None:
-    """Entry point of the ``usagg`` console script: user errors print one message and exit with status 2."""
-    try:
-        app(standalone_mode=False)
-    except UsaggError as exc:
-        err_console.print(f"[bold red]error:[/] {exc}", highlight=False, markup=True)
-        sys.exit(2)
-    except typer.Exit as exc:
-        sys.exit(exc.exit_code)
-    except typer.Abort:
-        err_console.print("aborted")
-        sys.exit(130)
-    except KeyboardInterrupt:
-        err_console.print("interrupted; rerun the same command to resume")
-        sys.exit(130)
-    except Exception as exc:  # click usage errors
-        import click
+    """Run the ``usagg`` console script (also ``python -m usagg``) and exit with the command's status.
 
-        if isinstance(exc, click.exceptions.ClickException):
-            exc.show()
-            sys.exit(exc.exit_code)
+    typer runs in standalone mode, so typer itself prints usage errors (status 2) and exits with the code of
+    ``typer.Exit``. This works whether typer uses its vendored click (as 0.29 does) or the click package. A
+    ``UsaggError`` is printed as one line, with status 2. typer turns Ctrl-C into status 130, which gets a resume hint.
+    """
+    try:
+        app()
+    except UsaggError as exc:
+        err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False)
+        sys.exit(2)
+    except SystemExit as exc:
+        if exc.code == 130:
+            err_console.print("interrupted; rerun the same command to resume", highlight=False)
         raise

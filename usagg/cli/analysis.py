@@ -10,6 +10,7 @@ import numpy as np
 import polars as pl
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from usagg.errors import AnalysisError
@@ -43,11 +44,11 @@ def _num(value: float | None, fmt: str = ".3g") -> str:
 
 def _print_notes(report) -> None:
     for message in report.messages:
-        console.print(f"[dim]note:[/] {message}", highlight=False)
+        console.print(f"[dim]note:[/] {escape(str(message))}", highlight=False)
     if report.warnings:
         console.print(f"[yellow]{len(report.warnings)} statistical warning(s)[/] (all in analysis_report.json with --out):")
         for warning in report.warnings[:5]:
-            console.print(f"  [dim]- {warning}[/]", highlight=False)
+            console.print(f"  [dim]- {escape(str(warning))}[/]", highlight=False)
         if len(report.warnings) > 5:
             console.print(f"  [dim]… and {len(report.warnings) - 5} more[/]")
 
@@ -70,15 +71,15 @@ def _print_transfer(report, fraction: float | None) -> None:
     split = "test" if "test" in splits else splits[0]
     summary = summary.filter(pl.col("split") == split)
     paradigms = sorted(set(summary["paradigm"].to_list()))
-    table = Table(title=f"Relative change vs task-specific, % (data fraction {shown_fraction}, {split} split; ✗ = negative transfer)")
+    table = Table(title=escape(f"Relative change vs task-specific, % (data fraction {shown_fraction}, {split} split; ✗ = negative transfer)"))
     table.add_column("task")
     table.add_column("type")
     table.add_column("metric")
     for paradigm in paradigms:
-        table.add_column(f"{paradigm} mean", justify="right")
+        table.add_column(escape(f"{paradigm} mean"), justify="right")
         table.add_column("95 % interval", justify="right")
     for (task, task_type, metric), part in summary.sort("task").group_by("task", "task_type", "metric", maintain_order=True):
-        cells = [task, task_type, metric]
+        cells = [escape(str(task)), escape(str(task_type)), escape(str(metric))]
         for paradigm in paradigms:
             row = part.filter(pl.col("paradigm") == paradigm)
             if row.height == 0:
@@ -91,7 +92,7 @@ def _print_transfer(report, fraction: float | None) -> None:
     console.print(table)
     methods = dict(summary.group_by("ci_method").len().iter_rows())
     console.print(
-        "intervals: " + ", ".join(f"{k} ({v})" for k, v in sorted(methods.items()))
+        "intervals: " + escape(", ".join(f"{k} ({v})" for k, v in sorted(methods.items())))
         + "; – = no interval; flag rule: interval entirely below 0",
         highlight=False,
     )
@@ -104,7 +105,7 @@ def _print_transfer(report, fraction: float | None) -> None:
         table.add_column(name, justify="right" if name not in ("paradigm", "level", "value") else "left")
     for r in dm.iter_rows(named=True):
         table.add_row(
-            r["paradigm"], r["level"], r["level_value"], _pct(r["delta_m"]),
+            escape(str(r["paradigm"])), escape(str(r["level"])), escape(str(r["level_value"])), _pct(r["delta_m"]),
             _interval(r["ci_seeds_lo"], r["ci_seeds_hi"]), _interval(r["ci_tasks_lo"], r["ci_tasks_hi"]),
             str(r["n_tasks"]), str(r["n_seeds"]),
         )
@@ -112,19 +113,19 @@ def _print_transfer(report, fraction: float | None) -> None:
 
 
 def _print_matrix(name: str, tasks: list[str], matrix: np.ndarray) -> None:
-    table = Table(title=f"{name} affinity (row = source task, column = target task)")
+    table = Table(title=escape(f"{name} affinity (row = source task, column = target task)"))
     table.add_column("source \\ target")
     for task in tasks:
-        table.add_column(task, justify="right")
+        table.add_column(escape(task), justify="right")
     for task, row in zip(tasks, matrix):
-        table.add_row(task, *(_num(float(v), ".3f") for v in row))
+        table.add_row(escape(task), *(_num(float(v), ".3f") for v in row))
     console.print(table)
 
 
 def _print_frame(title: str, frame: pl.DataFrame, percent: tuple[str, ...] = ()) -> None:
     table = Table(title=title)
     for column in frame.columns:
-        table.add_column(column, justify="right" if frame.schema[column].is_numeric() else "left")
+        table.add_column(escape(column), justify="right" if frame.schema[column].is_numeric() else "left")
     for row in frame.iter_rows(named=True):
         cells = []
         for column, value in row.items():
@@ -133,19 +134,19 @@ def _print_frame(title: str, frame: pl.DataFrame, percent: tuple[str, ...] = ())
             elif isinstance(value, float):
                 cells.append(_num(value, ".4g"))
             else:
-                cells.append("–" if value is None else str(value))
+                cells.append("–" if value is None else escape(str(value)))
         table.add_row(*cells)
     console.print(table)
 
 
 def _print_grouping(grouping) -> None:
-    table = Table(title=f"Recommended groups (K = {grouping.k}, {grouping.method})")
+    table = Table(title=escape(f"Recommended groups (K = {grouping.k}, {grouping.method})"))
     table.add_column("group")
     table.add_column("tasks")
     table.add_column("mean affinity received", justify="right")
     for name, members in grouping.as_mapping().items():
         mean = float(np.mean([grouping.task_scores[t] for t in members]))
-        table.add_row(name, ", ".join(members), _num(mean, ".3f"))
+        table.add_row(escape(name), escape(", ".join(members)), _num(mean, ".3f"))
     console.print(table)
     line = f"total within-group affinity {grouping.score:.4g}"
     if grouping.taxonomy_score is not None:
@@ -227,7 +228,7 @@ def transfer_matrix(
     _print_notes(report)
     if out is not None:
         report.write(out)
-        console.print(f"tables written to {out}", highlight=False)
+        console.print(f"tables written to {escape(str(out))}", highlight=False)
 
 
 def _data_scale_report(results: Path, metric: Optional[list[str]], bootstrap: int, seed: int, task: Optional[str] = None):
@@ -239,7 +240,7 @@ def _data_scale_report(results: Path, metric: Optional[list[str]], bootstrap: in
 
     inputs = load_inputs(results)
     report = AnalysisReport(origin=str(inputs.origin))
-    add_transfer(report, inputs, parse_metric_overrides(metric or []), n_boot=0, seed=seed)
+    add_transfer(report, inputs, parse_metric_overrides(metric or []), n_boot=bootstrap, seed=seed)
     add_data_scale(report, report.transfer.rel, inputs.sizes, bootstrap, seed, task=task)
     return report
 
@@ -255,7 +256,7 @@ def data_scale(
     report = _data_scale_report(results, metric, bootstrap, seed)
     fit = report.data_scale
     console.print(
-        f"model: rel_change ~ {fit.formula} (OLS, HC3 errors); n = {fit.n} observations of {fit.n_tasks} tasks; "
+        f"model: rel_change ~ {escape(fit.formula)} (OLS, HC3 errors); n = {fit.n} observations of {fit.n_tasks} tasks; "
         f"R² = {fit.r2:.3f} (adjusted {fit.r2_adj:.3f})",
         highlight=False,
     )
@@ -272,7 +273,7 @@ def data_scale(
     _print_notes(report)
     if out is not None:
         report.write(out)
-        console.print(f"tables written to {out}", highlight=False)
+        console.print(f"tables written to {escape(str(out))}", highlight=False)
 
 
 def advise_command(
@@ -290,16 +291,16 @@ def advise_command(
     advice = report.advice
     predictions = advice.predictions.select("task", "paradigm", "n_train", "predicted", "ci_lo", "ci_hi", "verdict", "observed")
     _print_frame(
-        f"Predicted relative change, % (model rel_change ~ {report.data_scale.formula}, 95 % CI)",
+        escape(f"Predicted relative change, % (model rel_change ~ {report.data_scale.formula}, 95 % CI)"),
         predictions,
         percent=("predicted", "ci_lo", "ci_hi", "observed"),
     )
     _print_frame("Recommendation per task", advice.recommendations.drop("task_type"))
-    console.print(f"rule: {ADVICE_RULE}", highlight=False)
+    console.print(f"rule: {escape(ADVICE_RULE)}", highlight=False)
     _print_notes(report)
     if out is not None:
         report.write(out)
-        console.print(f"tables written to {out}", highlight=False)
+        console.print(f"tables written to {escape(str(out))}", highlight=False)
 
 
 def register(app: typer.Typer) -> None:

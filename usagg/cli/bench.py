@@ -11,6 +11,7 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from usagg.errors import ConfigError
@@ -79,17 +80,17 @@ def _format(value: Any) -> str:
 
 def print_report(report: dict[str, Any], console: Console) -> None:
     for name, entry in report["benchmarks"].items():
-        table = Table(title=f"{name}: {entry['description']} ({entry['seconds']:.1f} s)", title_justify="left")
+        table = Table(title=escape(f"{name}: {entry['description']} ({entry['seconds']:.1f} s)"), title_justify="left")
         table.add_column("figure")
         table.add_column("value", justify="right")
         if "error" in entry:
-            table.add_row("error", entry["error"])
+            table.add_row("error", escape(entry["error"]))
         for key, value in (entry.get("results") or {}).items():
             if isinstance(value, dict):
                 for sub_key, sub_value in value.items():
-                    table.add_row(f"{key}.{sub_key}", _format(sub_value))
+                    table.add_row(escape(f"{key}.{sub_key}"), escape(_format(sub_value)))
             else:
-                table.add_row(key, _format(value))
+                table.add_row(escape(str(key)), escape(_format(value)))
         console.print(table)
 
 

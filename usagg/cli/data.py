@@ -7,6 +7,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -58,20 +59,20 @@ def _class_text(report) -> str:
 
 
 def _summary_table(result) -> Table:
-    table = Table(title=f"usagg data check: {result.path} [{result.kind}]", show_lines=True)
+    table = Table(title=escape(f"usagg data check: {result.path} [{result.kind}]"), show_lines=True)
     for column in ("task", "type", "labels", "train", "val", "test", "per class", "image size (h x w)", "spacing", "errors", "warnings"):
         table.add_column(column, justify="right" if column in ("train", "val", "test", "errors", "warnings") else "left")
     for report in result.tasks:
         counts = report.split_counts
         errors, warnings = len(report.errors), len(report.warnings)
         table.add_row(
-            report.card.name,
+            escape(report.card.name),
             report.card.kind,
-            report.labels_text(),
+            escape(report.labels_text()),
             str(counts["train"]),
             str(counts["val"]),
             str(counts["test"]),
-            _class_text(report),
+            escape(_class_text(report)),
             _size_text(report),
             f"{report.with_spacing}/{len(report.records)}",
             f"[red]{errors}[/]" if errors else "0",
@@ -88,10 +89,10 @@ def _problem_table(problems, limit: int) -> Table:
     for problem in shown:
         table.add_row(
             "[red]error[/]" if problem.fatal else "[yellow]warning[/]",
-            problem.task,
-            problem.location,
-            problem.message,
-            problem.fix,
+            escape(problem.task),
+            escape(problem.location),
+            escape(problem.message),
+            escape(problem.fix),
         )
     return table
 
@@ -187,7 +188,7 @@ def show(
         records = split_records(records, card, data_cfg)[split]
     written = render_samples(card, records, out, n=n, data_cfg=data_cfg, transformed=transformed,
                              title=f"{card.name} ({card.kind})" + (f", {split} split" if split else "") + (", transformed" if transformed else ""))
-    console.print(f"wrote {written}")
+    console.print(f"wrote {escape(str(written))}")
 
 
 def register(app: typer.Typer) -> None:

@@ -8,6 +8,7 @@ from typing import Annotated, Optional
 import typer
 import yaml
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from usagg.errors import ConfigError
@@ -47,9 +48,9 @@ def plot(
     spec = get_figure(figure)
     rendered = render_figure(figure, FigureInputs.from_paths(inputs), out, formats, **parse_options(spec, options or []))
     for path in rendered.paths:
-        console.print(str(path), highlight=False)
+        console.print(escape(str(path)), highlight=False)
     for note in rendered.notes:
-        console.print(f"note: {note}", highlight=False)
+        console.print(f"note: {escape(str(note))}", highlight=False)
     if rendered.layout_problems:
         console.print(f"[yellow]warning:[/] {len(rendered.layout_problems)} layout problem(s); see the log above")
 
@@ -91,14 +92,14 @@ def reproduce(
             progress=progress,
         )
     )
-    table = Table(title=f"usagg reproduce: {result.study_name}")
+    table = Table(title=escape(f"usagg reproduce: {result.study_name}"))
     for column in ("stage", "status", "seconds", "detail"):
         table.add_column(column, justify="right" if column == "seconds" else "left", overflow="fold")
     for record in result.stages:
-        table.add_row(record.name, record.status, f"{record.seconds:.1f}", record.detail)
+        table.add_row(escape(record.name), escape(record.status), f"{record.seconds:.1f}", escape(record.detail))
     console.print(table)
-    console.print(f"figures: {result.figures_dir}", highlight=False)
-    console.print(f"report:  {result.report_html}", highlight=False)
+    console.print(f"figures: {escape(str(result.figures_dir))}", highlight=False)
+    console.print(f"report:  {escape(str(result.report_html))}", highlight=False)
 
 
 def register(app: typer.Typer) -> None:

@@ -8,6 +8,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from usagg.errors import ConfigError
@@ -35,21 +36,21 @@ def _summary_table(summary) -> Table:
     from usagg.data.synthetic.writer import task_root
 
     title = f"usagg data synth: {summary.out} (preset {summary.config.preset}, seed {summary.config.seed})"
-    table = Table(title=title)
+    table = Table(title=escape(title))
     for column in ("task", "type", "organ", "group", "train", "val", "test", "root", "mm/px"):
         table.add_column(column, justify="right" if column in ("train", "val", "test", "mm/px") else "left")
     for name, counts in summary.counts.items():
         task = TASK_BY_NAME[name]
         spacing = pixel_spacing_mm(task, summary.config.image_size)
         table.add_row(
-            name,
+            escape(name),
             task.kind,
-            task.organ,
-            task.group,
+            escape(task.organ),
+            escape(task.group),
             str(counts["train"]),
             str(counts["val"]),
             str(counts["test"]),
-            task_root(task, "train"),
+            escape(str(task_root(task, "train"))),
             "mixed" if spacing is None else f"{spacing:.4f}",
         )
     return table
@@ -89,7 +90,7 @@ def add_synth_command(data_app: typer.Typer) -> None:
             console.width = 140  # piped output: room for the table instead of rich's 80-column fallback
         console.print(_summary_table(summary))
         if summary.reused:
-            console.print(f"{summary.out} already contains this benchmark ({summary.num_images} images); nothing written")
+            console.print(f"{escape(str(summary.out))} already contains this benchmark ({summary.num_images} images); nothing written")
         else:
             console.print(
                 f"wrote {summary.num_images} images in {summary.seconds:.1f} s "

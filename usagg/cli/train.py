@@ -8,6 +8,7 @@ from typing import Annotated, Optional
 import typer
 import yaml
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from usagg.errors import ConfigError
@@ -111,37 +112,39 @@ def train(
     if env is not None and not env.is_main:
         return
     if launcher == "local":
-        table = Table(title=f"usagg train: {study.name}")
+        table = Table(title=escape(f"usagg train: {study.name}"))
         for column in ("run", "status", "steps", "train s", "img/s"):
             table.add_column(column, justify="left" if column in ("run", "status") else "right")
         for result in outcome:
             table.add_row(
-                result.spec.run_id, result.status, str(result.steps), f"{result.seconds:.1f}", f"{result.images_per_s:.1f}"
+                escape(result.spec.run_id), escape(result.status), str(result.steps), f"{result.seconds:.1f}", f"{result.images_per_s:.1f}"
             )
         _wide_console().print(table)
-        console.print(f"results: {Path(study.output) / study.name / 'results.parquet'}")
+        console.print(escape(f"results: {Path(study.output) / study.name / 'results.parquet'}"))
     else:
         for submitted in outcome:
-            console.print(f"{submitted.spec.run_id}: job {submitted.job_id}")
+            console.print(escape(f"{submitted.spec.run_id}: job {submitted.job_id}"))
 
 
 def _print_plan(planned, study) -> None:
-    table = Table(title=f"plan for study {study.name} ({len(planned)} runs)")
+    table = Table(title=escape(f"plan for study {study.name} ({len(planned)} runs)"))
     for column in ("run", "tasks", "train images", "steps", "images seen", "state"):
         table.add_column(column, justify="right" if column in ("train images", "steps", "images seen") else "left")
     for run in planned:
         table.add_row(
-            run.spec.run_id,
-            ", ".join(run.spec.tasks) if len(run.spec.tasks) <= 3 else f"{len(run.spec.tasks)} tasks",
+            escape(run.spec.run_id),
+            escape(", ".join(run.spec.tasks)) if len(run.spec.tasks) <= 3 else f"{len(run.spec.tasks)} tasks",
             str(sum(run.n_train.values())),
             str(run.steps),
             str(run.images),
-            run.state,
+            escape(run.state),
         )
     _wide_console().print(table)
     console.print(
-        f"total: {sum(r.steps for r in planned)} steps, {sum(r.images for r in planned)} images "
-        f"(budget: {study.train.budget}, batch size {study.train.batch_size})"
+        escape(
+            f"total: {sum(r.steps for r in planned)} steps, {sum(r.images for r in planned)} images "
+            f"(budget: {study.train.budget}, batch size {study.train.batch_size})"
+        )
     )
 
 
@@ -159,11 +162,11 @@ def evaluate(
     if checkpoint is not None and checkpoint not in ("best", "latest"):
         raise ConfigError(f"--checkpoint {checkpoint}: choose best or latest")
     rows = evaluate_run(run_dir, split=split, checkpoint=checkpoint, device=device)
-    table = Table(title=f"usagg evaluate: {run_dir}")
+    table = Table(title=escape(f"usagg evaluate: {run_dir}"))
     for column in ("task", "split", "metric", "value"):
         table.add_column(column, justify="right" if column == "value" else "left")
     for row in rows.iter_rows(named=True):
-        table.add_row(row["task"], row["split"], row["metric"], f"{row['value']:.4f}")
+        table.add_row(escape(str(row["task"])), escape(str(row["split"])), escape(str(row["metric"])), f"{row['value']:.4f}")
     console.print(table)
 
 
@@ -182,8 +185,8 @@ def predict(
         raise ConfigError(f"--format {format}: unsupported; the only format is fmc_uia")
     summary = write_fmc_uia_predictions(run_dir, data_root, out, checkpoint=checkpoint, device=device)
     for kind, count in summary.items():
-        console.print(f"{kind}: {count}")
-    console.print(f"predictions written to {out}")
+        console.print(escape(f"{kind}: {count}"))
+    console.print(f"predictions written to {escape(str(out))}")
 
 
 @results_app.command("collect")
@@ -194,7 +197,7 @@ def results_collect(
     from usagg.train.rundir import collect_results
 
     path, n_runs, n_rows = collect_results(output_dir)
-    console.print(f"{n_rows} rows from {n_runs} runs -> {path}")
+    console.print(f"{n_rows} rows from {n_runs} runs -> {escape(str(path))}")
 
 
 def register(app: typer.Typer) -> None:
