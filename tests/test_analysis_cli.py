@@ -10,6 +10,7 @@ import yaml
 from typer.testing import CliRunner
 
 from usagg.analysis.full import run_full_analysis
+from usagg.analysis.inference import t_interval
 from usagg.analysis.simulate import simulate_results, simulate_study_dir
 from usagg.cli import app
 from usagg.errors import AnalysisError, DataError
@@ -82,6 +83,28 @@ def test_transfer_matrix_bootstrap_from_study_dir(study_dir, tmp_path):
     assert result.exit_code == 0, result.output
     methods = set(pl.read_csv(tmp_path / "negative_transfer.csv")["ci_method"])
     assert methods == {"bootstrap_images", "t_seeds"}  # AUC has no per-image scores: seeds instead
+
+
+def test_zero_bootstrap_on_study_dir(study_dir, tmp_path):
+    # A study folder has per-image scores, so 0 replicates reached the image bootstrap (a results CSV does not).
+    result = invoke("transfer-matrix", study_dir, "--out", tmp_path, "--bootstrap", "0")
+    assert result.exit_code == 0, result.output
+    flags = pl.read_csv(tmp_path / "negative_transfer.csv")
+    assert set(flags["ci_method"]) == {"t_seeds"}  # two seeds: the t interval, which needs no bootstrap
+    rel = pl.read_csv(tmp_path / "relative_change.csv")
+    first = flags.row(0, named=True)
+    seeds = rel.filter(
+        (pl.col("paradigm") == first["paradigm"]) & (pl.col("task") == first["task"])
+        & ((pl.col("data_fraction") - first["data_fraction"]).abs() < 1e-9)
+    )["rel_change"].to_numpy()
+    assert (first["ci_lo"], first["ci_hi"]) == pytest.approx(t_interval(seeds))
+    delta_m = pl.read_csv(tmp_path / "delta_m.csv")
+    assert delta_m["ci_tasks_lo"].is_nan().all()
+    assert delta_m["ci_tasks_hi"].is_nan().all()
+    assert "0 bootstrap replicates" in result.output
+    for command in ("data-scale", "advise"):
+        result = invoke(command, study_dir)
+        assert result.exit_code == 0, f"{command}: {result.output}"
 
 
 def test_affinity_methods_relations_and_grouping(study_dir, tmp_path):

@@ -11,7 +11,7 @@ import pytest
 from scipy import stats
 
 from usagg.analysis.advise import advise
-from usagg.analysis.data_scale import fit_data_scale, group_view
+from usagg.analysis.data_scale import distinct_resamples, fit_data_scale, group_view
 from usagg.analysis.relative import relative_change
 from usagg.analysis.simulate import DEFAULT_EFFECTS, simulate_results
 from usagg.errors import AnalysisError
@@ -180,3 +180,79 @@ def test_reported_values_with_singular_replicates():
     assert fit.n == 16
     assert fit.crossings.height > 0
     assert any("bootstrap replicates had collinear terms" in m for m in fit.messages)
+
+
+def _tiny_rel():
+    """Two tasks (one per task type) × one seed × one fraction: 4 observations, as in a first small trial."""
+    changes = {  # (task, task type, training images) -> relative change under grouped, unified
+        ("lesion_seg", "segmentation", 240): (0.50, 0.53),
+        ("malignancy_cls", "classification", 32): (-0.01, 0.01),
+    }
+    rows = []
+    for (task, task_type, n_train), (grouped, unified) in changes.items():
+        for paradigm, group, value in (("task_specific", task, 0.5), ("grouped", "breast", 0.5 * (1 + grouped)),
+                                       ("unified", "all", 0.5 * (1 + unified))):
+            rows.append({
+                "study": "s", "run_id": f"{paradigm}/{group}", "paradigm": paradigm, "group": group, "task": task,
+                "task_type": task_type, "organ": "breast", "clinical_group": "breast", "n_train": n_train,
+                "data_fraction": 1.0, "seed": 0, "split": "test", "metric": "dice" if task_type == "segmentation" else "auc",
+                "value": value, "higher_is_better": True, "source": "run",
+            })
+    return relative_change(pl.DataFrame(rows))
+
+
+def test_tiny_study_warns_with_a_remedy():
+    fit = fit_data_scale(_tiny_rel(), n_bootstrap=200)
+    assert fit.formula == "log10_n + C(paradigm)"
+    assert int(fit.ols.df_resid) == 1
+    assert fit.tasks_per_type == {"classification": 1, "segmentation": 1}
+    [small] = [w for w in fit.warnings if w.startswith("small sample")]
+    assert "1 residual degree(s) of freedom (fewer than 10)" in small
+    assert small.endswith("add tasks, data fractions or seeds")
+    assert any(w.startswith("too few tasks to resample") for w in fit.warnings)
+
+
+def test_one_task_per_type_crossing():
+    # Resampling one task per type draws the same tasks in every replicate: a zero-width "interval".
+    fit = fit_data_scale(_tiny_rel(), n_bootstrap=200)
+    assert fit.crossings.height == 4
+    for row in fit.crossings.iter_rows(named=True):
+        assert math.isfinite(row["n_train_cross"])
+        assert row["bounded"] is False
+        assert math.isnan(row["ci_lo"])
+        assert math.isnan(row["ci_hi"])
+        assert row["note"].startswith("too few tasks to resample: the bootstrap can draw only 1 distinct set")
+
+
+def test_advice_from_a_thin_fit_is_not_clear():
+    rel = _tiny_rel()
+    fit = fit_data_scale(rel, n_bootstrap=0)
+    advice = advise(fit, rel)
+    # The interval alone would call lesion_seg a clear gain under unified.
+    lesion = advice.predictions.filter((pl.col("task") == "lesion_seg") & (pl.col("paradigm") == "unified")).row(0, named=True)
+    assert lesion["ci_lo"] > 0
+    assert advice.recommendations["confidence"].to_list() == ["insufficient evidence", "insufficient evidence"]
+    reason = advice.recommendations.filter(pl.col("task") == "lesion_seg")["reason"][0]
+    assert "the model has 1 residual degree(s) of freedom (fewer than 10)" in reason
+    assert "only 1 distinct set(s) of tasks (tasks per type: classification 1, segmentation 1; 10 needed)" in reason
+
+
+def test_distinct_resamples_known_values():
+    # C(2n - 1, n) multisets per type. Types are resampled independently, so their counts multiply.
+    assert [distinct_resamples({"a": n}, "log10_n", "a") for n in (1, 2, 3, 4)] == [1, 3, 10, 35]
+    assert distinct_resamples({"a": 2, "b": 3}, "log10_n + C(task_type)", "a") == 30
+    assert distinct_resamples({"a": 2, "b": 3}, "log10_n * C(task_type)", "a") == 3
+
+
+def test_zero_bootstrap_crossing_note(noisy_rel):
+    fit = fit_data_scale(noisy_rel, n_bootstrap=0)
+    assert fit.crossings["ci_lo"].is_nan().all()
+    assert set(fit.crossings["note"]) <= {"no bootstrap interval (0 bootstrap replicates)", "flat prediction: no crossing"}
+
+
+def test_fit_messages_not_logged(caplog):
+    # The CLI prints fit.messages as notes, so logging them too would print each one twice.
+    with caplog.at_level("DEBUG", logger="usagg.analysis.data_scale"):
+        fit = fit_data_scale(_tiny_rel(), n_bootstrap=0)
+    assert any("not fitted" in m for m in fit.messages)
+    assert caplog.records == []

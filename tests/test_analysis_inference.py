@@ -12,6 +12,7 @@ from statsmodels.stats.multitest import multipletests
 
 from usagg.analysis.inference import (
     FLAG_RULES,
+    GroupTest,
     kruskal_by,
     paired_bootstrap_interval,
     paired_tests,
@@ -158,3 +159,80 @@ def test_task_type_sensitivity_uses_one_value_per_task():
     assert per_task_means(rel).height == 6
     tests = task_type_sensitivity(rel)
     assert tests["unified"].n == 6
+
+
+def _per_image(runs: dict[str, float], task: str = "a", n_images: int = 20) -> pl.DataFrame:
+    """Constant per-image Dice for each run id."""
+    return pl.DataFrame({
+        "run_id": [run for run in runs for _ in range(n_images)],
+        "task": [task] * (len(runs) * n_images), "split": ["test"] * (len(runs) * n_images),
+        "image": [f"img{i}" for i in range(n_images)] * len(runs), "metric": ["dice"] * (len(runs) * n_images),
+        "value": [value for value in runs.values() for _ in range(n_images)],
+    })
+
+
+def test_bootstrap_with_zero_replicates_is_nan():
+    ts = np.full((1, 30), 0.8)
+    lo, hi = paired_bootstrap_interval(ts - 0.2, ts, True, n_boot=0)
+    assert math.isnan(lo)
+    assert math.isnan(hi)
+
+
+def test_seed_summary_zero_replicates():
+    # Task a: one seed with per-image scores, so no interval at all. Task b: two seeds, so the t interval.
+    rows = rows_for("a", [0.8], [0.6]) + rows_for("b", [0.8, 0.8], [0.6, 0.7])
+    rel = relative_change(pl.DataFrame(rows, schema=RESULTS_SCHEMA))
+    per_image = pl.concat([
+        _per_image({"task_specific-a-0": 0.8, "unified-a-0": 0.6}, task="a"),
+        _per_image({"task_specific-b-0": 0.8, "unified-b-0": 0.6, "task_specific-b-1": 0.8, "unified-b-1": 0.7}, task="b"),
+    ])
+    summary, _ = seed_summary(rel, per_image, n_boot=0)
+    a = summary.filter(pl.col("task") == "a").row(0, named=True)
+    assert a["ci_method"] == "no_bootstrap"
+    assert math.isnan(a["ci_lo"])
+    assert math.isnan(a["ci_hi"])
+    assert a["negative_transfer"] is None
+    assert a["flag_rule"] == FLAG_RULES["no_bootstrap"]
+    b = summary.filter(pl.col("task") == "b").row(0, named=True)
+    assert b["ci_method"] == "t_seeds"
+    assert (b["ci_lo"], b["ci_hi"]) == pytest.approx(t_interval(np.array([-0.25, -0.125])))
+
+
+def test_delta_m_zero_replicates():
+    from usagg.analysis.transfer import analyse_transfer
+
+    rows = rows_for("a", [0.8, 0.8], [0.6, 0.7]) + rows_for("b", [0.5, 0.5], [0.6, 0.55])
+    per_image = _per_image({"task_specific-a-0": 0.8, "unified-a-0": 0.6, "task_specific-a-1": 0.8, "unified-a-1": 0.7})
+    transfer = analyse_transfer(pl.DataFrame(rows, schema=RESULTS_SCHEMA), per_image, n_boot=0)
+    study = transfer.delta_m.filter(pl.col("level") == "study").row(0, named=True)
+    assert study["delta_m"] == pytest.approx((-0.1875 + 0.15) / 2)
+    assert math.isnan(study["ci_tasks_lo"])
+    assert math.isnan(study["ci_tasks_hi"])
+    assert math.isfinite(study["ci_seeds_lo"])  # the interval over seeds needs no bootstrap
+    [message] = transfer.messages
+    assert message.startswith("negative transfer computed with 0 bootstrap replicates")
+    assert "ci_tasks is empty" in message
+    assert "ci_method no_bootstrap" in message
+    with_boot = analyse_transfer(pl.DataFrame(rows, schema=RESULTS_SCHEMA), per_image, n_boot=200)
+    assert math.isfinite(with_boot.delta_m.filter(pl.col("level") == "study")["ci_tasks_lo"][0])
+    assert with_boot.messages == []
+
+
+def _group_test(p_value: float) -> GroupTest:
+    empty = pl.DataFrame()
+    return GroupTest(by="task_type", statistic=1.0, p_value=p_value, df=1, epsilon2=1.0, n=2, groups=empty, pairwise=empty)
+
+
+def test_key_findings_kruskal_wording():
+    from types import SimpleNamespace
+
+    from usagg.reproduce.findings import key_findings
+
+    report = SimpleNamespace(sensitivity={"grouped": _group_test(0.3173), "unified": _group_test(0.004)})
+    lines = key_findings(report)
+    assert lines == [
+        "grouped: relative change does not differ significantly across task types at α = 0.05 "
+        "(Kruskal–Wallis H = 1.00, p = 0.317, ε² = 1.00, n = 2 tasks).",
+        "unified: relative change differs significantly across task types at α = 0.05 "
+        "(Kruskal–Wallis H = 1.00, p = 0.004, ε² = 1.00, n = 2 tasks).",
+    ]

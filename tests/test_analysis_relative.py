@@ -148,7 +148,26 @@ def test_unmatched_aggregated_run_is_reported():
     rows = [row("task_specific", "a", "dice", 0.8, True, seed=0), row("unified", "a", "dice", 0.7, True, seed=1)]
     rel, warnings = relative_change_with_warnings(table(rows))
     assert rel.height == 0
-    assert any("no task-specific run with the same data fraction and seed" in w for w in warnings)
+    assert any("no task-specific result with the same study, metric, data fraction, seed and split" in w for w in warnings)
+
+
+def test_unmatched_warning_names_the_split():
+    # The grouped run was evaluated on test and val, its task-specific reference on test only: the test row is
+    # compared and only the val row is left out, so the warning must name the val split, not the whole run.
+    rows = [
+        row("task_specific", "a", "dice", 0.8, True),
+        row("grouped", "a", "dice", 0.6, True),
+        row("grouped", "a", "dice", 0.5, True, split="val"),
+    ]
+    rel, warnings = relative_change_with_warnings(table(rows))
+    assert rel["split"].to_list() == ["test"]
+    assert rel["rel_change"].to_list() == pytest.approx([-0.25])
+    [warning] = [w for w in warnings if "left out" in w]
+    assert warning.startswith("1 aggregated result(s) have no task-specific result")
+    assert "grouped/a fraction 1.0 seed 0 split val" in warning
+    assert "split test" not in warning
+    assert "No task-specific result has split val" in warning
+    assert "--split val" in warning
 
 
 def test_zero_reference_gives_nan_with_warning():

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import re
+
 import polars as pl
 import pytest
 
 from usagg.errors import DataError
-from usagg.results import RESULTS_SCHEMA, append_results, read_results, write_results
+from usagg.results import RESULTS_SCHEMA, append_results, read_results, validate_results, write_results
 
 
 def rows(run_id: str, value: float, seed: int | None = 0) -> pl.DataFrame:
@@ -91,3 +93,56 @@ def test_written_files_follow_umask(tmp_path):
     umask = os.umask(0)
     os.umask(umask)
     assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask
+
+
+def _csv_with(tmp_path, column: str, bad: str):
+    """Return a two-row results CSV whose second row (line 3) has ``bad`` in ``column``."""
+    path = tmp_path / "results.csv"
+    pl.concat([rows("r1", 0.5), rows("r2", 0.6)]).write_csv(path)
+    lines = path.read_text().splitlines()
+    header = lines[0].split(",")
+    cells = lines[2].split(",")
+    cells[header.index(column)] = bad
+    lines[2] = ",".join(cells)
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_non_numeric_value_names_cell(tmp_path):
+    path = _csv_with(tmp_path, "value", '"0,83"')
+    with pytest.raises(DataError) as caught:
+        read_results(path)
+    message = str(caught.value)
+    assert message.startswith(f"{path}: row 3: column 'value' has '0,83', which is not a number; ")
+    assert "dot as the decimal mark" in message
+    assert "infer_schema_length" not in message
+    assert "ignore_errors" not in message
+    # An empty value stays allowed.
+    assert read_results(_csv_with(tmp_path, "value", "NA"))["value"].to_list() == [0.5, None]
+
+
+def test_bad_boolean_and_integer_cells(tmp_path):
+    with pytest.raises(DataError, match="row 3: column 'higher_is_better' has 'yes', which is not true or false"):
+        read_results(_csv_with(tmp_path, "higher_is_better", "yes"))
+    with pytest.raises(DataError, match="row 3: column 'n_train' has '40.5', which is not a whole number"):
+        read_results(_csv_with(tmp_path, "n_train", "40.5"))
+
+
+def test_misspelled_paradigm_raises(tmp_path):
+    path = _csv_with(tmp_path, "paradigm", "unifed")
+    expected = (
+        "row 3: paradigm 'unifed' is not a known paradigm (did you mean 'unified'?); "
+        "use one of task_specific, grouped, unified, pair"
+    )
+    with pytest.raises(DataError) as caught:
+        read_results(path)
+    assert str(caught.value) == f"{path}: {expected}"
+    frame = pl.concat([rows("r1", 0.5), rows("r2", 0.6).with_columns(pl.lit("unifed").alias("paradigm"))])
+    with pytest.raises(DataError, match=re.escape(expected)):
+        validate_results(frame, origin="table")
+
+
+def test_string_value_column_names_cell():
+    frame = pl.concat([rows("r1", 0.5), rows("r2", 0.6)]).with_columns(pl.Series("value", ["0.5", "abc"]))
+    with pytest.raises(DataError, match="t.parquet: row 3: column 'value' has 'abc', which is not a number"):
+        validate_results(frame, origin="t.parquet")

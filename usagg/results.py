@@ -5,6 +5,7 @@ Long format, one row per (run, task, metric), stored as parquet with a CSV copy 
 
 from __future__ import annotations
 
+import difflib
 import os
 from pathlib import Path
 
@@ -32,6 +33,9 @@ RESULTS_SCHEMA: dict[str, pl.DataType] = {
     "source": pl.String,
 }
 
+# Cells of a results CSV read as missing values.
+CSV_NULL_VALUES = ["", "NA", "null"]
+
 # Per-image scores of one run, kept in its run directory so that bootstrap intervals over test images are possible.
 PER_IMAGE_FILE = "per_image_scores.parquet"
 PER_IMAGE_SCHEMA: dict[str, pl.DataType] = {
@@ -46,30 +50,89 @@ PER_IMAGE_SCHEMA: dict[str, pl.DataType] = {
 # Columns that may be null: seed for numbers typed in from a publication; organ may be unknown.
 NULLABLE_COLUMNS = {"seed", "organ", "value", "n_train"}
 
+# Values of the paradigm column: the reference, the two aggregated paradigms and two-task runs for affinity.
+PARADIGMS = ("task_specific", "grouped", "unified", "pair")
+
+# Strings the CSV reader accepts in the boolean column, compared in lower case.
+BOOLEAN_STRINGS = {"true": True, "false": False}
+
+# Expected content of each typed column's cells, and the fix for a bad cell, as error messages word them.
+CELL_FIXES: dict[str, tuple[str, str]] = {
+    "n_train": ("a whole number", "write the task's training-image count (e.g. 240), or leave the cell empty if unknown"),
+    "data_fraction": ("a number", "write the fraction of the training set used (e.g. 0.25 or 1.0)"),
+    "seed": ("a whole number", "write the training seed (e.g. 0), or leave the cell empty for a number from a publication"),
+    "value": ("a number", "write the metric value with a dot as the decimal mark (e.g. 0.83), or leave the cell empty if missing"),
+    "higher_is_better": ("true or false", "write true or false"),
+}
+
 
 def empty_results() -> pl.DataFrame:
     return pl.DataFrame(schema=RESULTS_SCHEMA)
 
 
+def _row_number(index: int) -> int:
+    """Return the CSV line of 0-based row ``index``: +1 for the header line, +1 for 1-based lines."""
+    return index + 2
+
+
+def _cast_column(df: pl.DataFrame, column: str, dtype: pl.DataType, origin: str) -> pl.Series:
+    """Cast one column to ``dtype``, or raise naming the first cell that cannot be read as ``dtype``."""
+    source = df.get_column(column)
+    try:
+        if dtype == pl.Boolean and source.dtype == pl.String:
+            cast = (
+                source.str.strip_chars()
+                .str.to_lowercase()
+                .replace_strict(BOOLEAN_STRINGS, default=None, return_dtype=pl.Boolean)
+            )
+        else:
+            try:
+                return source.cast(dtype, strict=True)
+            except pl.exceptions.PolarsError:
+                cast = source.cast(dtype, strict=False)
+    except pl.exceptions.PolarsError:
+        raise DataError(
+            f"{origin}: column {column!r} contains {source.dtype} values, which cannot be read as {dtype}; "
+            f"write the column as {dtype}"
+        ) from None
+    bad = (cast.is_null() & source.is_not_null()).arg_true()
+    if bad.len():
+        index = int(bad[0])
+        kind, fix = CELL_FIXES.get(column, (str(dtype), f"write a {dtype} value"))
+        raise DataError(
+            f"{origin}: row {_row_number(index)}: column {column!r} has {source[index]!r}, which is not {kind}; {fix}"
+        )
+    return cast
+
+
 def validate_results(df: pl.DataFrame, origin: str = "results table") -> pl.DataFrame:
-    """Cast ``df`` to the results schema, or raise naming the missing columns or the first bad row."""
+    """Cast ``df`` to the results schema, or raise naming the missing columns or the first bad row.
+
+    Row numbers count lines of the CSV form of the table (the header is line 1).
+    """
     missing = [c for c in RESULTS_SCHEMA if c not in df.columns]
     if missing:
         raise DataError(
             f"{origin}: missing required column(s) {', '.join(missing)}; "
             f"a results table needs the columns {', '.join(RESULTS_SCHEMA)}"
         )
-    try:
-        out = df.select([pl.col(c).cast(t, strict=True) for c, t in RESULTS_SCHEMA.items()])
-    except pl.exceptions.PolarsError as exc:
-        raise DataError(f"{origin}: a column has values of the wrong type: {exc}") from None
+    out = pl.DataFrame([_cast_column(df, c, t, origin).alias(c) for c, t in RESULTS_SCHEMA.items()])
     for column in RESULTS_SCHEMA:
         if column in NULLABLE_COLUMNS:
             continue
         nulls = out.with_row_index("row").filter(pl.col(column).is_null())
         if nulls.height:
-            row = nulls["row"][0] + 2  # +1 for the header line, +1 for 1-based rows
+            row = _row_number(nulls["row"][0])
             raise DataError(f"{origin}: row {row}: column {column!r} is empty; every row needs a {column}")
+    unknown = out.with_row_index("row").filter(~pl.col("paradigm").is_in(PARADIGMS))
+    if unknown.height:
+        value = unknown["paradigm"][0]
+        close = difflib.get_close_matches(value, PARADIGMS, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise DataError(
+            f"{origin}: row {_row_number(unknown['row'][0])}: paradigm {value!r} is not a known paradigm{hint}; "
+            f"use one of {', '.join(PARADIGMS)}"
+        )
     return out
 
 
@@ -87,9 +150,14 @@ def read_results(path: str | os.PathLike) -> pl.DataFrame:
         df = pl.read_parquet(file)
     elif file.suffix == ".csv":
         try:
-            df = pl.read_csv(file, schema_overrides={c: t for c, t in RESULTS_SCHEMA.items()}, null_values=["", "NA", "null"])
+            df = pl.read_csv(file, schema_overrides=RESULTS_SCHEMA, null_values=CSV_NULL_VALUES)
         except pl.exceptions.PolarsError as exc:
-            raise DataError(f"{file}: cannot read as a results CSV: {exc}") from None
+            # A cell does not parse as its column's type. Read every cell as text, so that validate_results
+            # can name the row, the column and the value.
+            try:
+                df = pl.read_csv(file, infer_schema=False, null_values=CSV_NULL_VALUES)
+            except pl.exceptions.PolarsError:
+                raise DataError(f"{file}: cannot read as a results CSV: {str(exc).splitlines()[0]}") from None
     else:
         raise DataError(f"{file}: unsupported results format {file.suffix!r}; use .parquet or .csv")
     return validate_results(df, origin=str(file))

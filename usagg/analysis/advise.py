@@ -7,6 +7,10 @@ Rule (applied to the 95 % confidence interval of the data-scale model's predicti
 3. Else the data cannot tell: recommend task-specific training unless a paradigm's predicted mean is above 0,
    in which case name that paradigm, and mark the advice uncertain either way.
 
+When the fit is too thin to trust its intervals (:meth:`DataScaleFit.evidence_gaps`: few residual degrees of
+freedom, or too few tasks of the type to resample), the choice is made the same way but its confidence is
+``insufficient evidence`` instead of ``clear`` or ``uncertain``, and the reason says what is missing.
+
 The safer paradigm is the one with the highest lower bound: its worst plausible change is the least bad.
 """
 
@@ -18,14 +22,18 @@ from dataclasses import dataclass, field
 import numpy as np
 import polars as pl
 
-from usagg.analysis.data_scale import DataScaleFit
+from usagg.analysis.data_scale import MIN_DISTINCT_RESAMPLES, MIN_RESID_DF, DataScaleFit
 from usagg.errors import AnalysisError
 
 ADVICE_RULE = (
     "gain if the 95 % interval of the predicted relative change lies above 0, loss if below 0, else uncertain; "
     "recommend the paradigm with the highest lower bound among gains, task_specific if every paradigm loses, "
-    "else the paradigm with a positive predicted mean (uncertain) or task_specific (uncertain)"
+    "else the paradigm with a positive predicted mean (uncertain) or task_specific (uncertain); "
+    f"confidence is 'insufficient evidence' when the model has fewer than {MIN_RESID_DF} residual degrees of "
+    f"freedom or the task's type gives fewer than {MIN_DISTINCT_RESAMPLES} distinct bootstrap resamples of tasks"
 )
+
+INSUFFICIENT = "insufficient evidence"
 
 PREDICTION_SCHEMA = {
     "task": pl.String,
@@ -146,6 +154,10 @@ def advise(fit: DataScaleFit, rel: pl.DataFrame, task: str | None = None) -> Adv
         if any(not math.isfinite(r["ci_lo"]) for r in rows):
             continue
         choice, confidence, safer, reason = _recommend(rows)
+        gaps = fit.evidence_gaps(rows[0]["task_type"])
+        if gaps:
+            confidence = INSUFFICIENT
+            reason += f"; evidence insufficient: {' and '.join(gaps)}; add tasks, data fractions or seeds"
         recs.append(
             {
                 "task": name,

@@ -11,11 +11,14 @@ repeated measures of a task (several seeds or data fractions) a linear mixed mod
 task (statsmodels ``mixedlm``) is fitted with the same fixed effects. The training size at which the predicted
 change crosses zero gets a bootstrap interval from resampling tasks within task types (a cluster bootstrap, so
 the seeds and fractions of a task stay together).
+
+A fit with few residual degrees of freedom (``MIN_RESID_DF``) or too few tasks to resample
+(``MIN_DISTINCT_RESAMPLES``) is flagged: its crossing intervals are not reported as bounded, and
+:func:`usagg.analysis.advise.advise` labels its recommendations as resting on insufficient evidence.
 """
 
 from __future__ import annotations
 
-import logging
 import math
 import warnings
 from dataclasses import dataclass, field
@@ -29,8 +32,6 @@ from statsmodels.regression.linear_model import OLS
 from statsmodels.regression.mixed_linear_model import MixedLM
 
 from usagg.errors import AnalysisError
-
-logger = logging.getLogger(__name__)
 
 RESPONSE = "rel_change"
 
@@ -49,6 +50,20 @@ FORMULA_LADDER: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("C(task_type)", ("task_type",)),
     ("1", ()),
 )
+
+# With few residual degrees of freedom the HC3 variance rests on a few residuals with large leverage corrections,
+# so p-values and intervals are unreliable. Below this rule-of-thumb bound the fit gets a small-sample warning,
+# and no recommendation from it is labelled clear.
+MIN_RESID_DF = 10
+
+# Resampling the n tasks of a task type with replacement gives C(2n − 1, n) distinct sets: 1, 3 and 10 for
+# n = 1, 2 and 3. With fewer than 10 the percentile interval is a few repeated values (zero width for one task
+# per type), so it is not reported as bounded.
+MIN_DISTINCT_RESAMPLES = 10
+
+# Formulas in which each task type has its own intercept and slope, so its predictions depend only on its own
+# tasks. In the other formulas, types share coefficients, so every type's tasks matter.
+TYPE_SPECIFIC_FORMULAS = ("log10_n * C(task_type) * C(paradigm)", "log10_n * C(task_type)", "C(task_type)")
 
 COEF_COLUMNS = {
     "model": pl.String,
@@ -94,11 +109,30 @@ class DataScaleFit:
     messages: list[str] = field(default_factory=list)
     levels: dict[str, list[str]] = field(default_factory=dict)
     n_bootstrap: int = 0
+    tasks_per_type: dict[str, int] = field(default_factory=dict)
 
     @property
     def uses(self) -> tuple[str, ...]:
         """Regressors in the fitted formula: a subset of log10_n, task_type, paradigm."""
         return next((used for formula, used in FORMULA_LADDER if formula == self.formula), ())
+
+    def distinct_resamples(self, task_type: str) -> int:
+        """Return how many distinct sets of tasks the cluster bootstrap can draw for ``task_type``'s predictions."""
+        return distinct_resamples(self.tasks_per_type, self.formula, task_type)
+
+    def evidence_gaps(self, task_type: str) -> list[str]:
+        """Return the reasons the fit is too thin for a clear statement about ``task_type`` (empty if none)."""
+        gaps = []
+        df_resid = int(self.ols.df_resid)
+        if df_resid < MIN_RESID_DF:
+            gaps.append(f"the model has {df_resid} residual degree(s) of freedom (fewer than {MIN_RESID_DF})")
+        resamples = self.distinct_resamples(task_type)
+        if resamples < MIN_DISTINCT_RESAMPLES:
+            gaps.append(
+                f"the bootstrap over tasks can draw only {resamples} distinct set(s) of tasks "
+                f"({_tasks_phrase(self.tasks_per_type, self.formula, task_type)}; {MIN_DISTINCT_RESAMPLES} needed)"
+            )
+        return gaps
 
     def _frame(self, n_train: Any, task_type: Any, paradigm: Any) -> pd.DataFrame:
         n = np.atleast_1d(np.asarray(n_train, dtype=float))
@@ -143,9 +177,32 @@ class DataScaleFit:
             "n_tasks": self.n_tasks,
             "mixed_model": self.mixed is not None,
             "n_bootstrap": self.n_bootstrap,
+            "tasks_per_type": dict(self.tasks_per_type),
             "messages": list(self.messages),
             "warnings": list(self.warnings),
         }
+
+
+def _resampled_types(tasks_per_type: dict[str, int], formula: str, task_type: str) -> list[str]:
+    return [task_type] if formula in TYPE_SPECIFIC_FORMULAS else sorted(tasks_per_type)
+
+
+def distinct_resamples(tasks_per_type: dict[str, int], formula: str, task_type: str) -> int:
+    """Return the number of distinct task sets that resampling within task types can give ``task_type``'s fit.
+
+    Resampling n tasks with replacement gives C(2n − 1, n) distinct multisets. Types are resampled
+    independently, so the counts of the types that ``task_type``'s predictions depend on multiply.
+    """
+    count = 1
+    for name in _resampled_types(tasks_per_type, formula, task_type):
+        n = tasks_per_type.get(name, 0)
+        count *= math.comb(2 * n - 1, n) if n > 0 else 1
+    return count
+
+
+def _tasks_phrase(tasks_per_type: dict[str, int], formula: str, task_type: str) -> str:
+    types = _resampled_types(tasks_per_type, formula, task_type)
+    return "tasks per type: " + ", ".join(f"{t} {tasks_per_type.get(t, 0)}" for t in types)
 
 
 def prepare_observations(rel: pl.DataFrame, split: str | None = None) -> tuple[pl.DataFrame, list[str]]:
@@ -334,6 +391,7 @@ def _crossings(
         draws, rejected = np.empty((0, len(beta))), 0
     if rejected:
         messages.append(f"{rejected} of {n_boot} bootstrap replicates had collinear terms and were skipped")
+    tasks_per_type = _tasks_per_type(frame)
     lo_x = np.log10(frame["n_train"].min())
     hi_x = np.log10(frame["n_train"].max())
     observed = set(zip(frame["paradigm"], frame["task_type"]))
@@ -357,8 +415,18 @@ def _crossings(
             bounded = share >= 0.95
             if not bounded:
                 note = "slope sign uncertain: the interval is not bounded"
+            resamples = distinct_resamples(tasks_per_type, fit_formula, ttype)
+            if resamples < MIN_DISTINCT_RESAMPLES:
+                ci_lo = ci_hi = math.nan
+                bounded = False
+                note = (
+                    f"too few tasks to resample: the bootstrap can draw only {resamples} distinct set(s) of tasks "
+                    f"({_tasks_phrase(tasks_per_type, fit_formula, ttype)}); no interval"
+                )
+        elif n_boot < 1:
+            note = "no bootstrap interval (0 bootstrap replicates)"
         else:
-            note = "no bootstrap interval"
+            note = "no bootstrap interval: every replicate had collinear terms"
         if not np.isfinite(cross[k]) or slope[k] == 0:
             n_cross = math.nan
             note = "flat prediction: no crossing"
@@ -380,6 +448,10 @@ def _crossings(
             }
         )
     return pl.DataFrame(rows, schema=CROSSING_COLUMNS), len(draws)
+
+
+def _tasks_per_type(frame: pd.DataFrame) -> dict[str, int]:
+    return {str(k): int(v) for k, v in frame.groupby("task_type")["task"].nunique().items()}
 
 
 def _has_repeated_measures(frame: pd.DataFrame) -> bool:
@@ -445,8 +517,23 @@ def fit_data_scale(
         text = f"{record.category.__name__}: {record.message}"
         if text not in caught:
             caught.append(text)
-    if ols.df_resid < 10:
-        caught.append(f"small sample: {int(ols.df_resid)} residual degrees of freedom; intervals are approximate")
+    if ols.df_resid < MIN_RESID_DF:
+        caught.append(
+            f"small sample: the model rel_change ~ {formula} has {int(ols.df_resid)} residual degree(s) of freedom "
+            f"(fewer than {MIN_RESID_DF}), so its R², p-values and intervals are unreliable and no recommendation "
+            "from it is labelled clear; add tasks, data fractions or seeds"
+        )
+    tasks_per_type = _tasks_per_type(frame)
+    few = sorted(
+        {t for t in tasks_per_type if distinct_resamples(tasks_per_type, formula, t) < MIN_DISTINCT_RESAMPLES}
+    )
+    if few:
+        caught.append(
+            "too few tasks to resample: the bootstrap over tasks draws fewer than "
+            f"{MIN_DISTINCT_RESAMPLES} distinct task sets for task type(s) {', '.join(few)} "
+            f"(tasks per type: {', '.join(f'{t} {n}' for t, n in sorted(tasks_per_type.items()))}), so their zero "
+            "crossings get no interval and no recommendation for them is labelled clear; add tasks of these types"
+        )
 
     levels = {"task_type": sorted(frame["task_type"].unique()), "paradigm": sorted(frame["paradigm"].unique())}
     fit = DataScaleFit(
@@ -465,9 +552,8 @@ def fit_data_scale(
         messages=messages,
         levels=levels,
         n_bootstrap=n_draws,
+        tasks_per_type=tasks_per_type,
     )
-    for message in messages:
-        logger.info("data scale: %s", message)
     return fit
 
 

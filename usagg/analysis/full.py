@@ -50,6 +50,7 @@ def add_transfer(
     transfer = analyse_transfer(inputs.results, inputs.per_image, metrics, all_metrics, n_boot=n_boot, seed=seed)
     report.transfer = transfer
     report.warnings.extend(transfer.warnings)
+    report.messages.extend(transfer.messages)
     report.tables["relative_change"] = transfer.rel
     report.tables["negative_transfer"] = transfer.summary
     report.tables["delta_m"] = transfer.delta_m

@@ -9,6 +9,8 @@ Per task, aggregated paradigm, metric and data fraction:
      there are several, so the interval covers both sources of variation);
   2. ``t_seeds``: a Student t interval of the mean over seeds (two or more seeds);
   3. none: a single seed without per-image scores has no interval, and the task is not flagged;
+  0 bootstrap replicates skip the image bootstrap: the t interval is used where there are two or more seeds,
+  and a comparison with per-image scores but one seed has no interval (``no_bootstrap``);
 - the flag: negative transfer when the whole interval lies below 0 (``ci_hi < 0``), stored with its rule.
 
 Task-type sensitivity: Kruskal–Wallis H across task types with the effect size
@@ -36,6 +38,7 @@ FLAG_RULES = {
     "t_seeds": "negative transfer if the upper bound of the 95 % t interval of the mean over seeds is below 0",
     "reported": "a single reported or single-seed value has no interval; not flagged",
     "none": "no interval (one seed and no per-image scores); not flagged",
+    "no_bootstrap": "no interval (0 bootstrap replicates and one seed); not flagged",
 }
 
 # Rows with equal values here are the seeds of one comparison.
@@ -103,13 +106,15 @@ def paired_bootstrap_interval(
     ``scores_agg`` and ``scores_ts`` have shape (seeds, images), with image k the same test image in both.
     Each replicate resamples seeds and images with replacement (the same images for both runs, so the
     comparison stays paired), then takes s · (mean_agg − mean_ts) / |mean_ts| averaged over the drawn seeds.
+    NaN bounds when ``n_boot`` is 0, when there are fewer than two images, or when fewer than half the
+    replicates have a finite value.
     """
     agg = np.atleast_2d(np.asarray(scores_agg, dtype=float))
     ts = np.atleast_2d(np.asarray(scores_ts, dtype=float))
     if agg.shape != ts.shape:
         raise AnalysisError(f"paired bootstrap: score arrays differ in shape {agg.shape} vs {ts.shape}")
     n_seeds, n_images = agg.shape
-    if n_images < 2:
+    if n_images < 2 or n_boot < 1:
         return math.nan, math.nan
     rng = np.random.default_rng(seed)
     sign = 1.0 if higher_is_better else -1.0
@@ -127,7 +132,7 @@ def paired_bootstrap_interval(
             rel += sign * (mean_agg - mean_ts) / np.abs(mean_ts)
     rel /= n_seeds
     rel = rel[np.isfinite(rel)]
-    if rel.size < n_boot // 2:
+    if rel.size == 0 or rel.size < n_boot // 2:
         return math.nan, math.nan
     lo, hi = np.percentile(rel, [50 * (1 - level), 50 * (1 + level)])
     return float(lo), float(hi)
@@ -274,7 +279,8 @@ def seed_summary(
 
     ``per_image`` contains per-image scores (columns run_id, task, split, image, metric, value). A comparison
     whose runs all have per-image scores for its metric gets the image bootstrap. The others fall back as the
-    module docstring describes. Returns the table and the notes collected from the statistical tests.
+    module docstring describes. ``n_boot`` 0 skips the image bootstrap. Returns the table and the notes
+    collected from the statistical tests.
     """
     notes: list[str] = []
     scores = _index_scores(per_image) if per_image is not None and per_image.height else {}
@@ -295,10 +301,12 @@ def seed_summary(
         ci_lo = ci_hi = math.nan
         method = "none"
         matrices = _score_matrices(scores, part, info) if scores else None
-        if matrices is not None:
+        if matrices is not None and n_boot < 1:
+            method = "no_bootstrap"
+        elif matrices is not None:
             ci_lo, ci_hi = paired_bootstrap_interval(matrices[0], matrices[1], higher, n_boot, level, seed)
             method = "bootstrap_images" if math.isfinite(ci_lo) else "none"
-        if method == "none" and finite.size >= 2:
+        if method in ("none", "no_bootstrap") and finite.size >= 2:
             ci_lo, ci_hi = t_interval(finite, level)
             method = "t_seeds"
         if method == "none" and "source" in part.columns and str(part["source"][0]).startswith("reported:"):

@@ -153,15 +153,23 @@ def relative_change_with_warnings(
 
     unmatched = rel.filter(pl.col("run_id_ts").is_null())
     if unmatched.height:
-        examples = unmatched.select("paradigm", "task", "data_fraction", "seed").unique().sort(pl.all())
+        examples = unmatched.select("paradigm", "task", "data_fraction", "seed", "split").unique().sort(pl.all())
         listed = "; ".join(
-            f"{p}/{t} fraction {f} seed {s}" for p, t, f, s in examples.head(5).iter_rows()
+            f"{p}/{t} fraction {f} seed {s} split {sp}" for p, t, f, s, sp in examples.head(5).iter_rows()
         )
         more = f" and {examples.height - 5} more" if examples.height > 5 else ""
-        warnings.append(
-            f"{examples.height} aggregated run(s) have no task-specific run with the same data fraction and seed "
-            f"and are left out: {listed}{more}"
+        message = (
+            f"{examples.height} aggregated result(s) have no task-specific result with the same study, metric, "
+            f"data fraction, seed and split and are left out: {listed}{more}"
         )
+        # Name the splits that the task-specific runs were never evaluated on, the usual cause.
+        missing_splits = sorted(set(unmatched["split"].to_list()) - set(reference["split"].to_list()))
+        if missing_splits:
+            message += (
+                f". No task-specific result has split {', '.join(missing_splits)}; to compare it, evaluate the "
+                f"task-specific runs on it too (`usagg evaluate RUN_DIR --split {missing_splits[0]}`)"
+            )
+        warnings.append(message)
         rel = rel.filter(pl.col("run_id_ts").is_not_null())
 
     sign = pl.when(pl.col("higher_is_better")).then(1.0).otherwise(-1.0)

@@ -41,6 +41,7 @@ class TransferAnalysis:
     summary: pl.DataFrame
     delta_m: pl.DataFrame
     warnings: list[str] = field(default_factory=list)
+    messages: list[str] = field(default_factory=list)  # intervals not computed, with the reason
 
     def flagged(self) -> pl.DataFrame:
         """Return the comparisons flagged as negative transfer."""
@@ -52,7 +53,8 @@ def delta_m_table(rel: pl.DataFrame, n_boot: int = 1000, seed: int = 0, level: f
 
     ``ci_seeds`` is the t interval of the per-seed Δm, which reflects training randomness and needs two seeds.
     ``ci_tasks`` is a percentile bootstrap over tasks of the seed-averaged task means, which reflects the choice
-    of tasks and needs two tasks. Each task counts once per seed because its metrics are averaged first.
+    of tasks and needs two tasks and ``n_boot`` of 1 or more. Each task counts once per seed because its metrics
+    are averaged first.
     """
     valid = rel.filter(pl.col("rel_change").is_not_null() & pl.col("rel_change").is_not_nan())
     base = ["paradigm", "data_fraction", "split"]
@@ -108,8 +110,25 @@ def analyse_transfer(
     n_boot: int = 2000,
     seed: int = 0,
 ) -> TransferAnalysis:
-    """Compute relative change, per-comparison statistics with negative-transfer flags, and Δm tables."""
+    """Compute relative change, per-comparison statistics with negative-transfer flags, and Δm tables.
+
+    ``n_boot`` is the number of bootstrap replicates of both the image bootstrap and the Δm bootstrap over
+    tasks. With 0 those intervals are NaN, and ``messages`` explains why.
+    """
     rel, warnings = relative_change_with_warnings(results, metrics, all_metrics)
     summary, notes = seed_summary(rel, per_image, n_boot=n_boot, seed=seed)
     warnings.extend(notes)
-    return TransferAnalysis(rel=rel, summary=summary, delta_m=delta_m_table(rel, seed=seed), warnings=warnings)
+    messages = []
+    if n_boot < 1 and rel.height:
+        text = (
+            "negative transfer computed with 0 bootstrap replicates, so without bootstrap intervals: "
+            "Δm has no interval over tasks (ci_tasks is empty)"
+        )
+        if per_image is not None and per_image.height:
+            text += (
+                ", and comparisons with per-image scores have no image-bootstrap interval (they get the t interval "
+                "over seeds where there are two or more seeds, else none: ci_method no_bootstrap)"
+            )
+        messages.append(text)
+    delta_m = delta_m_table(rel, n_boot=n_boot, seed=seed)
+    return TransferAnalysis(rel=rel, summary=summary, delta_m=delta_m, warnings=warnings, messages=messages)

@@ -9,6 +9,9 @@ import polars as pl
 
 from usagg.reproduce.report import ReportTable
 
+# Significance level at which a key finding calls a test result significant.
+ALPHA = 0.05
+
 
 def _pct(value: float | None) -> str:
     if value is None or not math.isfinite(value):
@@ -45,9 +48,11 @@ def key_findings(report: Any) -> list[str]:
         )
     for paradigm, test in sorted(getattr(report, "sensitivity", {}).items()):
         if math.isfinite(test.statistic):
+            verdict = "differs significantly" if test.p_value < ALPHA else "does not differ significantly"
             lines.append(
-                f"{paradigm}: relative change differs across task types with Kruskal–Wallis H = {test.statistic:.2f}, "
-                f"p = {test.p_value:.3g} (ε² = {test.epsilon2:.2f}, n = {test.n} tasks)."
+                f"{paradigm}: relative change {verdict} across task types at α = {ALPHA} "
+                f"(Kruskal–Wallis H = {test.statistic:.2f}, p = {test.p_value:.3g}, ε² = {test.epsilon2:.2f}, "
+                f"n = {test.n} tasks)."
             )
     fit = getattr(report, "data_scale", None)
     if fit is not None and fit.crossings.height:
