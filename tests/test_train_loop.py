@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 
+import numpy as np
 import polars as pl
 import pytest
 import torch
@@ -178,6 +179,11 @@ def test_train_records_affinity_and_uncertainty(tmp_path, shared_data):
         matrix = affinity[key]["matrix"]
         assert len(matrix) == 2 and len(matrix[0]) == 2, key
         assert affinity[key]["n_records"] == 2
+        records = affinity[key]["records"]
+        assert [r["step"] for r in records] == [2, 4], key
+        mean_of_records = np.nanmean(np.array([r["matrix"] for r in records], dtype=float), axis=0)
+        assert np.array(matrix, dtype=float) == pytest.approx(mean_of_records), key
+    assert affinity["lookahead"]["reference"] == "momentum"
     cosine = affinity["gradient_cosine"]["matrix"]
     assert cosine[0][0] == pytest.approx(1.0)
     assert cosine[0][1] == pytest.approx(cosine[1][0])

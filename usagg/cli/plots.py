@@ -57,7 +57,7 @@ def plot(
 
 def reproduce(
     study: Annotated[Optional[Path], typer.Argument(help="Study YAML; omit with --quick for the synthetic benchmark.", metavar="[STUDY.yaml]")] = None,
-    quick: Annotated[bool, typer.Option("--quick", help="Without a study: generate the small synthetic benchmark and train tiny models (sized for 15 minutes on 2 CPU cores).")] = False,
+    quick: Annotated[bool, typer.Option("--quick", help="Without a study: generate the small synthetic benchmark and train tiny models (5-6 minutes on 2 idle CPU cores).")] = False,
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Root of the run directories; default the study's output (usagg-output/runs for --quick).")] = None,
     figures_dir: Annotated[Optional[Path], typer.Option("--figures", help="Folder for the figures; default figures/ with --quick, else <output>/<study>/figures.")] = None,
     formats: Annotated[str, typer.Option("--format", help="Comma-separated figure formats: pdf, png, svg.")] = "pdf,png",

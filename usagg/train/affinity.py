@@ -23,20 +23,22 @@ _KEYS = ("lookahead", "gradient_cosine", "gradient_magnitude")
 
 
 class _Mean:
-    """NaN-aware running mean of a task x task matrix."""
+    """NaN-aware running mean of a task x task matrix, with every record and its step kept for the trajectory."""
 
     def __init__(self, n: int) -> None:
         self.total = np.zeros((n, n))
         self.count = np.zeros((n, n))
         self.records = 0
         self.seconds = 0.0
+        self.history: list[tuple[int, np.ndarray]] = []
 
-    def add(self, matrix: np.ndarray, seconds: float) -> None:
+    def add(self, matrix: np.ndarray, seconds: float, step: int) -> None:
         finite = np.isfinite(matrix)
         self.total[finite] += matrix[finite]
         self.count[finite] += 1
         self.records += 1
         self.seconds += seconds
+        self.history.append((step, matrix.copy()))
 
     def mean(self) -> np.ndarray:
         with np.errstate(invalid="ignore", divide="ignore"):
@@ -109,29 +111,40 @@ class AffinityRecorder:
             z = lookahead_affinity(
                 self.model, optimizer, batches, self._loss, shared, clip_grad_norm=grad_clip, reference=self.lookahead_reference
             )
-            self.means["lookahead"].add(z, time.perf_counter() - start)
+            self.means["lookahead"].add(z, time.perf_counter() - start, step)
         if due_gradient:
             start = time.perf_counter()
             cosine, magnitude = gradient_affinity(self.model, batches, self._loss, shared)
             seconds = time.perf_counter() - start
-            self.means["gradient_cosine"].add(cosine, seconds / 2)
-            self.means["gradient_magnitude"].add(magnitude, seconds / 2)
+            self.means["gradient_cosine"].add(cosine, seconds / 2, step)
+            self.means["gradient_magnitude"].add(magnitude, seconds / 2, step)
 
     def state_dict(self) -> dict[str, Any]:
         return {key: vars(mean).copy() for key, mean in self.means.items()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         for key, values in state.items():
-            vars(self.means[key]).update(values)
+            vars(self.means[key]).update({"history": [], **values})  # older checkpoints have no history
 
     def write(self, run_dir: Path) -> None:
-        """Write affinity.json: rows are source tasks, columns target tasks; unrecorded estimators are omitted."""
+        """Write affinity.json: rows are source tasks, columns target tasks; unrecorded estimators are omitted.
+
+        Each estimator entry contains the mean ``matrix`` and, under ``records``, every recorded matrix with its step.
+        """
         data: dict[str, Any] = {"tasks": self.tasks}
         for key, mean in self.means.items():
             if mean.records:
-                matrix = [[None if not np.isfinite(v) else float(v) for v in row] for row in mean.mean()]
-                data[key] = {"matrix": matrix, "n_records": mean.records, "seconds": round(mean.seconds, 3)}
+                data[key] = {
+                    "matrix": _json_matrix(mean.mean()),
+                    "n_records": mean.records,
+                    "seconds": round(mean.seconds, 3),
+                    "records": [{"step": step, "matrix": _json_matrix(m)} for step, m in mean.history],
+                }
         if "lookahead" in data:
             data["lookahead"]["reference"] = self.lookahead_reference
         if len(data) > 1:
             write_json_atomic(run_dir / AFFINITY_FILE, data)
+
+
+def _json_matrix(matrix: np.ndarray) -> list[list[float | None]]:
+    return [[None if not np.isfinite(v) else float(v) for v in row] for row in matrix]
