@@ -133,6 +133,19 @@ def test_affinity_one_and_two_methods(drawn, study_dir_27):
     assert set(two.data["method"]) == {"lookahead", "experts"}
 
 
+def test_affinity_diagonal_outside_colour_scale(drawn):
+    plot, _, _ = drawn["affinity"]
+    heat = next(ax for ax in plot.figure.axes if ax.get_title() == "lookahead (TAG)")
+    image = heat.get_images()[0]
+    data = plot.data.filter(pl.col("method") == "lookahead")
+    off_diagonal = data.filter(pl.col("source") != pl.col("target"))["affinity"].to_numpy()
+    limit = np.nanmax(np.abs(off_diagonal))
+    assert image.norm.vmax == pytest.approx(limit) or image.norm.vmax == pytest.approx(np.nanmax(off_diagonal))
+    shown = image.get_array()
+    assert shown.mask.diagonal().all()  # self-affinity is drawn separately, in white
+    assert not data.filter(pl.col("source") == pl.col("target"))["affinity"].is_nan().all()  # but kept in the data
+
+
 def test_expert_usage_one_panel_per_layer(drawn):
     plot, _, _ = drawn["expert-usage"]
     panels = [ax for ax in plot.figure.axes if ax.get_title().startswith("block")]

@@ -8,7 +8,8 @@ from pathlib import Path
 import matplotlib
 import numpy as np
 import polars as pl
-from matplotlib.colors import Normalize, TwoSlopeNorm
+from matplotlib.colors import ListedColormap, Normalize, TwoSlopeNorm
+from matplotlib.ticker import MaxNLocator
 from scipy.cluster.hierarchy import dendrogram, leaves_list, linkage
 from scipy.spatial.distance import squareform
 
@@ -194,9 +195,15 @@ def affinity(inputs: FigureInputs, *, methods: list[str] | None = None) -> Figur
     for method, ax, cax in zip(chosen, heat_axes, cbar_axes):
         _, matrix = matrices[method]
         values = matrix[np.ix_(order, order)]
-        cmap_name, norm = _norm(values)
+        # A task's affinity with itself is no transfer, and its lookahead on its own loss often dwarfs the rest.
+        # So the diagonal stays out of the colour scale and is drawn white. Grey marks missing pairs.
+        off_diagonal = ~np.eye(n, dtype=bool)
+        transfer_values = np.where(off_diagonal, values, np.nan)
+        cmap_name, norm = _norm(transfer_values)
         cmap = matplotlib.colormaps[cmap_name].with_extremes(bad="#d9d9d9")
-        image = ax.imshow(np.ma.masked_invalid(values), cmap=cmap, norm=norm, aspect="auto", interpolation="nearest")
+        image = ax.imshow(np.ma.masked_invalid(transfer_values), cmap=cmap, norm=norm, aspect="auto", interpolation="nearest")
+        diagonal = np.ma.masked_where(off_diagonal, np.zeros((n, n)))
+        ax.imshow(diagonal, cmap=ListedColormap(["white"]), aspect="auto", interpolation="nearest")
         ax.set_xticks(range(n))
         ax.set_xticklabels(ordered, rotation=90, fontsize=_label_size(n))
         ax.set_yticks(range(n))
@@ -209,8 +216,9 @@ def affinity(inputs: FigureInputs, *, methods: list[str] | None = None) -> Figur
         ax.set_title(METHOD_LABELS[method])
         ax.set_xlabel("target task")
         if n <= ANNOTATE_MAX_TASKS:
-            _annotate(ax, values, cmap, norm)
+            _annotate(ax, transfer_values, cmap, norm)
         colorbar = fig.colorbar(image, cax=cax, orientation="horizontal")
+        colorbar.ax.xaxis.set_major_locator(MaxNLocator(nbins=5))  # labels like -0.015 collide at the default density
         colorbar.set_label(f"affinity ({method})")
         colorbar.ax.tick_params(labelsize=SMALL_FONT_SIZE)
         for i, source in enumerate(ordered):
