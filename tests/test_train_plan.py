@@ -104,6 +104,15 @@ def test_plan_pairs_default_to_every_pair():
     assert pairs[0].tasks == ("seg_a", "cls_a")
 
 
+def test_plan_pairs_use_study_task_order():
+    study = _study()
+    study.pairs = [("kp_b", "seg_a"), ("seg_a", "kp_b"), ("cls_a", "seg_a")]
+    specs = plan_runs(study, paradigms=["pair"], fractions=[1.0], seeds=[0])
+    assert [s.run_id for s in specs] == ["pair/seg_a+kp_b/frac-1/seed-0", "pair/seg_a+cls_a/frac-1/seed-0"]
+    every = plan_runs(_study(), paradigms=["pair"], pairs=True, fractions=[1.0], seeds=[0])
+    assert {s.run_id for s in specs} <= {s.run_id for s in every}
+
+
 def test_plan_pairs_from_study():
     study = _study()
     study.pairs = [("seg_a", "kp_b")]

@@ -175,11 +175,23 @@ def plan_runs(
 
 
 def _pairs(study: StudyConfig, pairs: bool | Sequence[tuple[str, str]]) -> list[tuple[str, str]]:
+    """Return the pairs to train, each in the study's task order and listed once.
+
+    One order per pair gives each pair one run folder, whether it was listed as (a, b) or (b, a) or came from
+    the every-pair enumeration, so changing the study's ``pairs`` never trains a pair twice.
+    """
+    names = [card.name for card in study.tasks]
     if pairs is True or pairs is False:
-        if study.pairs:
-            return [tuple(p) for p in study.pairs]  # type: ignore[misc]
-        return list(itertools.combinations([card.name for card in study.tasks], 2))
-    return [tuple(p) for p in pairs]  # type: ignore[misc]
+        if not study.pairs:
+            return list(itertools.combinations(names, 2))
+        pairs = study.pairs
+    position = {name: i for i, name in enumerate(names)}
+    ordered: list[tuple[str, str]] = []
+    for pair in pairs:
+        canonical = tuple(sorted(pair, key=lambda task: position.get(task, len(names))))
+        if canonical not in ordered:
+            ordered.append(canonical)  # type: ignore[arg-type]
+    return ordered
 
 
 def _check_subset(option: str, requested: Sequence | None, available: Sequence) -> list:
