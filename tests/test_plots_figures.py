@@ -69,6 +69,20 @@ def test_data_scale_panels_and_marks(drawn):
     assert plot.figure.axes[0].get_ylabel() == "relative change to task-specific (%)"
 
 
+def test_data_scale_fit_stays_in_observed_sizes(drawn):
+    plot, _, _ = drawn["data-scale"]
+    points = plot.data.filter(pl.col("layer") == "point")
+    fits = plot.data.filter(pl.col("layer") == "fit")
+    assert fits.height > 0
+    for (paradigm, task_type), fit in fits.group_by("paradigm", "task_type"):
+        observed = points.filter((pl.col("paradigm") == paradigm) & (pl.col("task_type") == task_type))["n_train"]
+        assert fit["n_train"].min() == pytest.approx(observed.min()), (paradigm, task_type)
+        assert fit["n_train"].max() == pytest.approx(observed.max()), (paradigm, task_type)
+    for row in plot.data.filter((pl.col("layer") == "crossing") & pl.col("drawn")).iter_rows(named=True):
+        observed = points.filter((pl.col("paradigm") == row["paradigm"]) & (pl.col("task_type") == row["task_type"]))
+        assert observed["n_train"].min() <= row["n_train"] <= observed["n_train"].max()
+
+
 def test_transfer_matrix_rows_columns_and_marks(drawn):
     plot, _, _ = drawn["transfer-matrix"]
     strip, heat = plot.figure.axes[0], plot.figure.axes[1]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import polars as pl
 from matplotlib.lines import Line2D
@@ -62,7 +64,6 @@ def data_scale(
     # One fitted line per task type, unless the chosen model has no task-type term (then the lines coincide).
     line_types = task_types if "task_type" in fit.uses else [task_types[0]]
     n_min, n_max = float(observations["n_train"].min()), float(observations["n_train"].max())
-    grid = np.logspace(np.log10(n_min), np.log10(n_max), GRID_POINTS)
 
     fit_rows: list[dict] = []
     crossing_rows: list[dict] = []
@@ -80,9 +81,18 @@ def data_scale(
                 alpha=0.85,
                 zorder=3,
             )
+        type_ranges: dict[str, tuple[float, float]] = {}
         for task_type in line_types:
-            if "task_type" in fit.uses and points.filter(pl.col("task_type") == task_type).height == 0:
+            observed = points.filter(pl.col("task_type") == task_type) if "task_type" in fit.uses else points
+            if observed.height == 0:
                 continue
+            # Each line covers only the training sizes its task type was observed at, so the figure does not
+            # extrapolate a type's fit (and its widening band) over sizes it never had.
+            type_min, type_max = float(observed["n_train"].min()), float(observed["n_train"].max())
+            type_ranges[task_type if "task_type" in fit.uses else "all"] = (type_min, type_max)
+            if type_max <= type_min:
+                continue
+            grid = np.logspace(np.log10(type_min), np.log10(type_max), GRID_POINTS)
             mean, lo, hi = fit.predict(grid, task_type, paradigm)
             color = task_type_color(task_type) if "task_type" in fit.uses else "black"
             ax.plot(grid, mean * 100, color=color, linewidth=1.2, zorder=4)
@@ -96,7 +106,7 @@ def data_scale(
         if "task_type" not in fit.uses:
             # Without a task-type term every type has the same crossing; draw it once, in black.
             crossings = crossings.filter(pl.col("paradigm") == paradigm).head(1).with_columns(pl.lit("all").alias("task_type"))
-        crossing_rows += _draw_crossings(ax, crossings, paradigm, [*task_types, "all"], n_min, n_max)
+        crossing_rows += _draw_crossings(ax, crossings, paradigm, [*task_types, "all"], type_ranges)
 
         ax.axhline(0.0, color="#333333", linewidth=0.7, linestyle="--", zorder=1)
         _log_axis(ax, n_min, n_max)
@@ -142,9 +152,9 @@ def data_scale(
 
 
 def _draw_crossings(
-    ax, crossings: pl.DataFrame, paradigm: str, task_types: list[str], n_min: float, n_max: float
+    ax, crossings: pl.DataFrame, paradigm: str, task_types: list[str], type_ranges: dict[str, tuple[float, float]]
 ) -> list[dict]:
-    """Mark each zero crossing inside the data range on the zero line.
+    """Mark each zero crossing that lies inside its task type's observed training sizes on the zero line.
 
     Its bootstrap interval, when bounded, is drawn as a bar just below the zero line, one row per task type,
     so that the intervals of different types do not hide each other.
@@ -152,7 +162,10 @@ def _draw_crossings(
     rows = []
     for row in crossings.filter(pl.col("paradigm") == paradigm).iter_rows(named=True):
         n_cross = row["n_train_cross"]
-        drawn = bool(row["within_data_range"] and n_cross is not None and np.isfinite(n_cross))
+        n_min, n_max = type_ranges.get(row["task_type"], (math.nan, math.nan))
+        drawn = bool(
+            row["within_data_range"] and n_cross is not None and np.isfinite(n_cross) and n_min <= n_cross <= n_max
+        )
         if drawn:
             color = "black" if row["task_type"] == "all" else task_type_color(row["task_type"])
             if row["bounded"] and np.isfinite(row["ci_lo"]) and np.isfinite(row["ci_hi"]):
