@@ -167,6 +167,8 @@ def test_expert_usage_one_panel_per_layer(drawn):
     assert len(panels[0].get_yticklabels()) == 27
     shares = plot.data.group_by("task", "block").agg(pl.col("share").sum())["share"].to_numpy()
     assert np.allclose(shares, 1.0)
+    # The run is named by its coordinates, not its absolute path, so the figure data carries no machine path.
+    assert plot.data["run"].unique().to_list() == ["unified / all / frac 1 / seed 0"]
 
 
 def test_grouping_partitions_side_by_side(drawn):

@@ -145,5 +145,5 @@ def expert_usage(inputs: FigureInputs, *, run: str | None = None) -> FigurePlot:
     colorbar = fig.colorbar(image, ax=axes.ravel().tolist(), location="bottom", shrink=0.5, aspect=40, pad=0.02)
     colorbar.set_label("share of the task's tokens routed to the expert")
     fig.suptitle(f"Expert usage per MoE layer ({chosen.label}; {experts} experts)")
-    data = table.with_columns(pl.lit(str(chosen.path)).alias("run"))
+    data = table.with_columns(pl.lit(chosen.label).alias("run"))
     return FigurePlot(fig, data)
