@@ -236,3 +236,18 @@ def test_key_findings_kruskal_wording():
         "unified: relative change differs significantly across task types at α = 0.05 "
         "(Kruskal–Wallis H = 1.00, p = 0.004, ε² = 1.00, n = 2 tasks).",
     ]
+
+
+def test_delta_m_intervals_ignore_row_order():
+    """The same table in another row order gives the same bootstrap intervals."""
+    from usagg.analysis.transfer import delta_m_table
+
+    rows = []
+    for task, ts, agg in (("a", 0.8, 0.6), ("b", 0.5, 0.6), ("c", 0.7, 0.72), ("d", 0.4, 0.3), ("e", 0.9, 0.85)):
+        rows += rows_for(task, [ts, ts], [agg, agg + 0.05])
+    rel = relative_change(pl.DataFrame(rows, schema=RESULTS_SCHEMA))
+    first = delta_m_table(rel, n_boot=200, seed=0)
+    for shuffle_seed in (1, 2, 3):
+        again = delta_m_table(rel.sample(fraction=1.0, shuffle=True, seed=shuffle_seed), n_boot=200, seed=0)
+        assert again["ci_tasks_lo"].to_list() == first["ci_tasks_lo"].to_list()
+        assert again["ci_tasks_hi"].to_list() == first["ci_tasks_hi"].to_list()

@@ -58,8 +58,12 @@ def delta_m_table(rel: pl.DataFrame, n_boot: int = 1000, seed: int = 0, level: f
     """
     valid = rel.filter(pl.col("rel_change").is_not_null() & pl.col("rel_change").is_not_nan())
     base = ["paradigm", "data_fraction", "split"]
-    per_seed_task = valid.group_by(*base, "seed", "task", "task_type", "clinical_group", "group").agg(
-        pl.col("rel_change").mean()
+    # Sorted groups make the shared bootstrap generator draw in the same order on every call, so the same
+    # table always gives the same intervals (polars' group_by returns groups in arbitrary order).
+    per_seed_task = (
+        valid.group_by(*base, "seed", "task", "task_type", "clinical_group", "group")
+        .agg(pl.col("rel_change").mean())
+        .sort(*base, "seed", "task", "group", nulls_last=True)
     )
     rng = np.random.default_rng(seed)
     rows = []
@@ -67,8 +71,8 @@ def delta_m_table(rel: pl.DataFrame, n_boot: int = 1000, seed: int = 0, level: f
         keys = base if level_name == "study" else [*base, level_name]
         for key, part in per_seed_task.group_by(keys, maintain_order=True):
             info = dict(zip(keys, key))
-            task_means = part.group_by("task").agg(pl.col("rel_change").mean())["rel_change"].to_numpy()
-            seed_means = part.group_by("seed").agg(pl.col("rel_change").mean())["rel_change"].to_numpy()
+            task_means = part.group_by("task").agg(pl.col("rel_change").mean()).sort("task")["rel_change"].to_numpy()
+            seed_means = part.group_by("seed").agg(pl.col("rel_change").mean()).sort("seed")["rel_change"].to_numpy()
             n_tasks, n_seeds = task_means.size, seed_means.size
             ci_seeds = t_interval(seed_means, level) if n_seeds >= 2 else (math.nan, math.nan)
             ci_tasks = (math.nan, math.nan)
