@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import re
 import typing
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from enum import Enum
 from pathlib import Path
 from typing import Any, Literal
@@ -208,17 +208,9 @@ class StudyConfig(StrictModel):
             raise ValueError(f"task names must be unique; repeated: {', '.join(duplicates)}")
         known = set(names)
         if self.groups is not None:
-            seen: dict[str, str] = {}
-            for group, members in self.groups.items():
-                for member in members:
-                    if member not in known:
-                        raise ValueError(
-                            f"groups.{group}: names task {member!r}, which is not among the study's tasks "
-                            f"({', '.join(names)})"
-                        )
-                    if member in seen:
-                        raise ValueError(f"groups.{group}: task {member!r} is already in group {seen[member]!r}")
-                    seen[member] = group
+            problem = partition_problem(self.groups, names, self.name)
+            if problem is not None:
+                raise ValueError(problem)
         for pair in self.pairs or []:
             for member in pair:
                 if member not in known:
@@ -283,6 +275,22 @@ def read_yaml(path: str | os.PathLike) -> Any:
             where = f" at line {mark.line + 1}, column {mark.column + 1}"
         problem = getattr(exc, "problem", None) or str(exc)
         raise ConfigError(f"{file}: invalid YAML{where}: {problem}") from None
+
+
+def partition_problem(groups: Mapping[str, Sequence[str]], task_names: Sequence[str], study_name: str) -> str | None:
+    """Return the first problem of a ``groups:`` partition (an unknown task, a task in two groups), or None."""
+    seen: dict[str, str] = {}
+    for group, members in groups.items():
+        for member in members:
+            if member not in task_names:
+                return (
+                    f"groups.{group}: task {member!r} is not in study {study_name!r}; "
+                    f"its tasks are {', '.join(task_names)}"
+                )
+            if member in seen:
+                return f"groups.{group}: task {member!r} is already in group {seen[member]!r}"
+            seen[member] = str(group)
+    return None
 
 
 def format_validation_error(

@@ -15,7 +15,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from usagg.config import StudyConfig, read_yaml
+from usagg.config import StudyConfig, partition_problem, read_yaml
 from usagg.errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -95,22 +95,14 @@ def load_groups_file(path: str | os.PathLike, study: StudyConfig) -> dict[str, l
             f"{file}: expected a mapping with a 'groups:' block of group name -> list of task names, "
             f"for example 'groups: {{breast: [breast_lesion, breast_2cls]}}'"
         )
-    known = [card.name for card in study.tasks]
-    seen: dict[str, str] = {}
     groups: dict[str, list[str]] = {}
     for name, members in raw["groups"].items():
         if not isinstance(members, list) or not members or not all(isinstance(m, str) for m in members):
             raise ConfigError(f"{file}: groups.{name}: expected a non-empty list of task names, got {members!r}")
-        for member in members:
-            if member not in known:
-                raise ConfigError(
-                    f"{file}: groups.{name}: task {member!r} is not in study {study.name!r}; "
-                    f"its tasks are {', '.join(known)}"
-                )
-            if member in seen:
-                raise ConfigError(f"{file}: groups.{name}: task {member!r} is already in group {seen[member]!r}")
-            seen[member] = str(name)
         groups[str(name)] = list(members)
+    problem = partition_problem(groups, [card.name for card in study.tasks], study.name)
+    if problem is not None:
+        raise ConfigError(f"{file}: {problem}")
     return groups
 
 
