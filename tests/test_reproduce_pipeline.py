@@ -141,9 +141,10 @@ def test_reproduce_trains_end_to_end(tmp_path, monkeypatch):
     names = {f.name for f in result.figures}
     assert {"transfer-matrix", "group-paradigm", "task-type", "expert-usage", "training"} <= names
     assert result.report_html.is_file()
-    # relations.csv lies beside the generated data, not beside the study file; the estimators are scored on it
+    # relations.csv lies beside the generated data, not beside the study file. The estimators are scored on it.
     scores = (result.study_dir / "analysis" / "affinity_scores.csv").read_text(encoding="utf-8")
-    assert scores.startswith("method,") and "measured" in scores
+    assert scores.startswith("method,")
+    assert "measured" in scores
     runs = sorted(p.parent.relative_to(result.study_dir).as_posix() for p in result.study_dir.rglob("run.json"))
     assert len(runs) == 4 + 2 + 1 + 1  # task-specific, grouped, unified and the pair run
 

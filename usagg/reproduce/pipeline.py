@@ -24,7 +24,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from usagg import __version__
 from usagg.errors import AnalysisError, ConfigError, DataError, UsaggError
@@ -34,6 +34,9 @@ from usagg.plots.registry import RenderedFigure, load_figures, render_figure
 from usagg.plots.style import DEFAULT_FORMATS
 from usagg.reproduce.findings import key_findings, key_tables
 from usagg.reproduce.report import ReportContent, write_report
+
+if TYPE_CHECKING:  # the config module is imported lazily at run time
+    from usagg.config import StudyConfig
 
 logger = logging.getLogger(__name__)
 
@@ -369,7 +372,7 @@ def _figures_stage(
     return holder["figures"], holder["figure_messages"]
 
 
-def _relations_file(study_file: Path, study) -> Path | None:
+def _relations_file(study_file: Path, study: StudyConfig) -> Path | None:
     """Return the known task-relation matrix, if any: beside the study, or beside its data folders.
 
     The synthetic benchmark writes ``relations.csv`` next to its ``train/``, ``val/`` and ``test/`` roots, while
