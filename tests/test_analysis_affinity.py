@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import shutil
 
 import numpy as np
 import polars as pl
@@ -16,6 +17,7 @@ from usagg.analysis.affinity import (
     agreement,
     expert_affinity_matrix,
     expert_affinity_per_layer,
+    fisher_affinity_matrix,
     gradient_affinity_matrix,
     lookahead_affinity_matrix,
     measured_affinity,
@@ -24,7 +26,7 @@ from usagg.analysis.affinity import (
     score_against_relations,
     write_matrix_csv,
 )
-from usagg.analysis.affinity_analysis import analyse_affinity
+from usagg.analysis.affinity_analysis import analyse_affinity, available_methods
 from usagg.analysis.inputs import load_inputs
 from usagg.analysis.simulate import simulate_study_dir
 from usagg.errors import AnalysisError, DataError
@@ -165,16 +167,40 @@ def test_score_against_relations(study_dir):
     relations = read_relations(study_dir / "relations.csv")
     inputs = load_inputs(study_dir)
     result = analyse_affinity(inputs, relations=relations, n_permutations=99)
-    assert set(result.matrices) == {"measured", "lookahead", "gradient", "experts"}
+    assert set(result.matrices) == {"measured", "lookahead", "gradient", "experts", "fisher"}
     scores = dict(result.scores.select("method", "spearman_rho").iter_rows())
     assert scores["lookahead"] > 0.6
     assert scores["measured"] > 0.6
+    assert scores["fisher"] > 0.6
     assert result.best_method() in scores
     costs = {r["method"]: r for r in result.costs.iter_rows(named=True)}
     assert costs["measured"]["training_runs"] == 15 * 2  # every pair of 6 tasks, 2 seeds
     assert costs["lookahead"]["extra_training_runs"] == 0
     assert costs["lookahead"]["pair_runs_for_all_pairs"] == 15
     assert costs["lookahead"]["estimator_seconds"] == pytest.approx(25.0)
+    assert costs["fisher"]["estimator_seconds"] == pytest.approx(4.0)
+    assert "final weights" in costs["fisher"]["note"]
+
+
+def test_fisher_matrix_averages_and_optional(study_dir, tmp_path):
+    files = sorted(study_dir.rglob("affinity.json"))
+    stored = [np.array(json.loads(f.read_text())["fisher"]["matrix"], dtype=float) for f in files]
+    tasks, matrix = fisher_affinity_matrix(study_dir)
+    assert matrix == pytest.approx((stored[0] + stored[1]) / 2, nan_ok=True)
+    assert np.isnan(np.diag(matrix)).all()
+    assert "fisher" in available_methods(load_inputs(study_dir))
+
+    older = tmp_path / "older"
+    shutil.copytree(study_dir, older)
+    for file in older.rglob("affinity.json"):  # runs trained before the Fisher affinity existed
+        data = json.loads(file.read_text())
+        del data["fisher"]
+        file.write_text(json.dumps(data))
+    inputs = load_inputs(older)
+    assert "fisher" not in available_methods(inputs)
+    assert "fisher" not in analyse_affinity(inputs, n_permutations=9).matrices
+    with pytest.raises(DataError, match="no 'fisher' matrix"):
+        analyse_affinity(inputs, methods=["fisher"])
 
 
 def test_explicit_method_without_input_raises(tmp_path):

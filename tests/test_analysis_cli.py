@@ -119,7 +119,7 @@ def test_affinity_methods_relations_and_grouping(study_dir, tmp_path):
     assert scores.filter(pl.col("method") == "lookahead")["spearman_rho"][0] >= 0.6
     assert (tmp_path / "affinity_agreement.csv").exists()
     costs = pl.read_csv(tmp_path / "affinity_costs.csv")
-    assert set(costs["method"]) == {"measured", "lookahead", "gradient", "experts"}
+    assert set(costs["method"]) == {"measured", "lookahead", "gradient", "experts", "fisher"}
     groups = yaml.safe_load((tmp_path / "groups.yaml").read_text())["groups"]
     assert sorted(sorted(m) for m in groups.values()) == [
         ["task00", "task02", "task04"], ["task01", "task03", "task05"]]
@@ -176,8 +176,8 @@ def test_run_full_analysis_on_study_dir(study_dir, tmp_path):
     assert report.transfer is not None
     assert report.data_scale is not None
     assert report.grouping is not None
-    assert {"measured", "lookahead", "gradient", "experts"} <= set(report.matrices)
-    assert report.tables["affinity_scores"].height == 5
+    assert {"measured", "lookahead", "gradient", "experts", "fisher"} <= set(report.matrices)
+    assert report.tables["affinity_scores"].height == 6  # five methods and gradient magnitude
     summary = json.loads((tmp_path / "analysis_report.json").read_text())
     assert summary["grouping"]["k"] == report.grouping.k
     for name, path in summary["outputs"].items():

@@ -1,4 +1,4 @@
-"""Lookahead and gradient affinity probes on tiny torch models with AdamW."""
+"""Lookahead, gradient and Fisher affinity probes on tiny torch models with AdamW."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from usagg.analysis.affinity_probe import gradient_affinity, lookahead_affinity
+from usagg.analysis.affinity_probe import fisher_affinity, fisher_embeddings, gradient_affinity, lookahead_affinity
 
 
 class TinyMultiTask(torch.nn.Module):
@@ -204,3 +204,54 @@ def test_zero_loss_target_gives_nan():
     assert math.isnan(z[1, 0])
     assert math.isnan(z[0, 0])
     assert np.isfinite(z[:, 1]).all()
+
+
+def test_fisher_embeddings_known_value():
+    torch.manual_seed(0)
+    body = torch.nn.Linear(3, 2, bias=False)
+    generator = torch.Generator().manual_seed(1)
+    xs = torch.randn(4, 1, 3, generator=generator)
+    ys = torch.randn(4, generator=generator)
+    samples = {"a": [(xs[k], ys[k]) for k in range(4)], "b": [(xs[k], -ys[k]) for k in range(2)]}
+
+    def loss_fn(task, batch):
+        x, y = batch
+        return (body(x).sum() - y) ** 2
+
+    before = torch.full_like(body.weight, 0.5)
+    body.weight.grad = before.clone()
+    embeddings = fisher_embeddings(body, samples, loss_fn, [body.weight])
+    assert torch.equal(body.weight.grad, before)  # the probe leaves accumulated gradients alone
+    assert embeddings.shape == (2, 2)  # one unit per output row
+    w = body.weight.detach().numpy()
+    for row, (task, pairs) in enumerate(samples.items()):
+        # dL/dW[u, k] = 2 r x_k for every output u, with r the residual; the unit value is the mean over k.
+        expected = np.mean([
+            np.mean((2 * (float((w @ x.numpy()[0]).sum()) - float(y)) * x.numpy()[0]) ** 2) for x, y in pairs
+        ])
+        assert embeddings[row] == pytest.approx([expected, expected], rel=1e-6), task
+
+
+def test_fisher_embeddings_need_images():
+    body = torch.nn.Linear(2, 1)
+    with pytest.raises(ValueError, match="task 'a' needs at least one image"):
+        fisher_embeddings(body, {"a": []}, lambda task, batch: body(batch).sum(), list(body.parameters()))
+
+
+def test_fisher_affinity_is_log_correlation():
+    embeddings = np.array([
+        [1.0, 2.0, 4.0, 8.0, 0.0],
+        [3.0, 6.0, 12.0, 24.0, 0.0],  # a constant multiple of the first: identical on the log scale
+        [8.0, 4.0, 2.0, 1.0, 0.0],  # reversed
+        [5.0, 5.0, 5.0, 5.0, 0.0],  # constant: no correlation defined
+    ])  # the last unit is 0 for every task and is dropped
+    matrix = fisher_affinity(embeddings)
+    assert np.isnan(np.diag(matrix)).all()
+    assert matrix[0, 1] == pytest.approx(1.0)
+    assert matrix[0, 2] == pytest.approx(-1.0)
+    assert np.isnan(matrix[3, :]).all()
+    assert np.isnan(matrix[:, 3]).all()
+    assert matrix == pytest.approx(matrix.T, nan_ok=True)
+    with_zero = fisher_affinity(np.array([[0.0, 1.0, 2.0], [1.0, 1.0, 2.0]]))
+    expected = np.corrcoef(np.log([1.0, 1.0, 2.0]), np.log([1.0, 1.0, 2.0]))[0, 1]  # 0 raised to the minimum, 1
+    assert with_zero[0, 1] == pytest.approx(expected)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 
 import numpy as np
 import polars as pl
@@ -11,7 +12,7 @@ import pytest
 import torch
 from polars.testing import assert_frame_equal
 from safetensors.torch import load_file
-from train_fixtures import study_dict, tiny_trained_run, write_study  # noqa: F401  (fixture import)
+from train_fixtures import run_main, study_dict, tiny_trained_run, write_study  # noqa: F401  (fixture import)
 
 from usagg.config import load_study
 from usagg.errors import ConfigError, TrainingError
@@ -171,9 +172,23 @@ def test_train_records_affinity_and_uncertainty(tmp_path, shared_data):
         tmp_path,
         shared_data,
         ["breast_2cls", "fetal_head_axis"],
-        train={"lookahead_every": 2, "gradient_affinity_every": 2, "loss_weighting": "uncertainty", "affinity_batch_size": 2},
+        train={
+            "lookahead_every": 2,
+            "gradient_affinity_every": 2,
+            "loss_weighting": "uncertainty",
+            "affinity_batch_size": 2,
+            "fisher_images": 2,
+        },
     )
     affinity = json.loads((outcomes[0].run_dir / "affinity.json").read_text())
+    fisher = affinity["fisher"]
+    assert fisher["images_per_task"] == 2
+    assert fisher["n_records"] == 1
+    assert [r["step"] for r in fisher["records"]] == [4]  # once, on the final weights
+    values = np.array(fisher["matrix"], dtype=float)
+    assert np.isnan(np.diag(values)).all()
+    assert values[0, 1] == pytest.approx(values[1, 0])
+    assert -1 <= values[0, 1] <= 1
     assert affinity["tasks"] == ["breast_2cls", "fetal_head_axis"]
     for key in ("lookahead", "gradient_cosine", "gradient_magnitude"):
         matrix = affinity[key]["matrix"]
@@ -191,3 +206,35 @@ def test_train_records_affinity_and_uncertainty(tmp_path, shared_data):
     weights = [s["loss_weights"] for s in steps if "loss_weights" in s]
     assert weights[0] != weights[-1]  # the learned log-variances moved
     assert all(math.isfinite(v) for w in weights for v in w.values())
+
+
+def test_evaluate_adds_fisher_affinity(tiny_trained_run, tmp_path, monkeypatch, capsys):
+    source = tiny_trained_run["run_dir"]
+    spec = tiny_trained_run["spec"]
+    study_folder = source.parents[len(spec.run_id.split("/")) - 1]  # <output>/<study>
+    shutil.copytree(study_folder, tmp_path / "runs" / study_folder.name)
+    run_dir = tmp_path / "runs" / study_folder.name / spec.run_id
+    tasks = list(spec.tasks)
+    lookahead = {"matrix": [[0.5] * len(tasks)] * len(tasks), "n_records": 3, "seconds": 1.0}
+    (run_dir / "affinity.json").write_text(json.dumps({"tasks": tasks, "lookahead": lookahead}))
+
+    code, stderr = run_main(["evaluate", str(run_dir), "--split", "val", "--fisher-images", "2", "--device", "cpu"], monkeypatch)
+    assert code == 0, stderr
+    affinity = json.loads((run_dir / "affinity.json").read_text())
+    assert affinity["lookahead"] == lookahead  # entries already there are kept
+    values = np.array(affinity["fisher"]["matrix"], dtype=float)
+    assert values.shape == (len(tasks), len(tasks))
+    assert np.isnan(np.diag(values)).all()
+    assert np.isfinite(values[~np.eye(len(tasks), dtype=bool)]).all()
+    assert affinity["fisher"]["records"][0]["step"] == json.loads((run_dir / "run.json").read_text())["step"]
+
+    out = tmp_path / "analysis"
+    code, stderr = run_main(["transfer-matrix", str(tmp_path / "runs" / study_folder.name), "--method", "fisher", "--out", str(out)], monkeypatch)
+    assert code == 0, stderr
+    header = (out / "affinity_fisher.csv").read_text().splitlines()[0]
+    assert header.split(",")[1:] == tasks
+
+    capsys.readouterr()
+    code, _ = run_main(["evaluate", str(run_dir), "--fisher-images", "0"], monkeypatch)
+    assert code == 2
+    assert "--fisher-images" in capsys.readouterr().err  # typer prints its own usage error

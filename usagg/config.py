@@ -149,6 +149,7 @@ class TrainConfig(StrictModel):
     # Lookahead loss ratio against the loss after a zero-gradient optimizer step (momentum) or the current loss.
     lookahead_reference: Literal["momentum", "current"] = "momentum"
     affinity_batch_size: int | None = Field(default=None, ge=1)  # images per task for affinity records; default batch_size
+    fisher_images: int | None = Field(default=None, ge=1)  # images per task for the Fisher affinity at the end of unified training
 
     @model_validator(mode="after")
     def _check_budget(self) -> "TrainConfig":

@@ -12,6 +12,9 @@ helps task j. The diagonal is NaN or ignored. Estimators:
 - ``experts``: 1 − JSD₂(p_i, p_j) between the expert-usage distributions of two tasks in an MoE layer
   (Jensen–Shannon divergence in bits, so the similarity lies in [0, 1]), per layer and averaged over layers;
   read from routing_stats.json.
+- ``fisher`` (Achille et al., ICCV 2019, "Task2Vec"): correlation of the log diagonal Fisher information of
+  the two tasks' losses over the shared parameters' units, computed on the final weights of the unified run;
+  read from affinity.json. Symmetric.
 
 Agreement between two matrices is the Spearman correlation of their off-diagonal entries, with a permutation
 p-value that relabels the tasks of one matrix (a Mantel test).
@@ -43,9 +46,14 @@ from usagg.io import write_text_atomic
 
 logger = logging.getLogger(__name__)
 
-METHODS = ("measured", "lookahead", "gradient", "experts")
+METHODS = ("measured", "lookahead", "gradient", "experts", "fisher")
 # affinity.json keys for the one-run estimators; "gradient" has two matrices.
-JSON_KEYS = {"lookahead": "lookahead", "gradient": "gradient_cosine", "gradient_magnitude": "gradient_magnitude"}
+JSON_KEYS = {
+    "lookahead": "lookahead",
+    "gradient": "gradient_cosine",
+    "gradient_magnitude": "gradient_magnitude",
+    "fisher": "fisher",
+}
 
 Matrix = tuple[list[str], np.ndarray]
 
@@ -132,7 +140,7 @@ def measured_affinity(
     if pairs.height == 0:
         raise AnalysisError(
             "measured affinity needs pair runs (paradigm 'pair', group 'taskA+taskB'); plan them with "
-            "`usagg train STUDY --pairs` or choose --method lookahead, gradient or experts"
+            "`usagg train STUDY --pairs` or choose --method lookahead, gradient, experts or fisher"
         )
     rel, found = relative_change_with_warnings(results, metrics, paradigms=[PAIR])
     for note in found:
@@ -221,7 +229,7 @@ def _read_json(file: Path) -> Any:
 
 
 def read_affinity_json(file: str | os.PathLike, key: str) -> tuple[list[str], np.ndarray, dict[str, Any]]:
-    """Read one matrix (``lookahead``, ``gradient_cosine`` or ``gradient_magnitude``) from an affinity.json."""
+    """Read one matrix (a value of ``JSON_KEYS``) from an affinity.json."""
     path = Path(file)
     data = _read_json(path)
     tasks = data.get("tasks") if isinstance(data, dict) else None
@@ -260,6 +268,28 @@ def lookahead_affinity_matrix(source: str | os.PathLike) -> Matrix:
     """Return the lookahead affinity Z(i→j) from affinity.json, averaged over the unified runs found."""
     files = find_run_files(source, "affinity.json")
     return _average([read_affinity_json(f, "lookahead")[:2] for f in files], "lookahead affinity")
+
+
+def fisher_affinity_matrix(source: str | os.PathLike) -> Matrix:
+    """Return the Fisher (Task2Vec) affinity from affinity.json, averaged over the unified runs found."""
+    files = find_run_files(source, "affinity.json")
+    return _average([read_affinity_json(f, "fisher")[:2] for f in files], "Fisher affinity")
+
+
+def affinity_json_has(source: str | os.PathLike, key: str) -> bool:
+    """Return whether an affinity.json found for ``source`` contains the matrix ``key``; unreadable files count as no."""
+    try:
+        files = find_run_files(source, "affinity.json")
+    except DataError:
+        return False
+    for file in files:
+        try:
+            data = json.loads(file.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError):
+            continue
+        if isinstance(data, dict) and isinstance(data.get(key), dict):
+            return True
+    return False
 
 
 def gradient_affinity_matrix(source: str | os.PathLike, kind: str = "cosine") -> Matrix:
@@ -351,7 +381,7 @@ def average_layers(per_layer: Mapping[str, np.ndarray]) -> np.ndarray:
 
 
 def load_affinity(source: Any, method: str, **options: Any) -> Matrix:
-    """Return (task names, matrix) for ``method``: measured (a results table), lookahead, gradient, experts.
+    """Return (task names, matrix) for ``method``: measured (a results table), lookahead, gradient, experts, fisher.
 
     ``source`` is a results DataFrame for ``measured`` and a path (affinity.json, routing_stats.json, run or
     study directory) for the others. ``gradient`` returns the cosine matrix; use
@@ -369,6 +399,8 @@ def load_affinity(source: Any, method: str, **options: Any) -> Matrix:
         return gradient_affinity_matrix(source, **options)
     if method == "experts":
         return expert_affinity_matrix(source, **options)
+    if method == "fisher":
+        return fisher_affinity_matrix(source)
     raise AnalysisError(f"affinity method {method!r} is invalid; choose one of {', '.join(METHODS)}")
 
 

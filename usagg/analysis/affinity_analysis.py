@@ -14,9 +14,11 @@ from usagg.analysis.affinity import (
     METHODS,
     Matrix,
     agreement_table,
+    affinity_json_has,
     average_layers,
     expert_affinity_per_layer,
     find_run_files,
+    fisher_affinity_matrix,
     gradient_affinity_matrix,
     lookahead_affinity_matrix,
     measured_affinity,
@@ -29,7 +31,7 @@ from usagg.errors import AnalysisError, DataError
 logger = logging.getLogger(__name__)
 
 # Preference when one matrix must be chosen (grouping) and no relation matrix ranks them.
-PREFERENCE = ("measured", "lookahead", "gradient", "experts")
+PREFERENCE = ("measured", "lookahead", "gradient", "experts", "fisher")
 
 COST_SCHEMA = {
     "method": pl.String,
@@ -68,7 +70,10 @@ class AffinityAnalysis:
 
 
 def available_methods(inputs: AnalysisInputs) -> list[str]:
-    """Return the estimators whose inputs exist: pair runs, affinity.json, routing_stats.json."""
+    """Return the estimators whose inputs exist: pair runs, affinity.json, routing_stats.json.
+
+    The Fisher affinity is listed only when an affinity.json contains it, because older runs do not record it.
+    """
     methods = []
     if inputs.has_pairs:
         methods.append("measured")
@@ -76,6 +81,8 @@ def available_methods(inputs: AnalysisInputs) -> list[str]:
         methods.extend(["lookahead", "gradient"])
     if inputs.root is not None and inputs.run_files("routing_stats.json"):
         methods.append("experts")
+    if inputs.root is not None and affinity_json_has(inputs.root, "fisher"):
+        methods.append("fisher")
     return methods
 
 
@@ -114,7 +121,7 @@ def analyse_affinity(
         if explicit:
             raise AnalysisError("no affinity matrix could be computed")
         result.messages.append(
-            "no affinity estimator has inputs: pair runs (measured), affinity.json (lookahead, gradient) or "
+            "no affinity estimator has inputs: pair runs (measured), affinity.json (lookahead, gradient, fisher) or "
             "routing_stats.json (experts) under a study output directory"
         )
         return result
@@ -152,11 +159,14 @@ def _estimate(
             f"--method {method} reads files of a unified run; give a study output directory or run directory, "
             "not a results table"
         )
-    if method in ("lookahead", "gradient"):
+    if method in ("lookahead", "gradient", "fisher"):
         files = find_run_files(inputs.root, "affinity.json")
         if method == "lookahead":
             matrix = lookahead_affinity_matrix(inputs.root)
             key = "lookahead"
+        elif method == "fisher":
+            matrix = fisher_affinity_matrix(inputs.root)
+            key = "fisher"
         else:
             matrix = gradient_affinity_matrix(inputs.root, "cosine")
             key = "gradient_cosine"
@@ -176,7 +186,8 @@ def _estimate(
         cost["pair_runs_for_all_pairs"] = n_tasks * (n_tasks - 1) // 2
         cost["estimator_seconds"] = seconds
         cost["training_seconds"] = _sum_or_none([run_seconds(f.parent) for f in files])
-        cost["note"] = f"recorded {records} time(s) during the unified run(s) it comes from; no extra training run"
+        when = "on the final weights of" if method == "fisher" else "during"
+        cost["note"] = f"recorded {records} time(s) {when} the unified run(s) it comes from; no extra training run"
         return matrix, cost
 
     tasks, per_layer = expert_affinity_per_layer(inputs.root)

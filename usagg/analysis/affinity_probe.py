@@ -20,6 +20,16 @@ Fifty et al. for a plain gradient step.
 
 Gradient similarity on the shared parameters: cosine similarity of the task gradients, and the magnitude
 similarity 2‖g_i‖‖g_j‖ / (‖g_i‖² + ‖g_j‖²) of Yu et al., NeurIPS 2020 (PCGrad).
+
+Fisher embedding (Task2Vec, Achille et al., ICCV 2019): the diagonal of the empirical Fisher information of
+task i's loss with respect to the shared parameters, F_i = E_x[(∂L_i(x)/∂θ_s)²] over single training images,
+averaged over the weights of each output unit (row of a weight matrix), as Task2Vec averages over the weights of
+a filter. Two tasks are similar when the same units carry their information:
+
+    A(i, j) = Pearson correlation of log F_i and log F_j over the units,
+
+on the log scale because the Fisher diagonal spans orders of magnitude between layers, so that on the linear
+scale a few units would decide the value. The matrix is symmetric.
 """
 
 from __future__ import annotations
@@ -214,3 +224,61 @@ def gradient_affinity(
     squares = norms[:, None] ** 2 + norms[None, :] ** 2
     magnitude = torch.where(squares > 0, 2 * outer / squares.clamp_min(1e-300), torch.full_like(dots, float("nan")))
     return cosine.cpu().numpy(), magnitude.cpu().numpy()
+
+
+def fisher_embeddings(
+    model: torch.nn.Module,
+    samples: Mapping[str, Sequence[Any]],
+    loss_fn: LossFn,
+    shared_params: Sequence[torch.nn.Parameter],
+) -> np.ndarray:
+    """Return the per-unit diagonal Fisher of each task, shape (tasks, units), in the order of ``samples``.
+
+    ``samples[task]`` is a list of batches of one image each; ``loss_fn(task, batch)`` returns that image's loss. A
+    parameter of shape (out, ...) contributes ``out`` units (the mean of its squared gradients over the other
+    dimensions); a 1-D parameter contributes one unit per entry. Gradients, buffers and RNG state are restored.
+    """
+    shared = list(shared_params)
+    embeddings = []
+    with preserved_training_state(model, None, shared):
+        for task, batches in samples.items():
+            if not batches:
+                raise ValueError(f"Fisher embedding of task {task!r} needs at least one image")
+            squares = [torch.zeros_like(p, dtype=torch.float64) for p in shared]
+            for batch in batches:
+                (grads,) = _task_gradients([task], {task: batch}, loss_fn, shared)
+                for total, g in zip(squares, grads):
+                    if g is not None:
+                        total += g.double() ** 2
+            units = [_unit_means(total / len(batches)) for total in squares]
+            embeddings.append(torch.cat(units).cpu().numpy())
+    return np.stack(embeddings)
+
+
+def _unit_means(fisher: torch.Tensor) -> torch.Tensor:
+    if fisher.dim() <= 1:
+        return fisher.reshape(-1)
+    return fisher.reshape(fisher.shape[0], -1).mean(dim=1)
+
+
+def fisher_affinity(embeddings_TU: np.ndarray) -> np.ndarray:
+    """Return A[i, j] = Pearson correlation of log F_i and log F_j (module docstring), with a NaN diagonal.
+
+    Units whose Fisher is 0 for every task carry no information and are dropped. A 0 left for some tasks is
+    raised to the smallest positive value in the embeddings, so its logarithm is finite. A task whose Fisher
+    is constant over the units gets NaN.
+    """
+    fisher = np.asarray(embeddings_TU, dtype=float)
+    n_tasks = fisher.shape[0]
+    fisher = fisher[:, np.any(fisher > 0, axis=0)]
+    matrix = np.full((n_tasks, n_tasks), np.nan)
+    if fisher.shape[1] < 2:
+        return matrix
+    logs = np.log(np.maximum(fisher, fisher[fisher > 0].min()))
+    centred = logs - logs.mean(axis=1, keepdims=True)
+    norms = np.linalg.norm(centred, axis=1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        matrix = (centred @ centred.T) / np.outer(norms, norms)
+    matrix[~np.isfinite(matrix)] = np.nan
+    np.fill_diagonal(matrix, np.nan)
+    return matrix

@@ -10,6 +10,7 @@ so a regression fitted on the table should recover the slopes and the zero cross
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import Sequence
 
 import numpy as np
@@ -227,6 +228,12 @@ def _write_one_run_estimates(run_dir, tasks, relations, cluster, num_experts, mo
         "gradient_cosine": {"matrix": cosine.tolist(), "n_records": 20, "seconds": 3.0},
         "gradient_magnitude": {"matrix": magnitude.tolist(), "n_records": 20, "seconds": 3.0},
     }
+    # The Fisher estimate has its own generator keyed by the run, so adding it left the other draws unchanged.
+    fisher_rng = np.random.default_rng(zlib.crc32("/".join(run_dir.parts[-4:]).encode()))
+    fisher = np.clip(0.6 * relations + 0.3 + fisher_rng.normal(0.0, 0.1, size=(n, n)), -1, 1)
+    fisher = (fisher + fisher.T) / 2
+    np.fill_diagonal(fisher, np.nan)
+    affinity["fisher"] = {"matrix": [[None if np.isnan(v) else float(v) for v in row] for row in fisher], "n_records": 1, "seconds": 2.0}
     (run_dir / "affinity.json").write_text(json.dumps(affinity))
     # Each cluster prefers its own block of experts.
     preference = rng.dirichlet(np.ones(num_experts) * 0.5, size=int(cluster.max()) + 1)

@@ -175,7 +175,7 @@ def transfer_matrix(
     all_metrics: Annotated[bool, typer.Option("--all-metrics", help="Analyse every metric in the table, not only the primary one.")] = False,
     method: Annotated[
         Optional[list[str]],
-        typer.Option("--method", help="Task-affinity estimator: measured, lookahead, gradient, experts or all (repeatable)."),
+        typer.Option("--method", help="Task-affinity estimator: measured, lookahead, gradient, experts, fisher or all (repeatable)."),
     ] = None,
     relations: Annotated[
         Optional[Path], typer.Option("--relations", help="Known task × task relation matrix (CSV) to score each estimator against.")

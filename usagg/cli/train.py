@@ -153,8 +153,18 @@ def evaluate(
     split: Annotated[Optional[str], typer.Option(help="val or test; default the study's evaluation.split.")] = None,
     checkpoint: Annotated[Optional[str], typer.Option(help="best or latest; default the study's evaluation.checkpoint.")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    fisher_images: Annotated[
+        Optional[int],
+        typer.Option(
+            "--fisher-images",
+            min=1,
+            help="Also compute the Fisher task affinity (Task2Vec) on the checkpoint from N training images per task "
+            "and add it to the run's affinity.json (runs trained without train.fisher_images).",
+        ),
+    ] = None,
 ) -> None:
     """Evaluate a trained run on a split and write its results (run table and the study's table)."""
+    from usagg.train.affinity import add_fisher_affinity
     from usagg.train.finalize import evaluate_run
 
     if split is not None and split not in ("val", "test"):
@@ -162,6 +172,9 @@ def evaluate(
     if checkpoint is not None and checkpoint not in ("best", "latest"):
         raise ConfigError(f"--checkpoint {checkpoint}: choose best or latest")
     rows = evaluate_run(run_dir, split=split, checkpoint=checkpoint, device=device)
+    if fisher_images is not None:
+        path = add_fisher_affinity(run_dir, fisher_images, checkpoint=checkpoint or "latest", device=device)
+        console.print(f"Fisher affinity added to {escape(str(path))}")
     table = Table(title=escape(f"usagg evaluate: {run_dir}"))
     for column in ("task", "split", "metric", "value"):
         table.add_column(column, justify="right" if column == "value" else "left")

@@ -13,6 +13,7 @@ from matplotlib.ticker import MaxNLocator
 from scipy.cluster.hierarchy import dendrogram, leaves_list, linkage
 from scipy.spatial.distance import squareform
 
+from usagg.analysis.affinity import affinity_json_has
 from usagg.errors import ConfigError, DataError
 from usagg.plots.common import score_rows
 from usagg.plots.inputs import FigureInputs
@@ -30,15 +31,22 @@ logger = logging.getLogger(__name__)
 
 # Methods in the order they are preferred when none is named: measured pair transfer is the ground truth the
 # cheaper estimators approximate.
-METHODS = ("measured", "lookahead", "gradient", "gradient_magnitude", "experts")
+METHODS = ("measured", "lookahead", "gradient", "gradient_magnitude", "experts", "fisher")
 METHOD_LABELS = {
     "measured": "measured (pair runs)",
     "lookahead": "lookahead (TAG)",
     "gradient": "gradient cosine",
     "gradient_magnitude": "gradient magnitude similarity",
     "experts": "expert-usage similarity (1 − JSD)",
+    "fisher": "Fisher similarity (Task2Vec)",
 }
-RUN_FILES = {"lookahead": "affinity.json", "gradient": "affinity.json", "gradient_magnitude": "affinity.json", "experts": "routing_stats.json"}
+RUN_FILES = {
+    "lookahead": "affinity.json",
+    "gradient": "affinity.json",
+    "gradient_magnitude": "affinity.json",
+    "experts": "routing_stats.json",
+    "fisher": "affinity.json",
+}
 ANNOTATE_MAX_TASKS = 10
 
 Matrix = tuple[list[str], np.ndarray]
@@ -62,7 +70,8 @@ def available_methods(inputs: FigureInputs) -> list[str]:
     if inputs.results is not None and inputs.results.filter(pl.col("paradigm") == "pair").height:
         methods.append("measured")
     for method in METHODS[1:]:
-        if _run_source(inputs, RUN_FILES[method]) is not None:
+        source = _run_source(inputs, RUN_FILES[method])
+        if source is not None and (method != "fisher" or affinity_json_has(source, "fisher")):
             methods.append(method)
     return methods
 

@@ -1,7 +1,13 @@
-"""Recording of lookahead and gradient affinity during unified training, averaged into affinity.json."""
+"""Recording of the one-run affinity estimators during unified training, written to affinity.json.
+
+Lookahead and gradient similarity are recorded every k steps and averaged; the Fisher affinity is computed
+once, on the final weights.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
 import time
 import zlib
@@ -12,6 +18,7 @@ import numpy as np
 import torch
 
 from usagg.config import StudyConfig
+from usagg.errors import ConfigError, DataError
 from usagg.io import write_json_atomic
 from usagg.train.plan import RunSpec
 from usagg.train.rundata import RunRecords
@@ -19,7 +26,7 @@ from usagg.train.rundir import AFFINITY_FILE
 
 logger = logging.getLogger(__name__)
 
-_KEYS = ("lookahead", "gradient_cosine", "gradient_magnitude")
+_KEYS = ("lookahead", "gradient_cosine", "gradient_magnitude", "fisher")
 
 
 class _Mean:
@@ -49,7 +56,8 @@ class AffinityRecorder:
     """Every k steps, draws one fixed-size batch per task and calls the analysis probes on the live model.
 
     Batches come from un-augmented copies of the training images, picked by a generator seeded from the run seed
-    and the step, so recording never draws from the training random stream.
+    and the step, so recording never draws from the training random stream. The probes' forward passes leave
+    the model's routing statistics alone.
     """
 
     def __init__(self, study: StudyConfig, spec: RunSpec, records: RunRecords, model: torch.nn.Module, device: torch.device) -> None:
@@ -64,18 +72,24 @@ class AffinityRecorder:
         self.lookahead_reference = cfg.lookahead_reference
         self.gradient_every = cfg.gradient_affinity_every
         self.batch_size = cfg.affinity_batch_size or cfg.batch_size
+        self.fisher_images = cfg.fisher_images
         self.datasets = {t: TaskDataset(records.cards[t], records.split(t, "train"), study.data, train=False) for t in self.tasks}
         self.means = {key: _Mean(len(self.tasks)) for key in _KEYS}
 
     @classmethod
     def maybe_create(cls, study: StudyConfig, spec: RunSpec, records: RunRecords, model, device) -> "AffinityRecorder | None":
         cfg = study.train
-        if spec.paradigm != "unified" or not (cfg.lookahead_every or cfg.gradient_affinity_every):
+        if spec.paradigm != "unified" or not (cfg.lookahead_every or cfg.gradient_affinity_every or cfg.fisher_images):
             return None
         if len(spec.tasks) < 2:
             logger.info("%s: affinity needs at least two tasks; not recorded", spec.run_id)
             return None
         return cls(study, spec, records, model, device)
+
+    def _indices(self, key: str, task: str, n: int) -> list[int]:
+        size = len(self.datasets[task])
+        generator = torch.Generator().manual_seed(zlib.crc32(f"{self.seed}:{key}:{task}".encode()))
+        return torch.randperm(size, generator=generator)[: min(n, size)].tolist()
 
     def _batches(self, step: int) -> dict[str, Any]:
         from usagg.data.dataset import collate_task_batch
@@ -83,12 +97,13 @@ class AffinityRecorder:
 
         batches = {}
         for task, dataset in self.datasets.items():
-            generator = torch.Generator().manual_seed(zlib.crc32(f"{self.seed}:{step}:{task}".encode()))
-            n = min(self.batch_size, len(dataset))
-            indices = torch.randperm(len(dataset), generator=generator)[:n].tolist()
-            batch = collate_task_batch([dataset[i] for i in indices])
+            batch = collate_task_batch([dataset[i] for i in self._indices(str(step), task, self.batch_size)])
             batches[task] = to_device(batch, self.device)
         return batches
+
+    def _routing_off(self) -> contextlib.AbstractContextManager:
+        switch = getattr(self.model, "routing_side_effects_off", None)
+        return switch() if switch is not None else contextlib.nullcontext()
 
     def _loss(self, task: str, batch: dict) -> torch.Tensor:
         outputs = self.model(batch["image"], task)
@@ -96,16 +111,27 @@ class AffinityRecorder:
         return loss
 
     def maybe_record(self, step: int, optimizer: torch.optim.Optimizer, grad_clip: float | None) -> None:
-        from usagg.analysis.affinity_probe import gradient_affinity, lookahead_affinity
-
         due_lookahead = bool(self.lookahead_every) and step % self.lookahead_every == 0
         due_gradient = bool(self.gradient_every) and step % self.gradient_every == 0
         if not (due_lookahead or due_gradient):
             return
         batches = self._batches(step)
         shared = self.model.shared_parameters()
-        # NOTE: probe forward passes add to the model's routing counters, so the next routing log line of the
-        # training log includes a few probe batches.
+        with self._routing_off():
+            self._record(step, batches, shared, optimizer, grad_clip, due_lookahead, due_gradient)
+
+    def _record(
+        self,
+        step: int,
+        batches: dict[str, Any],
+        shared: list[torch.nn.Parameter],
+        optimizer: torch.optim.Optimizer,
+        grad_clip: float | None,
+        due_lookahead: bool,
+        due_gradient: bool,
+    ) -> None:
+        from usagg.analysis.affinity_probe import gradient_affinity, lookahead_affinity
+
         if due_lookahead:
             start = time.perf_counter()
             z = lookahead_affinity(
@@ -119,6 +145,34 @@ class AffinityRecorder:
             self.means["gradient_cosine"].add(cosine, seconds / 2, step)
             self.means["gradient_magnitude"].add(magnitude, seconds / 2, step)
 
+    def record_fisher(self, step: int) -> None:
+        """Compute the Fisher affinity on the current weights from ``fisher_images`` single images per task.
+
+        Called once, after the last training step; does nothing when it is off or already recorded at ``step``.
+        The model is in eval mode for the passes (no dropout), and its mode is restored afterwards.
+        """
+        from usagg.analysis.affinity_probe import fisher_affinity, fisher_embeddings
+        from usagg.data.dataset import collate_task_batch
+        from usagg.train.loop import to_device
+
+        mean = self.means["fisher"]
+        if not self.fisher_images or any(recorded == step for recorded, _ in mean.history):
+            return
+        start = time.perf_counter()
+        samples = {
+            task: [to_device(collate_task_batch([dataset[i]]), self.device) for i in self._indices("fisher", task, self.fisher_images)]
+            for task, dataset in self.datasets.items()
+        }
+        with self._routing_off():
+            was_training = self.model.training
+            self.model.eval()
+            try:
+                embeddings = fisher_embeddings(self.model, samples, self._loss, self.model.shared_parameters())
+            finally:
+                self.model.train(was_training)
+        mean.add(fisher_affinity(embeddings), time.perf_counter() - start, step)
+        logger.info("fisher affinity from %d image(s) per task in %.1f s", self.fisher_images, time.perf_counter() - start)
+
     def state_dict(self) -> dict[str, Any]:
         return {key: vars(mean).copy() for key, mean in self.means.items()}
 
@@ -126,24 +180,72 @@ class AffinityRecorder:
         for key, values in state.items():
             vars(self.means[key]).update({"history": [], **values})  # older checkpoints have no history
 
-    def write(self, run_dir: Path) -> None:
+    def write(self, run_dir: Path, merge: bool = False) -> None:
         """Write affinity.json: rows are source tasks, columns target tasks; unrecorded estimators are omitted.
 
         Each estimator entry contains the mean ``matrix`` and, under ``records``, every recorded matrix with its step.
+        With ``merge``, entries of an existing affinity.json for the same tasks that this recorder did not
+        record are kept.
         """
-        data: dict[str, Any] = {"tasks": self.tasks}
+        recorded: dict[str, Any] = {}
         for key, mean in self.means.items():
             if mean.records:
-                data[key] = {
+                recorded[key] = {
                     "matrix": _json_matrix(mean.mean()),
                     "n_records": mean.records,
                     "seconds": round(mean.seconds, 3),
                     "records": [{"step": step, "matrix": _json_matrix(m)} for step, m in mean.history],
                 }
-        if "lookahead" in data:
-            data["lookahead"]["reference"] = self.lookahead_reference
+        if "lookahead" in recorded:
+            recorded["lookahead"]["reference"] = self.lookahead_reference
+        if "fisher" in recorded:
+            recorded["fisher"]["images_per_task"] = self.fisher_images
+        data: dict[str, Any] = {"tasks": self.tasks}
+        existing = _read_existing(run_dir / AFFINITY_FILE) if merge else None
+        if existing is not None and existing.get("tasks") == self.tasks:
+            data.update({k: v for k, v in existing.items() if k != "tasks"})
+        data.update(recorded)
         if len(data) > 1:
             write_json_atomic(run_dir / AFFINITY_FILE, data)
+
+
+def _read_existing(path: Path) -> dict[str, Any] | None:
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise DataError(f"{path}: cannot read as JSON ({exc}); move it aside to write a new one") from None
+    return data if isinstance(data, dict) else None
+
+
+def add_fisher_affinity(run_dir: str | Path, images: int, checkpoint: str = "latest", device: str = "auto") -> Path:
+    """Compute the Fisher affinity of a trained run on one of its checkpoints and add it to its affinity.json.
+
+    For runs trained without ``train.fisher_images``. Other entries of an existing affinity.json are kept.
+    Returns the path of affinity.json.
+    """
+    from usagg.train import checkpoint as ckpt
+    from usagg.train.distributed import resolve_device
+    from usagg.train.finalize import build_run_model
+    from usagg.train.rundata import RecordCache
+    from usagg.train.rundir import load_run
+
+    if images < 1:
+        raise ConfigError(f"Fisher affinity needs at least 1 image per task; got {images}")
+    folder = Path(run_dir)
+    study, spec = load_run(folder)
+    if len(spec.tasks) < 2:
+        raise ConfigError(f"{folder}: run {spec.run_id} trains one task; the Fisher affinity compares two or more")
+    study = study.model_copy(update={"train": study.train.model_copy(update={"fisher_images": images})})
+    model = build_run_model(study, spec)
+    pointer = ckpt.load_weights(model, folder, checkpoint)
+    target = resolve_device(device)
+    model.to(target)
+    recorder = AffinityRecorder(study, spec, RecordCache(study).run_records(spec), model, target)
+    recorder.record_fisher(int(pointer["step"]))
+    recorder.write(folder, merge=True)
+    return folder / AFFINITY_FILE
 
 
 def _json_matrix(matrix: np.ndarray) -> list[list[float | None]]:

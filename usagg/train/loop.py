@@ -481,6 +481,7 @@ class _Trainer:
         from usagg.train.finalize import evaluate_and_write
 
         if self.affinity is not None:
+            self.affinity.record_fisher(self.step)
             self.affinity.write(self.run_dir)
         return evaluate_and_write(
             self.study, self.spec, self.model, self.records, self.run_dir, self.device,
