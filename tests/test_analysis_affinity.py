@@ -129,6 +129,31 @@ def test_affinity_json_without_matrix_raises(tmp_path):
         lookahead_affinity_matrix(path)
 
 
+def test_affinity_json_bad_entries_raise(tmp_path):
+    path = tmp_path / "affinity.json"
+    path.write_text(json.dumps({"tasks": ["a", "b"], "lookahead": {"matrix": [[1, 0], [0, 1]]}}))
+    with pytest.raises(DataError, match="usagg evaluate RUN_DIR --fisher-images"):
+        fisher_affinity_matrix(path)
+    path.write_text(json.dumps({"tasks": ["a", "b"], "fisher": [1, 2]}))
+    with pytest.raises(DataError, match="'fisher' must be an object with a 'matrix'"):
+        fisher_affinity_matrix(path)
+    path.write_text(json.dumps({"tasks": ["a", "b"], "fisher": {"matrix": [[None, "x"], [0.5, None]]}}))
+    with pytest.raises(DataError, match="fisher.matrix must be rows of numbers"):
+        fisher_affinity_matrix(path)
+    path.write_text(json.dumps({"tasks": ["a", "b"], "fisher": {"matrix": [[None, None], [None, None]]}}))
+    with pytest.raises(DataError, match="every value off the diagonal is empty"):
+        fisher_affinity_matrix(path)
+
+
+def test_runs_with_other_tasks_named(tmp_path):
+    for name, tasks in (("one", ["a", "b"]), ("two", ["b", "c"])):
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "affinity.json").write_text(json.dumps({"tasks": tasks, "fisher": {"matrix": [[None, 0.5], [0.5, None]]}}))
+    with pytest.raises(DataError, match="one/affinity.json lists the tasks a, b but .*two/affinity.json lists b, c"):
+        fisher_affinity_matrix(tmp_path)
+
+
 def test_agreement_of_identical_matrices_is_exact():
     rng = np.random.default_rng(0)
     matrix = rng.normal(size=(5, 5))
@@ -198,7 +223,9 @@ def test_fisher_matrix_averages_and_optional(study_dir, tmp_path):
         file.write_text(json.dumps(data))
     inputs = load_inputs(older)
     assert "fisher" not in available_methods(inputs)
-    assert "fisher" not in analyse_affinity(inputs, n_permutations=9).matrices
+    result = analyse_affinity(inputs, n_permutations=9)
+    assert "fisher" not in result.matrices
+    assert any(m.startswith("affinity method fisher skipped") and "--fisher-images" in m for m in result.messages)
     with pytest.raises(DataError, match="no 'fisher' matrix"):
         analyse_affinity(inputs, methods=["fisher"])
 

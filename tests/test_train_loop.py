@@ -182,7 +182,7 @@ def test_train_records_affinity_and_uncertainty(tmp_path, shared_data):
     )
     affinity = json.loads((outcomes[0].run_dir / "affinity.json").read_text())
     fisher = affinity["fisher"]
-    assert fisher["images_per_task"] == 2
+    assert fisher["images_per_task"] == {"breast_2cls": 2, "fetal_head_axis": 2}
     assert fisher["n_records"] == 1
     assert [r["step"] for r in fisher["records"]] == [4]  # once, on the final weights
     values = np.array(fisher["matrix"], dtype=float)
@@ -227,12 +227,31 @@ def test_evaluate_adds_fisher_affinity(tiny_trained_run, tmp_path, monkeypatch, 
     assert np.isnan(np.diag(values)).all()
     assert np.isfinite(values[~np.eye(len(tasks), dtype=bool)]).all()
     assert affinity["fisher"]["records"][0]["step"] == json.loads((run_dir / "run.json").read_text())["step"]
+    assert set(affinity["fisher"]["images_per_task"]) == set(tasks)
 
     out = tmp_path / "analysis"
     code, stderr = run_main(["transfer-matrix", str(tmp_path / "runs" / study_folder.name), "--method", "fisher", "--out", str(out)], monkeypatch)
     assert code == 0, stderr
     header = (out / "affinity_fisher.csv").read_text().splitlines()[0]
     assert header.split(",")[1:] == tasks
+
+    (run_dir / "affinity.json").write_text(json.dumps({"tasks": tasks[::-1], "lookahead": lookahead}))
+    results_before = (run_dir / "results.csv").read_bytes()
+    code, stderr = run_main(["evaluate", str(run_dir), "--split", "test", "--fisher-images", "2"], monkeypatch)
+    assert code == 2
+    assert "lists the tasks" in stderr
+    assert "move it aside" in stderr
+    assert (run_dir / "results.csv").read_bytes() == results_before  # stopped before evaluating
+
+    single = tmp_path / "runs" / study_folder.name / "task_specific" / tasks[0] / "frac-1" / "seed-0"
+    single.mkdir(parents=True)
+    shutil.copy(run_dir / "config.yaml", single / "config.yaml")
+    run_json = json.loads((run_dir / "run.json").read_text())
+    run_json["spec"].update(run_id=f"task_specific/{tasks[0]}/frac-1/seed-0", paradigm="task_specific", group=tasks[0], tasks=[tasks[0]])
+    (single / "run.json").write_text(json.dumps(run_json))
+    code, stderr = run_main(["evaluate", str(single), "--fisher-images", "2"], monkeypatch)
+    assert code == 2
+    assert "is not a unified run of two or more tasks" in stderr
 
     capsys.readouterr()
     code, _ = run_main(["evaluate", str(run_dir), "--fisher-images", "0"], monkeypatch)

@@ -236,22 +236,40 @@ def read_affinity_json(file: str | os.PathLike, key: str) -> tuple[list[str], np
     if not isinstance(tasks, list) or not tasks:
         raise DataError(f"{path}: key 'tasks' must be a non-empty list of task names")
     entry = data.get(key)
-    if not isinstance(entry, dict) or "matrix" not in entry:
+    if key in data and not (isinstance(entry, dict) and "matrix" in entry):
+        raise DataError(f"{path}: {key!r} must be an object with a 'matrix' (a list of rows, one per task)")
+    if entry is None:
         present = ", ".join(k for k in data if k != "tasks")
-        raise DataError(f"{path}: no {key!r} matrix (keys present: {present or 'none'}); record it during training")
-    matrix = np.asarray(entry["matrix"], dtype=float)
+        raise DataError(f"{path}: no {key!r} matrix (keys present: {present or 'none'}); {_RECORD_HINTS.get(key, _RECORD_HINT)}")
+    try:
+        matrix = np.asarray([[math.nan if v is None else float(v) for v in row] for row in entry["matrix"]], dtype=float)
+    except (TypeError, ValueError) as exc:
+        raise DataError(f"{path}: {key}.matrix must be rows of numbers (null for no value): {exc}") from None
     if matrix.shape != (len(tasks), len(tasks)):
         raise DataError(f"{path}: {key}.matrix has shape {matrix.shape}; expected {len(tasks)} × {len(tasks)} (one per task)")
     meta = {k: v for k, v in entry.items() if k != "matrix"}
     return [str(t) for t in tasks], matrix, meta
 
 
-def _average(matrices: list[Matrix], label: str) -> Matrix:
+_RECORD_HINT = "record it during training (see the train.*_every options)"
+_RECORD_HINTS = {
+    "fisher": "add it to a trained run with `usagg evaluate RUN_DIR --fisher-images 32`, or set train.fisher_images",
+}
+
+
+def _average(matrices: list[Matrix], label: str, files: Sequence[Path]) -> Matrix:
+    """Return the NaN-aware mean of the runs' matrices, which must list the same tasks and contain a value."""
     tasks = matrices[0][0]
-    for other, _ in matrices[1:]:
+    for (other, _), file in zip(matrices[1:], files[1:]):
         if other != tasks:
-            raise DataError(f"{label}: the runs list different tasks ({', '.join(tasks)} vs {', '.join(other)})")
+            raise DataError(
+                f"{label}: {files[0]} lists the tasks {', '.join(tasks)} but {file} lists {', '.join(other)}; "
+                "give one run directory, or a study folder whose unified runs train the same tasks"
+            )
     stack = np.stack([m for _, m in matrices])
+    off_diagonal = ~np.eye(len(tasks), dtype=bool)
+    if not np.isfinite(stack[:, off_diagonal]).any():
+        raise DataError(f"{label}: every value off the diagonal is empty in {', '.join(str(f) for f in files)}")
     with _quiet_nanmean():
         return list(tasks), np.nanmean(stack, axis=0)
 
@@ -267,13 +285,13 @@ def _quiet_nanmean() -> Iterator[None]:
 def lookahead_affinity_matrix(source: str | os.PathLike) -> Matrix:
     """Return the lookahead affinity Z(i→j) from affinity.json, averaged over the unified runs found."""
     files = find_run_files(source, "affinity.json")
-    return _average([read_affinity_json(f, "lookahead")[:2] for f in files], "lookahead affinity")
+    return _average([read_affinity_json(f, "lookahead")[:2] for f in files], "lookahead affinity", files)
 
 
 def fisher_affinity_matrix(source: str | os.PathLike) -> Matrix:
     """Return the Fisher (Task2Vec) affinity from affinity.json, averaged over the unified runs found."""
     files = find_run_files(source, "affinity.json")
-    return _average([read_affinity_json(f, "fisher")[:2] for f in files], "Fisher affinity")
+    return _average([read_affinity_json(f, "fisher")[:2] for f in files], "Fisher affinity", files)
 
 
 def affinity_json_has(source: str | os.PathLike, key: str) -> bool:
@@ -298,7 +316,7 @@ def gradient_affinity_matrix(source: str | os.PathLike, kind: str = "cosine") ->
         raise AnalysisError(f"gradient affinity kind {kind!r} is invalid; use 'cosine' or 'magnitude'")
     files = find_run_files(source, "affinity.json")
     key = f"gradient_{kind}"
-    return _average([read_affinity_json(f, key)[:2] for f in files], f"gradient {kind} affinity")
+    return _average([read_affinity_json(f, key)[:2] for f in files], f"gradient {kind} affinity", files)
 
 
 def _usage_distributions(routing: Mapping[str, Any], file: Path) -> tuple[list[str], list[str], np.ndarray]:

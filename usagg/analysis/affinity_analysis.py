@@ -99,6 +99,8 @@ def analyse_affinity(
     A requested method whose input is missing raises; with ``methods`` None it is skipped with a message.
     """
     requested = list(methods) if methods else available_methods(inputs)
+    if not methods and "lookahead" in requested and "fisher" not in requested:
+        requested.append("fisher")  # not recorded by these runs: skipped below with the reason and the fix
     unknown = [m for m in requested if m not in METHODS]
     if unknown:
         raise AnalysisError(f"affinity method(s) {', '.join(unknown)} invalid; choose from {', '.join(METHODS)}")

@@ -165,7 +165,7 @@ def _norm(values: np.ndarray) -> tuple[str, Normalize]:
     "Clustered task-affinity heatmap (rows: source task, columns: target task) with a dendrogram; one or two methods."
 )
 def affinity(inputs: FigureInputs, *, methods: list[str] | None = None) -> FigurePlot:
-    """Draw the affinity of ``methods`` (one or two of measured, lookahead, gradient, gradient_magnitude, experts).
+    """Draw the affinity of ``methods`` (one or two of measured, lookahead, gradient, gradient_magnitude, experts, fisher).
 
     With two methods both heatmaps use the task order clustered from the first one, so that cells compare.
     """

@@ -73,6 +73,7 @@ class AffinityRecorder:
         self.gradient_every = cfg.gradient_affinity_every
         self.batch_size = cfg.affinity_batch_size or cfg.batch_size
         self.fisher_images = cfg.fisher_images
+        self.fisher_counts: dict[str, int] = {}  # images per task the Fisher affinity used
         self.datasets = {t: TaskDataset(records.cards[t], records.split(t, "train"), study.data, train=False) for t in self.tasks}
         self.means = {key: _Mean(len(self.tasks)) for key in _KEYS}
 
@@ -163,6 +164,8 @@ class AffinityRecorder:
             task: [to_device(collate_task_batch([dataset[i]]), self.device) for i in self._indices("fisher", task, self.fisher_images)]
             for task, dataset in self.datasets.items()
         }
+        # A task with fewer training images than fisher_images uses all of them.
+        self.fisher_counts = {task: len(batches) for task, batches in samples.items()}
         with self._routing_off():
             was_training = self.model.training
             self.model.eval()
@@ -171,7 +174,9 @@ class AffinityRecorder:
             finally:
                 self.model.train(was_training)
         mean.add(fisher_affinity(embeddings), time.perf_counter() - start, step)
-        logger.info("fisher affinity from %d image(s) per task in %.1f s", self.fisher_images, time.perf_counter() - start)
+        fewest, largest = min(self.fisher_counts.values()), max(self.fisher_counts.values())
+        per_task = str(largest) if fewest == largest else f"{fewest}-{largest}"
+        logger.info("Fisher affinity from %s image(s) per task in %.1f s", per_task, time.perf_counter() - start)
 
     def state_dict(self) -> dict[str, Any]:
         return {key: vars(mean).copy() for key, mean in self.means.items()}
@@ -199,44 +204,73 @@ class AffinityRecorder:
         if "lookahead" in recorded:
             recorded["lookahead"]["reference"] = self.lookahead_reference
         if "fisher" in recorded:
-            recorded["fisher"]["images_per_task"] = self.fisher_images
+            recorded["fisher"]["images_per_task"] = self.fisher_counts or {t: None for t in self.tasks}
         data: dict[str, Any] = {"tasks": self.tasks}
-        existing = _read_existing(run_dir / AFFINITY_FILE) if merge else None
-        if existing is not None and existing.get("tasks") == self.tasks:
+        existing = read_existing_affinity(run_dir / AFFINITY_FILE, self.tasks) if merge else None
+        if existing is not None:
             data.update({k: v for k, v in existing.items() if k != "tasks"})
         data.update(recorded)
         if len(data) > 1:
             write_json_atomic(run_dir / AFFINITY_FILE, data)
 
 
-def _read_existing(path: Path) -> dict[str, Any] | None:
+def read_existing_affinity(path: Path, tasks: list[str]) -> dict[str, Any] | None:
+    """Return the affinity.json at ``path`` for merging, or None when there is none.
+
+    Raises when it cannot be read or lists other tasks, so that entries are never dropped silently.
+    """
     if not path.is_file():
         return None
+    move = "move it aside to write a new one"
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as exc:
-        raise DataError(f"{path}: cannot read as JSON ({exc}); move it aside to write a new one") from None
-    return data if isinstance(data, dict) else None
+        raise DataError(f"{path}: cannot read as JSON ({exc}); {move}") from None
+    if not isinstance(data, dict):
+        raise DataError(f"{path}: expected a JSON object with 'tasks' and one entry per estimator; {move}")
+    if data.get("tasks") != tasks:
+        raise DataError(
+            f"{path}: lists the tasks {data.get('tasks')!r} but the run trains {tasks!r} in that order; {move}"
+        )
+    return data
 
 
-def add_fisher_affinity(run_dir: str | Path, images: int, checkpoint: str = "latest", device: str = "auto") -> Path:
-    """Compute the Fisher affinity of a trained run on one of its checkpoints and add it to its affinity.json.
+def check_fisher_run(run_dir: str | Path) -> tuple[StudyConfig, RunSpec]:
+    """Return a run's config and spec after checking that a Fisher affinity can be added to it.
+
+    The run must be unified (the runs the analysis reads one-run estimators from), and an existing
+    affinity.json must be readable and list the run's tasks. Meant to be called before any long work.
+    """
+    from usagg.train.rundir import load_run
+
+    folder = Path(run_dir)
+    study, spec = load_run(folder)
+    if spec.paradigm != "unified" or len(spec.tasks) < 2:
+        raise ConfigError(
+            f"{folder}: run {spec.run_id} is not a unified run of two or more tasks; the Fisher affinity is read "
+            f"from unified runs, e.g. {folder.parents[len(Path(spec.run_id).parts) - 1] / 'unified'}/all/frac-1/seed-0"
+        )
+    read_existing_affinity(folder / AFFINITY_FILE, list(spec.tasks))
+    return study, spec
+
+
+def add_fisher_affinity(
+    run_dir: str | Path, images: int, checkpoint: str = "latest", device: str = "auto"
+) -> tuple[Path, int]:
+    """Compute the Fisher affinity of a trained unified run on one of its checkpoints and add it to affinity.json.
 
     For runs trained without ``train.fisher_images``. Other entries of an existing affinity.json are kept.
-    Returns the path of affinity.json.
+    Returns the path of affinity.json and the checkpoint's step.
     """
     from usagg.train import checkpoint as ckpt
     from usagg.train.distributed import resolve_device
     from usagg.train.finalize import build_run_model
     from usagg.train.rundata import RecordCache
-    from usagg.train.rundir import load_run
 
     if images < 1:
         raise ConfigError(f"Fisher affinity needs at least 1 image per task; got {images}")
     folder = Path(run_dir)
-    study, spec = load_run(folder)
-    if len(spec.tasks) < 2:
-        raise ConfigError(f"{folder}: run {spec.run_id} trains one task; the Fisher affinity compares two or more")
+    study, spec = check_fisher_run(folder)
     study = study.model_copy(update={"train": study.train.model_copy(update={"fisher_images": images})})
     model = build_run_model(study, spec)
     pointer = ckpt.load_weights(model, folder, checkpoint)
@@ -245,7 +279,7 @@ def add_fisher_affinity(run_dir: str | Path, images: int, checkpoint: str = "lat
     recorder = AffinityRecorder(study, spec, RecordCache(study).run_records(spec), model, target)
     recorder.record_fisher(int(pointer["step"]))
     recorder.write(folder, merge=True)
-    return folder / AFFINITY_FILE
+    return folder / AFFINITY_FILE, int(pointer["step"])
 
 
 def _json_matrix(matrix: np.ndarray) -> list[list[float | None]]:
