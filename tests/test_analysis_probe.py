@@ -225,7 +225,7 @@ def test_fisher_embeddings_known_value():
     assert embeddings.shape == (2, 2)  # one unit per output row
     w = body.weight.detach().numpy()
     for row, (task, pairs) in enumerate(samples.items()):
-        # dL/dW[u, k] = 2 r x_k for every output u, with r the residual; the unit value is the mean over k.
+        # dL/dW[u, k] = 2 r x_k for every output u, with r the residual. The unit value is the mean over k.
         expected = np.mean([
             np.mean((2 * (float((w @ x.numpy()[0]).sum()) - float(y)) * x.numpy()[0]) ** 2) for x, y in pairs
         ])

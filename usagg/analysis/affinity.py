@@ -221,17 +221,18 @@ def find_run_files(source: str | os.PathLike, name: str) -> list[Path]:
     return found
 
 
-def _read_json(file: Path) -> Any:
+def read_json_file(file: Path, fix: str = "") -> Any:
+    """Return the parsed JSON of ``file``; raise DataError naming the file, the parser's message and ``fix``."""
     try:
         return json.loads(file.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as exc:
-        raise DataError(f"{file}: cannot read as JSON: {exc}") from None
+        raise DataError(f"{file}: cannot read as JSON: {exc}" + (f"; {fix}" if fix else "")) from None
 
 
 def read_affinity_json(file: str | os.PathLike, key: str) -> tuple[list[str], np.ndarray, dict[str, Any]]:
     """Read one matrix (a value of ``JSON_KEYS``) from an affinity.json."""
     path = Path(file)
-    data = _read_json(path)
+    data = read_json_file(path)
     tasks = data.get("tasks") if isinstance(data, dict) else None
     if not isinstance(tasks, list) or not tasks:
         raise DataError(f"{path}: key 'tasks' must be a non-empty list of task names")
@@ -302,8 +303,8 @@ def affinity_json_has(source: str | os.PathLike, key: str) -> bool:
         return False
     for file in files:
         try:
-            data = json.loads(file.read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError):
+            data = read_json_file(file)
+        except DataError:
             continue
         if isinstance(data, dict) and isinstance(data.get(key), dict):
             return True
@@ -359,7 +360,7 @@ def expert_affinity_per_layer(source: str | os.PathLike) -> tuple[list[str], dic
     tasks: list[str] = []
     layers: list[str] = []
     for file in files:
-        t, l, usage = _usage_distributions(_read_json(file), file)
+        t, l, usage = _usage_distributions(read_json_file(file), file)
         if usage_sum is None:
             tasks, layers, usage_sum = t, l, np.nan_to_num(usage)
         elif (t, l) != (tasks, layers):

@@ -234,9 +234,10 @@ def fisher_embeddings(
 ) -> np.ndarray:
     """Return the per-unit diagonal Fisher of each task, shape (tasks, units), in the order of ``samples``.
 
-    ``samples[task]`` is a list of batches of one image each; ``loss_fn(task, batch)`` returns that image's loss. A
-    parameter of shape (out, ...) contributes ``out`` units (the mean of its squared gradients over the other
-    dimensions); a 1-D parameter contributes one unit per entry. Gradients, buffers and RNG state are restored.
+    ``samples[task]`` is a list of batches of one image each, and ``loss_fn(task, batch)`` returns that image's
+    loss. A parameter of shape (out, ...) contributes ``out`` units, each the mean of its squared gradients over
+    the other dimensions. A 1-D parameter contributes one unit per entry. Gradients, buffers and RNG state are
+    restored.
     """
     shared = list(shared_params)
     embeddings = []

@@ -7,7 +7,6 @@ once, on the final weights.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import time
 import zlib
@@ -73,7 +72,6 @@ class AffinityRecorder:
         self.gradient_every = cfg.gradient_affinity_every
         self.batch_size = cfg.affinity_batch_size or cfg.batch_size
         self.fisher_images = cfg.fisher_images
-        self.fisher_counts: dict[str, int] = {}  # images per task the Fisher affinity used
         self.datasets = {t: TaskDataset(records.cards[t], records.split(t, "train"), study.data, train=False) for t in self.tasks}
         self.means = {key: _Mean(len(self.tasks)) for key in _KEYS}
 
@@ -164,8 +162,6 @@ class AffinityRecorder:
             task: [to_device(collate_task_batch([dataset[i]]), self.device) for i in self._indices("fisher", task, self.fisher_images)]
             for task, dataset in self.datasets.items()
         }
-        # A task with fewer training images than fisher_images uses all of them.
-        self.fisher_counts = {task: len(batches) for task, batches in samples.items()}
         with self._routing_off():
             was_training = self.model.training
             self.model.eval()
@@ -174,9 +170,13 @@ class AffinityRecorder:
             finally:
                 self.model.train(was_training)
         mean.add(fisher_affinity(embeddings), time.perf_counter() - start, step)
-        fewest, largest = min(self.fisher_counts.values()), max(self.fisher_counts.values())
-        per_task = str(largest) if fewest == largest else f"{fewest}-{largest}"
+        counts = self.fisher_counts().values()
+        per_task = str(max(counts)) if min(counts) == max(counts) else f"{min(counts)}-{max(counts)}"
         logger.info("Fisher affinity from %s image(s) per task in %.1f s", per_task, time.perf_counter() - start)
+
+    def fisher_counts(self) -> dict[str, int]:
+        """Return the images per task the Fisher affinity uses: a task with fewer training images uses all."""
+        return {task: min(self.fisher_images or 0, len(dataset)) for task, dataset in self.datasets.items()}
 
     def state_dict(self) -> dict[str, Any]:
         return {key: vars(mean).copy() for key, mean in self.means.items()}
@@ -204,7 +204,7 @@ class AffinityRecorder:
         if "lookahead" in recorded:
             recorded["lookahead"]["reference"] = self.lookahead_reference
         if "fisher" in recorded:
-            recorded["fisher"]["images_per_task"] = self.fisher_counts or {t: None for t in self.tasks}
+            recorded["fisher"]["images_per_task"] = self.fisher_counts()
         data: dict[str, Any] = {"tasks": self.tasks}
         existing = read_existing_affinity(run_dir / AFFINITY_FILE, self.tasks) if merge else None
         if existing is not None:
@@ -219,13 +219,12 @@ def read_existing_affinity(path: Path, tasks: list[str]) -> dict[str, Any] | Non
 
     Raises when it cannot be read or lists other tasks, so that entries are never dropped silently.
     """
+    from usagg.analysis.affinity import read_json_file
+
     if not path.is_file():
         return None
     move = "move it aside to write a new one"
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
-        raise DataError(f"{path}: cannot read as JSON ({exc}); {move}") from None
+    data = read_json_file(path, fix=move)
     if not isinstance(data, dict):
         raise DataError(f"{path}: expected a JSON object with 'tasks' and one entry per estimator; {move}")
     if data.get("tasks") != tasks:
