@@ -164,20 +164,13 @@ def evaluate(
     ] = None,
 ) -> None:
     """Evaluate a trained run on a split and write its results (run table and the study's table)."""
-    from usagg.train.affinity import add_fisher_affinity, check_fisher_run
     from usagg.train.finalize import evaluate_run
 
     if split is not None and split not in ("val", "test"):
         raise ConfigError(f"--split {split}: choose val or test")
     if checkpoint is not None and checkpoint not in ("best", "latest"):
         raise ConfigError(f"--checkpoint {checkpoint}: choose best or latest")
-    if fisher_images is not None:
-        check_fisher_run(run_dir)  # fail before the evaluation rewrites anything
-    rows = evaluate_run(run_dir, split=split, checkpoint=checkpoint, device=device)
-    if fisher_images is not None:
-        fisher_checkpoint = checkpoint or "latest"
-        path, step = add_fisher_affinity(run_dir, fisher_images, checkpoint=fisher_checkpoint, device=device)
-        console.print(f"Fisher affinity (checkpoint {fisher_checkpoint}, step {step}) added to {escape(str(path))}")
+    rows = evaluate_run(run_dir, split=split, checkpoint=checkpoint, device=device, fisher_images=fisher_images)
     table = Table(title=escape(f"usagg evaluate: {run_dir}"))
     for column in ("task", "split", "metric", "value"):
         table.add_column(column, justify="right" if column == "value" else "left")

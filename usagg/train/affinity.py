@@ -254,12 +254,19 @@ def check_fisher_run(run_dir: str | Path) -> tuple[StudyConfig, RunSpec]:
 
 
 def add_fisher_affinity(
-    run_dir: str | Path, images: int, checkpoint: str = "latest", device: str = "auto"
+    run_dir: str | Path,
+    images: int,
+    checkpoint: str = "latest",
+    device: str = "auto",
+    *,
+    model: torch.nn.Module | None = None,
+    records: RunRecords | None = None,
 ) -> tuple[Path, int]:
     """Compute the Fisher affinity of a trained unified run on one of its checkpoints and add it to affinity.json.
 
     For runs trained without ``train.fisher_images``. Other entries of an existing affinity.json are kept.
-    Returns the path of affinity.json and the checkpoint's step.
+    ``model`` and ``records``, when a caller already built them for this run, are used instead of building
+    them again. Returns the path of affinity.json and the checkpoint's step.
     """
     from usagg.train import checkpoint as ckpt
     from usagg.train.distributed import resolve_device
@@ -271,14 +278,17 @@ def add_fisher_affinity(
     folder = Path(run_dir)
     study, spec = check_fisher_run(folder)
     study = study.model_copy(update={"train": study.train.model_copy(update={"fisher_images": images})})
-    model = build_run_model(study, spec)
+    model = model if model is not None else build_run_model(study, spec)
+    records = records if records is not None else RecordCache(study).run_records(spec)
     pointer = ckpt.load_weights(model, folder, checkpoint)
     target = resolve_device(device)
     model.to(target)
-    recorder = AffinityRecorder(study, spec, RecordCache(study).run_records(spec), model, target)
+    recorder = AffinityRecorder(study, spec, records, model, target)
     recorder.record_fisher(int(pointer["step"]))
     recorder.write(folder, merge=True)
-    return folder / AFFINITY_FILE, int(pointer["step"])
+    path = folder / AFFINITY_FILE
+    logger.info("Fisher affinity (checkpoint %s, step %s) added to %s", checkpoint, pointer["step"], path)
+    return path, int(pointer["step"])
 
 
 def _json_matrix(matrix: np.ndarray) -> list[list[float | None]]:

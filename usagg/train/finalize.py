@@ -91,13 +91,22 @@ def evaluate_run(
     split: str | None = None,
     checkpoint: str | None = None,
     device: str = "auto",
+    fisher_images: int | None = None,
 ) -> pl.DataFrame:
-    """Evaluate a saved run on demand (``usagg evaluate``) and return the rows it wrote."""
+    """Evaluate a saved run on demand (``usagg evaluate``) and return the rows it wrote.
+
+    With ``fisher_images``, also add the Fisher affinity of ``checkpoint`` (default latest) to the run's
+    affinity.json, on the same model and records. The run is checked for it before anything is written.
+    """
+    from usagg.train.affinity import add_fisher_affinity, check_fisher_run
+
     folder = Path(run_dir)
     study, spec = load_run(folder)
+    if fisher_images is not None:
+        check_fisher_run(folder)
     records = RecordCache(study).run_records(spec)
     model = build_run_model(study, spec)
-    return evaluate_and_write(
+    rows = evaluate_and_write(
         study,
         spec,
         model,
@@ -107,3 +116,6 @@ def evaluate_run(
         split=split or study.evaluation.split,
         checkpoint=checkpoint or study.evaluation.checkpoint,
     )
+    if fisher_images is not None:
+        add_fisher_affinity(folder, fisher_images, checkpoint or "latest", device, model=model, records=records)
+    return rows
