@@ -13,9 +13,15 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from usagg.cli.tables import output_console, print_matrix, print_rows
 from usagg.errors import AnalysisError
 
 console = Console()
+
+
+def _console() -> Console:
+    return output_console(console)
+
 
 RESULTS_HELP = "Results table (CSV or parquet) or a study output directory holding run directories."
 METRIC_HELP = (
@@ -44,13 +50,13 @@ def _num(value: float | None, fmt: str = ".3g") -> str:
 
 def _print_notes(report) -> None:
     for message in report.messages:
-        console.print(f"[dim]note:[/] {escape(str(message))}", highlight=False)
+        _console().print(f"[dim]note:[/] {escape(str(message))}", highlight=False)
     if report.warnings:
-        console.print(f"[yellow]{len(report.warnings)} statistical warning(s)[/] (all in analysis_report.json with --out):")
+        _console().print(f"[yellow]{len(report.warnings)} statistical warning(s)[/] (all in analysis_report.json with --out):")
         for warning in report.warnings[:5]:
-            console.print(f"  [dim]- {escape(str(warning))}[/]", highlight=False)
+            _console().print(f"  [dim]- {escape(str(warning))}[/]", highlight=False)
         if len(report.warnings) > 5:
-            console.print(f"  [dim]… and {len(report.warnings) - 5} more[/]")
+            _console().print(f"  [dim]… and {len(report.warnings) - 5} more[/]")
 
 
 def _pick_fraction(table: pl.DataFrame, fraction: float | None) -> tuple[pl.DataFrame, float]:
@@ -89,9 +95,9 @@ def _print_transfer(report, fraction: float | None) -> None:
             flag = " ✗" if r["negative_transfer"] else ""
             cells += [f"{_pct(r['mean_rel_change'])}{flag}", _interval(r["ci_lo"], r["ci_hi"])]
         table.add_row(*cells)
-    console.print(table)
+    _console().print(table)
     methods = dict(summary.group_by("ci_method").len().iter_rows())
-    console.print(
+    _console().print(
         "intervals: " + escape(", ".join(f"{k} ({v})" for k, v in sorted(methods.items())))
         + "; – = no interval; flag rule: interval entirely below 0",
         highlight=False,
@@ -109,23 +115,23 @@ def _print_transfer(report, fraction: float | None) -> None:
             _interval(r["ci_seeds_lo"], r["ci_seeds_hi"]), _interval(r["ci_tasks_lo"], r["ci_tasks_hi"]),
             str(r["n_tasks"]), str(r["n_seeds"]),
         )
-    console.print(table)
+    _console().print(table)
 
 
-def _print_matrix(name: str, tasks: list[str], matrix: np.ndarray) -> None:
-    table = Table(title=escape(f"{name} affinity (row = source task, column = target task)"))
-    table.add_column("source \\ target")
-    for task in tasks:
-        table.add_column(escape(task), justify="right")
-    for task, row in zip(tasks, matrix):
-        table.add_row(escape(task), *(_num(float(v), ".3f") for v in row))
-    console.print(table)
+def _print_matrices(matrices: dict[str, tuple[list[str], np.ndarray]]) -> None:
+    """Print each affinity matrix, with its tasks in the order of the first matrix where they are the same set."""
+    order: list[str] | None = None
+    for name, (tasks, matrix) in matrices.items():
+        if order is None:
+            order = list(tasks)
+        elif set(tasks) == set(order):
+            index = [tasks.index(task) for task in order]
+            tasks, matrix = order, matrix[np.ix_(index, index)]
+        print_matrix(_console(), f"{name} affinity (row = source task, column = target task)", tasks, matrix)
 
 
 def _print_frame(title: str, frame: pl.DataFrame, percent: tuple[str, ...] = ()) -> None:
-    table = Table(title=title)
-    for column in frame.columns:
-        table.add_column(escape(column), justify="right" if frame.schema[column].is_numeric() else "left")
+    rows = []
     for row in frame.iter_rows(named=True):
         cells = []
         for column, value in row.items():
@@ -134,9 +140,10 @@ def _print_frame(title: str, frame: pl.DataFrame, percent: tuple[str, ...] = ())
             elif isinstance(value, float):
                 cells.append(_num(value, ".4g"))
             else:
-                cells.append("–" if value is None else escape(str(value)))
-        table.add_row(*cells)
-    console.print(table)
+                cells.append("–" if value is None else str(value))
+        rows.append(cells)
+    right = [frame.schema[column].is_numeric() for column in frame.columns]
+    print_rows(_console(), title, frame.columns, rows, right)
 
 
 def _print_grouping(grouping) -> None:
@@ -147,14 +154,14 @@ def _print_grouping(grouping) -> None:
     for name, members in grouping.as_mapping().items():
         mean = float(np.mean([grouping.task_scores[t] for t in members]))
         table.add_row(escape(name), escape(", ".join(members)), _num(mean, ".3f"))
-    console.print(table)
+    _console().print(table)
     line = f"total within-group affinity {grouping.score:.4g}"
     if grouping.taxonomy_score is not None:
         line += f"; clinical taxonomy {grouping.taxonomy_score:.4g} ({len(grouping.taxonomy_groups or {})} groups)"
     if grouping.random_score_mean is not None:
         line += f"; random partitions of the same sizes {grouping.random_score_mean:.4g} (95th percentile {grouping.random_score_p95:.4g})"
-    console.print(line, highlight=False)
-    console.print(grouping.to_yaml(), highlight=False, markup=False)
+    _console().print(line, highlight=False)
+    _console().print(grouping.to_yaml(), highlight=False, markup=False)
 
 
 def _parse_k(value: str | None) -> int | str | None:
@@ -214,8 +221,7 @@ def transfer_matrix(
         affinity = add_affinity(report, inputs, methods, relation_matrix, metrics, permutations, seed)
         if not affinity.matrices:
             raise AnalysisError(" ".join(affinity.messages) or "no affinity matrix could be computed")
-        for name, (tasks, matrix) in affinity.matrices.items():
-            _print_matrix(name, tasks, matrix)
+        _print_matrices(affinity.matrices)
         if affinity.agreement is not None:
             _print_frame("Agreement between estimators (Spearman ρ of off-diagonal entries, permutation p)", affinity.agreement)
         if affinity.scores is not None:
@@ -228,7 +234,7 @@ def transfer_matrix(
     _print_notes(report)
     if out is not None:
         report.write(out)
-        console.print(f"tables written to {escape(str(out))}", highlight=False)
+        _console().print(f"tables written to {escape(str(out))}", highlight=False)
 
 
 def _data_scale_report(results: Path, metric: Optional[list[str]], bootstrap: int, seed: int, task: Optional[str] = None):
@@ -255,7 +261,7 @@ def data_scale(
     """Regress relative change on log10(training images) with task type and paradigm; crossings and tests."""
     report = _data_scale_report(results, metric, bootstrap, seed)
     fit = report.data_scale
-    console.print(
+    _console().print(
         f"model: rel_change ~ {escape(fit.formula)} (OLS, HC3 errors); n = {fit.n} observations of {fit.n_tasks} tasks; "
         f"R² = {fit.r2:.3f} (adjusted {fit.r2_adj:.3f})",
         highlight=False,
@@ -273,7 +279,7 @@ def data_scale(
     _print_notes(report)
     if out is not None:
         report.write(out)
-        console.print(f"tables written to {escape(str(out))}", highlight=False)
+        _console().print(f"tables written to {escape(str(out))}", highlight=False)
 
 
 def advise_command(
@@ -296,11 +302,11 @@ def advise_command(
         percent=("predicted", "ci_lo", "ci_hi", "observed"),
     )
     _print_frame("Recommendation per task", advice.recommendations.drop("task_type"))
-    console.print(f"rule: {escape(ADVICE_RULE)}", highlight=False)
+    _console().print(f"rule: {escape(ADVICE_RULE)}", highlight=False)
     _print_notes(report)
     if out is not None:
         report.write(out)
-        console.print(f"tables written to {escape(str(out))}", highlight=False)
+        _console().print(f"tables written to {escape(str(out))}", highlight=False)
 
 
 def register(app: typer.Typer) -> None:

@@ -11,14 +11,10 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from usagg.cli.tables import output_console
 from usagg.errors import ConfigError
 
 console = Console()
-
-
-def _wide_console() -> Console:
-    """Return the console, or a 160-column one when output is not a terminal, so run ids in tables are not cut."""
-    return console if console.is_terminal else Console(width=160)
 results_app = typer.Typer(help="Merge and inspect results tables.", no_args_is_help=True)
 
 
@@ -119,7 +115,7 @@ def train(
             table.add_row(
                 escape(result.spec.run_id), escape(result.status), str(result.steps), f"{result.seconds:.1f}", f"{result.images_per_s:.1f}"
             )
-        _wide_console().print(table)
+        output_console(console).print(table)
         console.print(escape(f"results: {Path(study.output) / study.name / 'results.parquet'}"))
     else:
         for submitted in outcome:
@@ -139,7 +135,7 @@ def _print_plan(planned, study) -> None:
             str(run.images),
             escape(run.state),
         )
-    _wide_console().print(table)
+    output_console(console).print(table)
     console.print(
         escape(
             f"total: {sum(r.steps for r in planned)} steps, {sum(r.images for r in planned)} images "
