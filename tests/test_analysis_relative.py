@@ -177,6 +177,30 @@ def test_zero_reference_gives_nan_with_warning():
     assert any("task-specific value is 0" in w for w in warnings)
 
 
+def test_near_zero_reference_warns():
+    rows = [
+        row("task_specific", "a", "dice", 0.004, True), row("unified", "a", "dice", 0.3, True),
+        row("task_specific", "b", "dice", 0.8, True), row("unified", "b", "dice", 0.7, True),
+    ]
+    rel, warnings = relative_change_with_warnings(table(rows))
+
+    assert rel.filter(pl.col("task") == "a")["rel_change"].to_list() == pytest.approx([74.0])
+    [warning] = [w for w in warnings if "more than 100%" in w]
+    assert warning.startswith("1 row(s) of 1 task(s) (a)")
+    assert "+7400% for task 'a'" in warning
+    assert "dice 0.004 task-specific, 0.3 unified" in warning
+    assert "--metric TASK=METRIC" in warning
+
+
+def test_moderate_change_no_warning():
+    rows = [row("task_specific", "a", "mre_px", 10.0, False, task_type="regression"),
+            row("unified", "a", "mre_px", 19.0, False, task_type="regression")]
+    rel, warnings = relative_change_with_warnings(table(rows))
+
+    assert rel["rel_change"].to_list() == pytest.approx([-0.9])
+    assert not any("more than 100%" in w for w in warnings)
+
+
 def test_duplicate_reference_rows_raise():
     rows = [row("task_specific", "a", "dice", 0.8, True), row("task_specific", "a", "dice", 0.7, True),
             row("unified", "a", "dice", 0.7, True)]

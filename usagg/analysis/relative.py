@@ -35,6 +35,8 @@ DEFAULT_PRIMARY_METRICS: dict[str, tuple[str, ...]] = {
 # Rows with equal values in these columns are compared with each other; seed may be null (reported numbers).
 MATCH_KEYS = ["study", "task", "metric", "split", "data_fraction", "seed"]
 NULL_SEED_KEY = -(2**62)
+# A relative change beyond this magnitude (a fraction, 1.0 = 100 %) is reported with a warning.
+LARGE_REL_CHANGE = 1.0
 
 REL_COLUMNS = [
     "study",
@@ -186,10 +188,27 @@ def relative_change_with_warnings(
         rel = rel.with_columns(
             pl.when(pl.col("rel_change").is_finite()).then(pl.col("rel_change")).otherwise(None).alias("rel_change")
         )
+    warnings.extend(_large_change_warning(rel))
     rel = rel.select(REL_COLUMNS).sort("paradigm", "task", "metric", "split", "data_fraction", "seed")
     if rel.height == 0 and aggregated.height:
         warnings.append("no aggregated run could be matched to a task-specific run; the relative-change table is empty")
     return rel, warnings
+
+
+def _large_change_warning(rel: pl.DataFrame) -> list[str]:
+    """Return a one-item list warning of relative changes beyond ±100 %, usually from a task-specific value near 0."""
+    large = rel.filter(pl.col("rel_change").abs() > LARGE_REL_CHANGE)
+    if large.height == 0:
+        return []
+    worst = large.sort(pl.col("rel_change").abs(), descending=True).row(0, named=True)
+    tasks = sorted(set(large["task"].to_list()))
+    return [
+        f"{large.height} row(s) of {len(tasks)} task(s) ({', '.join(tasks[:5])}{' …' if len(tasks) > 5 else ''}) "
+        f"change by more than {LARGE_REL_CHANGE:.0%} against the task-specific run, the largest "
+        f"{worst['rel_change']:+.0%} for task {worst['task']!r} ({worst['metric']} {worst['value_ts']:.4g} task-specific, "
+        f"{worst['value']:.4g} {worst['paradigm']}). A task-specific value near 0 inflates the relative change, and such "
+        f"a task can dominate Δm; check that run, or compare the task with another metric (--metric TASK=METRIC)"
+    ]
 
 
 def relative_change(
