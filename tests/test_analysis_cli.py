@@ -72,6 +72,23 @@ def test_transfer_matrix_known_values(known_table, tmp_path):
     assert report["delta_m"]
 
 
+def test_transfer_matrix_two_studies(known_table, small_table, tmp_path):
+    combined = pl.concat([pl.read_csv(small_table), pl.read_csv(known_table)], how="vertical_relaxed")
+    path = tmp_path / "combined.csv"
+    combined.write_csv(path)
+
+    result = invoke("transfer-matrix", path, "--out", tmp_path / "out")
+
+    assert result.exit_code == 0, result.output
+    assert "study" in result.output
+    assert "-79.7" in result.output
+    delta = pl.read_csv(tmp_path / "out" / "delta_m.csv").filter(pl.col("level") == "study")
+    assert set(delta["study"]) == set(combined["study"])
+    flags = pl.read_csv(tmp_path / "out" / "negative_transfer.csv").filter(pl.col("study") == "hand")
+    assert set(flags["ci_method"]) == {"reported"}
+    assert flags["n_seeds"].to_list() == [1, 1, 1]
+
+
 def test_transfer_matrix_on_small_table(small_table, tmp_path):
     result = invoke("transfer-matrix", small_table, "--out", tmp_path, "--metric", "segmentation=dice")
     assert result.exit_code == 0, result.output

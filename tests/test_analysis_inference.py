@@ -251,3 +251,43 @@ def test_delta_m_intervals_ignore_row_order():
         again = delta_m_table(rel.sample(fraction=1.0, shuffle=True, seed=shuffle_seed), n_boot=200, seed=0)
         assert again["ci_tasks_lo"].to_list() == first["ci_tasks_lo"].to_list()
         assert again["ci_tasks_hi"].to_list() == first["ci_tasks_hi"].to_list()
+
+
+def _reported_rows(task, ts_value, agg_value, study="doe2025"):
+    rows = []
+    for paradigm, value in (("task_specific", ts_value), ("unified", agg_value)):
+        rows.append({
+            "study": study, "run_id": f"reported-{paradigm}-{task}", "paradigm": paradigm,
+            "group": task if paradigm == "task_specific" else "all", "task": task, "task_type": "segmentation",
+            "organ": "o", "clinical_group": "g", "n_train": None, "data_fraction": 1.0, "seed": None,
+            "split": "test", "metric": "dice", "value": value, "higher_is_better": True,
+            "source": "reported:Doe et al. 2025",
+        })
+    return rows
+
+
+def test_studies_are_not_pooled():
+    from usagg.analysis.transfer import delta_m_table
+
+    rows = rows_for("a", [0.80, 0.82, 0.81], [0.16, 0.18, 0.17]) + _reported_rows("a", 0.760, 0.740)
+    rel = relative_change(pl.DataFrame(rows, schema=RESULTS_SCHEMA))
+
+    summary, _ = seed_summary(rel)
+    assert summary.height == 2
+    own = summary.filter(pl.col("study") == "s").row(0, named=True)
+    reported = summary.filter(pl.col("study") == "doe2025").row(0, named=True)
+    assert own["n_seeds"] == 3
+    assert own["ci_method"] == "t_seeds"
+    assert own["negative_transfer"] is True
+    assert reported["n_seeds"] == 1
+    assert reported["mean_rel_change"] == pytest.approx(-0.02 / 0.76)
+    assert reported["ci_method"] == "reported"
+
+    study_level = delta_m_table(rel, n_boot=0).filter(pl.col("level") == "study")
+    assert study_level["study"].to_list() == ["doe2025", "s"]
+    assert study_level["n_seeds"].to_list() == [1, 3]
+    assert study_level["delta_m"][0] == pytest.approx(-0.02 / 0.76)
+
+    means = per_task_means(rel)
+    assert means.height == 2
+    assert sorted(means["n_seeds"].to_list()) == [1, 3]

@@ -146,3 +146,64 @@ def test_string_value_column_names_cell():
     frame = pl.concat([rows("r1", 0.5), rows("r2", 0.6)]).with_columns(pl.Series("value", ["0.5", "abc"]))
     with pytest.raises(DataError, match="t.parquet: row 3: column 'value' has 'abc', which is not a number"):
         validate_results(frame, origin="t.parquet")
+
+
+def test_misspelled_task_type_raises(tmp_path):
+    path = _csv_with(tmp_path, "task_type", "segmentaton")
+
+    with pytest.raises(DataError) as caught:
+        read_results(path)
+
+    assert str(caught.value) == (
+        f"{path}: row 3: task_type 'segmentaton' is not a known task_type (did you mean 'segmentation'?); "
+        "use one of segmentation, classification, detection, regression"
+    )
+
+
+def test_train_images_row_may_count_all_types():
+    count = rows("r2", 240.0).with_columns(
+        pl.lit("all").alias("task"), pl.lit("all").alias("task_type"), pl.lit("train_images").alias("metric")
+    )
+    table = validate_results(pl.concat([rows("r1", 0.5), count]))
+
+    assert table["task_type"].to_list() == ["segmentation", "all"]
+    with pytest.raises(DataError, match="row 3: task_type 'all' is not a known task_type"):
+        validate_results(pl.concat([rows("r1", 0.5), rows("r2", 0.6).with_columns(pl.lit("all").alias("task_type"))]))
+
+
+def test_wrong_direction_of_known_metric(tmp_path):
+    path = _csv_with(tmp_path, "higher_is_better", "false")
+
+    with pytest.raises(DataError) as caught:
+        read_results(path)
+
+    assert str(caught.value) == (
+        f"{path}: row 3: metric 'dice' has higher_is_better false, but a higher dice is better; write true"
+    )
+
+
+def test_mixed_direction_of_one_metric():
+    custom = pl.concat([rows("r1", 0.5), rows("r2", 0.6), rows("r3", 0.7)]).with_columns(
+        pl.lit("lesion_score").alias("metric"), pl.Series("higher_is_better", [True, True, False])
+    )
+
+    with pytest.raises(DataError) as caught:
+        validate_results(custom, origin="t.csv")
+
+    message = str(caught.value)
+    assert message.startswith("t.csv: rows 2 and 4: task 'lesion', metric 'lesion_score' has higher_is_better true")
+    assert message.endswith("give every row of a metric the same direction")
+    other_task = custom.with_columns(pl.Series("task", ["lesion", "lesion", "nodule"]))
+    assert validate_results(other_task).height == 3
+
+
+def test_csv_named_parquet_raises(tmp_path):
+    path = tmp_path / "results.parquet"
+    rows("r1", 0.5).write_csv(path)
+
+    with pytest.raises(DataError) as caught:
+        read_results(path)
+
+    message = str(caught.value)
+    assert message.startswith(f"{path}: cannot read as a parquet file (")
+    assert message.endswith("if it is a CSV file, rename it to .csv")

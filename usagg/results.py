@@ -13,6 +13,7 @@ import polars as pl
 
 from usagg.errors import DataError
 from usagg.io import atomic_path
+from usagg.tasks import HIGHER_IS_BETTER, TaskType
 
 RESULTS_SCHEMA: dict[str, pl.DataType] = {
     "study": pl.String,
@@ -52,6 +53,10 @@ NULLABLE_COLUMNS = {"seed", "organ", "value", "n_train"}
 
 # Values of the paradigm column: the reference, the two aggregated paradigms and two-task runs for affinity.
 PARADIGMS = ("task_specific", "grouped", "unified", "pair")
+
+# Values of the task_type column. Rows of metric train_images may also count the images of "all" task types.
+TASK_TYPES = tuple(task_type.value for task_type in TaskType)
+TRAIN_IMAGES_METRIC = "train_images"
 
 # Strings the CSV reader accepts in the boolean column, compared in lower case.
 BOOLEAN_STRINGS = {"true": True, "false": False}
@@ -124,16 +129,58 @@ def validate_results(df: pl.DataFrame, origin: str = "results table") -> pl.Data
         if nulls.height:
             row = _row_number(nulls["row"][0])
             raise DataError(f"{origin}: row {row}: column {column!r} is empty; every row needs a {column}")
-    unknown = out.with_row_index("row").filter(~pl.col("paradigm").is_in(PARADIGMS))
-    if unknown.height:
-        value = unknown["paradigm"][0]
-        close = difflib.get_close_matches(value, PARADIGMS, n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise DataError(
-            f"{origin}: row {_row_number(unknown['row'][0])}: paradigm {value!r} is not a known paradigm{hint}; "
-            f"use one of {', '.join(PARADIGMS)}"
-        )
+    indexed = out.with_row_index("row")
+    _reject_unknown(indexed, "paradigm", PARADIGMS, origin)
+    scores = indexed.filter(pl.col("metric") != TRAIN_IMAGES_METRIC)
+    _reject_unknown(scores, "task_type", TASK_TYPES, origin)
+    _reject_unknown(indexed, "task_type", (*TASK_TYPES, "all"), origin)
+    _check_directions(scores, origin)
     return out
+
+
+def _reject_unknown(indexed: pl.DataFrame, column: str, allowed: tuple[str, ...], origin: str) -> None:
+    """Raise naming the first row whose ``column`` is not in ``allowed``, with the closest allowed value."""
+    unknown = indexed.filter(~pl.col(column).is_in(allowed))
+    if unknown.height == 0:
+        return
+    value = unknown[column][0]
+    close = difflib.get_close_matches(value, allowed, n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    raise DataError(
+        f"{origin}: row {_row_number(unknown['row'][0])}: {column} {value!r} is not a known {column}{hint}; "
+        f"use one of {', '.join(allowed)}"
+    )
+
+
+def _check_directions(scores: pl.DataFrame, origin: str) -> None:
+    """Raise when higher_is_better contradicts a known metric or differs between rows of one task and metric.
+
+    A wrong direction flips the sign of every relative change of that metric without any other symptom.
+    """
+    known = scores.filter(pl.col("metric").is_in(list(HIGHER_IS_BETTER)))
+    expected = known["metric"].replace_strict(HIGHER_IS_BETTER, return_dtype=pl.Boolean)
+    wrong = known.filter(pl.col("higher_is_better") != expected)
+    if wrong.height:
+        row = wrong.row(0, named=True)
+        better = "higher" if HIGHER_IS_BETTER[row["metric"]] else "lower"
+        raise DataError(
+            f"{origin}: row {_row_number(row['row'])}: metric {row['metric']!r} has higher_is_better "
+            f"{str(row['higher_is_better']).lower()}, but a {better} {row['metric']} is better; write "
+            f"{str(HIGHER_IS_BETTER[row['metric']]).lower()}"
+        )
+    keys = ["study", "task", "metric"]
+    mixed = scores.filter(pl.col("higher_is_better").n_unique().over(keys) > 1).sort("row")
+    if mixed.height:
+        first = mixed.row(0, named=True)
+        other = mixed.filter(
+            (pl.col("study") == first["study"]) & (pl.col("task") == first["task"]) & (pl.col("metric") == first["metric"])
+            & (pl.col("higher_is_better") != first["higher_is_better"])
+        ).row(0, named=True)
+        raise DataError(
+            f"{origin}: rows {_row_number(first['row'])} and {_row_number(other['row'])}: task {first['task']!r}, "
+            f"metric {first['metric']!r} has higher_is_better {str(first['higher_is_better']).lower()} in one and "
+            f"{str(other['higher_is_better']).lower()} in the other; give every row of a metric the same direction"
+        )
 
 
 def read_results(path: str | os.PathLike) -> pl.DataFrame:
@@ -147,7 +194,13 @@ def read_results(path: str | os.PathLike) -> pl.DataFrame:
     if not file.exists():
         raise DataError(f"{file}: results table not found")
     if file.suffix == ".parquet":
-        df = pl.read_parquet(file)
+        try:
+            df = pl.read_parquet(file)
+        except (pl.exceptions.PolarsError, OSError) as exc:
+            raise DataError(
+                f"{file}: cannot read as a parquet file ({str(exc).splitlines()[0]}); if it is a CSV file, "
+                f"rename it to .csv"
+            ) from None
     elif file.suffix == ".csv":
         try:
             df = pl.read_csv(file, schema_overrides=RESULTS_SCHEMA, null_values=CSV_NULL_VALUES)

@@ -140,7 +140,8 @@ def measured_affinity(
     if pairs.height == 0:
         raise AnalysisError(
             "measured affinity needs pair runs (paradigm 'pair', group 'taskA+taskB'); plan them with "
-            "`usagg train STUDY --pairs` or choose --method lookahead, gradient, experts or fisher"
+            "`usagg train STUDY --pairs`, or give a study output directory with a unified run and choose "
+            "--method lookahead, gradient, experts or fisher"
         )
     rel, found = relative_change_with_warnings(results, metrics, paradigms=[PAIR])
     for note in found:

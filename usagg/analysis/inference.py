@@ -42,7 +42,8 @@ FLAG_RULES = {
 }
 
 # Rows with equal values here are the seeds of one comparison.
-COMPARISON_KEYS = ["paradigm", "group", "task", "task_type", "clinical_group", "metric", "split", "data_fraction"]
+# Results of different studies are never pooled: a number typed in from a publication is its own comparison.
+COMPARISON_KEYS = ["study", "paradigm", "group", "task", "task_type", "clinical_group", "metric", "split", "data_fraction"]
 
 SUMMARY_SCHEMA = {
     "n_seeds": pl.Int64,
@@ -243,19 +244,20 @@ def kruskal_by(data: pl.DataFrame, value: str = "rel_change", by: str = "task_ty
 
 
 def per_task_means(rel: pl.DataFrame, data_fraction: float | None = None) -> pl.DataFrame:
-    """Return one row per paradigm × task: the mean relative change over seeds at one data fraction.
+    """Return one row per study × paradigm × task: the mean relative change over seeds at one data fraction.
 
     ``data_fraction`` None takes each task's largest fraction (its full training set).
     """
     data = rel.filter(pl.col("rel_change").is_not_null() & pl.col("rel_change").is_not_nan())
+    studies = ["study"] if "study" in data.columns else []
     if data_fraction is None:
-        data = data.filter(pl.col("data_fraction") == pl.col("data_fraction").max().over("paradigm", "task"))
+        data = data.filter(pl.col("data_fraction") == pl.col("data_fraction").max().over(*studies, "paradigm", "task"))
     else:
         data = data.filter((pl.col("data_fraction") - data_fraction).abs() < 1e-9)
     return (
-        data.group_by("paradigm", "task", "task_type", "clinical_group", "metric")
+        data.group_by(*studies, "paradigm", "task", "task_type", "clinical_group", "metric")
         .agg(pl.col("rel_change").mean(), pl.col("n_train").mean(), pl.col("data_fraction").first(), pl.len().alias("n_seeds"))
-        .sort("paradigm", "task")
+        .sort("paradigm", "task", *studies)
     )
 
 

@@ -16,6 +16,7 @@ from usagg.analysis.relative import relative_change_with_warnings
 DELTA_M_LEVELS = ("study", "task_type", "clinical_group", "group")
 
 DELTA_M_SCHEMA = {
+    "study": pl.String,
     "paradigm": pl.String,
     "data_fraction": pl.Float64,
     "split": pl.String,
@@ -49,7 +50,7 @@ class TransferAnalysis:
 
 
 def delta_m_table(rel: pl.DataFrame, n_boot: int = 1000, seed: int = 0, level: float = 0.95) -> pl.DataFrame:
-    """Return Δm per paradigm × data fraction × split at the study level, per task type, clinical and training group.
+    """Return Δm per study × paradigm × data fraction × split over all tasks, per task type, clinical and training group.
 
     ``ci_seeds`` is the t interval of the per-seed Δm, which reflects training randomness and needs two seeds.
     ``ci_tasks`` is a percentile bootstrap over tasks of the seed-averaged task means, which reflects the choice
@@ -57,7 +58,8 @@ def delta_m_table(rel: pl.DataFrame, n_boot: int = 1000, seed: int = 0, level: f
     are averaged first.
     """
     valid = rel.filter(pl.col("rel_change").is_not_null() & pl.col("rel_change").is_not_nan())
-    base = ["paradigm", "data_fraction", "split"]
+    # Each study gets its own Δm: tasks and seeds of different studies are never pooled.
+    base = ["study", "paradigm", "data_fraction", "split"]
     # Sorted groups make the shared bootstrap generator draw in the same order on every call, so the same
     # table always gives the same intervals (polars' group_by returns groups in arbitrary order).
     per_seed_task = (
@@ -81,6 +83,7 @@ def delta_m_table(rel: pl.DataFrame, n_boot: int = 1000, seed: int = 0, level: f
                 ci_tasks = tuple(np.percentile(draws, [50 * (1 - level), 50 * (1 + level)]).tolist())
             rows.append(
                 {
+                    "study": info["study"],
                     "paradigm": info["paradigm"],
                     "data_fraction": info["data_fraction"],
                     "split": info["split"],
@@ -101,7 +104,7 @@ def delta_m_table(rel: pl.DataFrame, n_boot: int = 1000, seed: int = 0, level: f
     order = {name: k for k, name in enumerate(DELTA_M_LEVELS)}
     return (
         table.with_columns(pl.col("level").replace_strict(order, return_dtype=pl.Int64).alias("_order"))
-        .sort("paradigm", "split", "data_fraction", "_order", "level_value")
+        .sort("study", "paradigm", "split", "data_fraction", "_order", "level_value")
         .drop("_order")
     )
 

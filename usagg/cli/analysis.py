@@ -78,14 +78,17 @@ def _print_transfer(report, fraction: float | None) -> None:
     summary = summary.filter(pl.col("split") == split)
     paradigms = sorted(set(summary["paradigm"].to_list()))
     table = Table(title=escape(f"Relative change vs task-specific, % (data fraction {shown_fraction}, {split} split; ✗ = negative transfer)"))
-    table.add_column("task")
-    table.add_column("type")
-    table.add_column("metric")
+    # The study column appears only when the table contains several, e.g. numbers typed in from a publication.
+    row_keys = ["task", "task_type", "metric"]
+    if summary["study"].n_unique() > 1:
+        row_keys = ["study", *row_keys]
+    for name in row_keys:
+        table.add_column("type" if name == "task_type" else name)
     for paradigm in paradigms:
         table.add_column(escape(f"{paradigm} mean"), justify="right")
         table.add_column("95 % interval", justify="right")
-    for (task, task_type, metric), part in summary.sort("task").group_by("task", "task_type", "metric", maintain_order=True):
-        cells = [escape(str(task)), escape(str(task_type)), escape(str(metric))]
+    for key, part in summary.sort(*row_keys).group_by(row_keys, maintain_order=True):
+        cells = [escape(str(value)) for value in key]
         for paradigm in paradigms:
             row = part.filter(pl.col("paradigm") == paradigm)
             if row.height == 0:
@@ -107,14 +110,21 @@ def _print_transfer(report, fraction: float | None) -> None:
         ((pl.col("data_fraction") - shown_fraction).abs() < 1e-9) & (pl.col("split") == split) & (pl.col("level") != "group")
     )
     table = Table(title=f"Δm (mean relative change over tasks), % (data fraction {shown_fraction})")
-    for name in ("paradigm", "level", "value", "Δm", "95 % CI seeds", "95 % CI tasks", "tasks", "seeds"):
-        table.add_column(name, justify="right" if name not in ("paradigm", "level", "value") else "left")
+    several_studies = dm["study"].n_unique() > 1
+    names = ["paradigm", "level", "value", "Δm", "95 % CI seeds", "95 % CI tasks", "tasks", "seeds"]
+    if several_studies:
+        names.insert(0, "study")
+    for name in names:
+        table.add_column(name, justify="right" if name not in ("study", "paradigm", "level", "value") else "left")
     for r in dm.iter_rows(named=True):
-        table.add_row(
+        cells = [
             escape(str(r["paradigm"])), escape(str(r["level"])), escape(str(r["level_value"])), _pct(r["delta_m"]),
             _interval(r["ci_seeds_lo"], r["ci_seeds_hi"]), _interval(r["ci_tasks_lo"], r["ci_tasks_hi"]),
             str(r["n_tasks"]), str(r["n_seeds"]),
-        )
+        ]
+        if several_studies:
+            cells.insert(0, escape(str(r["study"])))
+        table.add_row(*cells)
     _console().print(table)
 
 
@@ -221,6 +231,9 @@ def transfer_matrix(
         affinity = add_affinity(report, inputs, methods, relation_matrix, metrics, permutations, seed)
         if not affinity.matrices:
             raise AnalysisError(" ".join(affinity.messages) or "no affinity matrix could be computed")
+        # Group before printing, so an invalid K is reported before pages of matrices.
+        if k is not None:
+            add_grouping(report, inputs, affinity, k, method=methods[0] if methods else None)
         _print_matrices(affinity.matrices)
         if affinity.agreement is not None:
             _print_frame("Agreement between estimators (Spearman ρ of off-diagonal entries, permutation p)", affinity.agreement)
@@ -229,7 +242,6 @@ def transfer_matrix(
         if affinity.costs is not None:
             _print_frame("Cost of each estimator", affinity.costs.drop("note"))
         if k is not None:
-            add_grouping(report, inputs, affinity, k, method=methods[0] if methods else None)
             _print_grouping(report.grouping)
     _print_notes(report)
     if out is not None:
