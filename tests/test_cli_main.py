@@ -164,3 +164,17 @@ def test_analysis_frame_keeps_brackets(monkeypatch):
     text = out.getvalue()
     assert "task[s]" in text
     assert "lesion [left]" in text
+
+
+def test_sigterm_raises_keyboard_interrupt(monkeypatch):
+    import signal
+
+    import usagg.cli as cli
+
+    previous = signal.getsignal(signal.SIGTERM)
+    monkeypatch.setattr(cli, "app", lambda: os.kill(os.getpid(), signal.SIGTERM))
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            cli.main()
+    finally:
+        signal.signal(signal.SIGTERM, previous)

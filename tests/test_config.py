@@ -213,6 +213,38 @@ def test_override_error_names_command_line(tmp_path):
     assert "comes from the command line (--set train.epoch=...)" in message
 
 
+def test_amp_off_unquoted(tmp_path):
+    study = load_study(write(tmp_path, VALID_STUDY + "train: {amp: off}\n"))
+    assert study.train.amp == "off"
+    study = load_study(write(tmp_path, VALID_STUDY), overrides={"train.amp": False})
+    assert study.train.amp == "off"
+
+
+def test_override_into_list_item(tmp_path):
+    study = load_study(write(tmp_path, VALID_STUDY), overrides={"tasks.1.num_classes": 3})
+    assert study.tasks[1].num_classes == 3
+
+
+def test_override_bad_list_index(tmp_path):
+    with pytest.raises(ConfigError) as info:
+        load_study(write(tmp_path, VALID_STUDY), overrides={"tasks.lesion.num_classes": 3})
+    assert str(info.value) == (
+        "--set tasks.lesion.num_classes: tasks is a list of 4 item(s), so the next part must be an index from 0 "
+        "to 3, got 'lesion' (for example --set tasks.0.num_classes=VALUE)"
+    )
+    with pytest.raises(ConfigError, match="index from 0 to 3, got '4'"):
+        load_study(write(tmp_path, VALID_STUDY), overrides={"tasks.4.num_classes": 3})
+
+
+def test_override_below_scalar(tmp_path):
+    with pytest.raises(ConfigError) as info:
+        load_study(write(tmp_path, VALID_STUDY), overrides={"model.depth.x": 1})
+    assert str(info.value) == (
+        "--set model.depth.x: model.depth is a single value (2), so it has no key 'x'; "
+        "set model.depth itself (--set model.depth=VALUE)"
+    )
+
+
 def test_file_error_not_blamed_on_override(tmp_path):
     with pytest.raises(ConfigError) as info:
         load_study(write(tmp_path, VALID_STUDY + "bogus: 1\n"), overrides={"train.epochs": 2})

@@ -129,3 +129,37 @@ def test_predict_rejects_root_without_trained_tasks(tiny_trained_run, tmp_path, 
     (root / "Segmentation").symlink_to(source / "Segmentation")
     with pytest.raises(DataError, match="none of its task ids \\(fetal_head\\) was trained in this run"):
         write_fmc_uia_predictions(tiny_trained_run["run_dir"], root, tmp_path / "out", device="cpu")
+
+
+def test_merge_keeps_other_tasks(tmp_path):
+    from usagg.evaluate.predict import _merge_into
+
+    file = tmp_path / "classification_predictions.json"
+    earlier = [
+        {"image_path": "a.png", "task_id": "thyroid_2cls", "predicted_class": 1},
+        {"image_path": "b.png", "task_id": "breast_2cls", "predicted_class": 0},
+    ]
+    file.write_text(json.dumps(earlier))
+
+    _merge_into(file, [{"image_path": "b.png", "task_id": "breast_2cls", "predicted_class": 1}], {"breast_2cls"})
+
+    merged = json.loads(file.read_text())
+    assert merged == [
+        {"image_path": "a.png", "task_id": "thyroid_2cls", "predicted_class": 1},
+        {"image_path": "b.png", "task_id": "breast_2cls", "predicted_class": 1},
+    ]
+    _merge_into(file, [], set())
+    assert json.loads(file.read_text()) == merged
+
+
+def test_merge_rejects_broken_file(tmp_path):
+    from usagg.evaluate.predict import _merge_into
+
+    file = tmp_path / "detection_predictions.json"
+    file.write_text("[{")
+    with pytest.raises(DataError, match="existing predictions are not valid JSON .*move the file aside"):
+        _merge_into(file, [], set())
+    file.write_text('{"task_id": "x"}')
+    with pytest.raises(DataError, match="not a JSON list of objects"):
+        _merge_into(file, [], set())
+    assert file.read_text() == '{"task_id": "x"}'

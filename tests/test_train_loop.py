@@ -155,6 +155,47 @@ def test_train_build_failure_marks_run_failed(tmp_path, shared_data):
     assert json.loads(run_file.read_text())["status"] == "finished"
 
 
+def test_final_evaluation_failure_marks_run_failed(tmp_path, shared_data, monkeypatch):
+    """A failing evaluation after training is recorded, and a rerun evaluates without training again."""
+    from usagg.train.loop import _Trainer
+
+    original = _Trainer._final_evaluation
+
+    def broken(self):
+        raise TrainingError("mask size does not match its image")
+
+    monkeypatch.setattr(_Trainer, "_final_evaluation", broken)
+    with pytest.raises(TrainingError, match="mask size"):
+        _train(tmp_path, shared_data, ["breast_2cls"], paradigm="task_specific")
+    run_file = tmp_path / "runs/tiny/task_specific/breast_2cls/frac-1/seed-0/run.json"
+    run = json.loads(run_file.read_text())
+    assert run["status"] == "failed"
+    assert run["error"].startswith(f"evaluation after training (step {run['steps']}) failed: ")
+    assert "mask size" in run["error"]
+
+    monkeypatch.setattr(_Trainer, "_final_evaluation", original)
+    *_, outcomes = _train(tmp_path, shared_data, ["breast_2cls"], paradigm="task_specific")
+    assert outcomes[0].status == "finished"
+    assert json.loads(run_file.read_text())["status"] == "finished"
+
+
+def test_interrupt_marks_run_interrupted(tmp_path, shared_data, monkeypatch):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(M2DINO, "compute_loss", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        _train(tmp_path, shared_data, ["breast_2cls"], paradigm="task_specific")
+    run = json.loads((tmp_path / "runs/tiny/task_specific/breast_2cls/frac-1/seed-0/run.json").read_text())
+    assert run["status"] == "interrupted"
+
+
+def test_finished_run_with_changed_settings_stops(tmp_path, shared_data):
+    _train(tmp_path, shared_data, ["breast_2cls"], paradigm="task_specific")
+    with pytest.raises(TrainingError, match=r"this run finished with other training settings .*train\.lr_head"):
+        _train(tmp_path, shared_data, ["breast_2cls"], paradigm="task_specific", train={"lr_head": 0.5})
+
+
 def test_train_skip_nonfinite_counts_batches(tmp_path, shared_data, monkeypatch):
     monkeypatch.setattr(M2DINO, "compute_loss", _nan_loss_from_step(3))
     _, _, _, outcomes = _train(

@@ -13,7 +13,16 @@ from usagg.errors import DataError, TrainingError
 from usagg.results import PER_IMAGE_SCHEMA
 from usagg.results import read_results
 from usagg.train.plan import RunSpec
-from usagg.train.rundir import collect_results, is_finished, load_run, update_run_json, write_config, write_evaluation
+from usagg.train.rundir import (
+    check_finished_config,
+    collect_results,
+    config_changes,
+    is_finished,
+    load_run,
+    update_run_json,
+    write_config,
+    write_evaluation,
+)
 
 
 def _study(tmp_path, **train) -> StudyConfig:
@@ -43,7 +52,7 @@ def test_write_config_rejects_changed_training_settings(tmp_path):
     write_config(run_dir, _study(tmp_path, epochs=3), spec)  # same settings: accepted
     with pytest.raises(TrainingError) as info:
         write_config(run_dir, _study(tmp_path, epochs=4), spec)
-    assert "the study's train changed since this run started" in str(info.value)
+    assert "the study's training settings changed since this run started (train.epochs: 3.0 -> 4.0)" in str(info.value)
     assert str(run_dir / "config.yaml") in str(info.value)
 
 
@@ -104,3 +113,33 @@ def test_collect_results_merges_runs(tmp_path):
         collect_results(tmp_path / "empty")
     with pytest.raises(DataError, match="not a directory"):
         collect_results(tmp_path / "missing")
+
+
+def test_config_changes_name_key_and_values(tmp_path):
+    spec = RunSpec("s", "task_specific", "a", ("a",), 1.0, 0)
+    run_dir = spec.run_dir(tmp_path)
+    run_dir.mkdir(parents=True)
+    write_config(run_dir, _study(tmp_path, epochs=3), spec)
+
+    assert config_changes(run_dir, _study(tmp_path, epochs=3), spec) == []
+    assert config_changes(run_dir, _study(tmp_path, epochs=3, log_every=1, tensorboard=True), spec) == []
+    assert config_changes(run_dir, _study(tmp_path, epochs=3, lr_head=0.5), spec) == ["train.lr_head: 0.001 -> 0.5"]
+    assert config_changes(run_dir, _study(tmp_path, epochs=2, fisher_images=8), spec) == [
+        "train.epochs: 3.0 -> 2.0", "train.fisher_images: null -> 8",
+    ]
+
+
+def test_finished_run_with_other_settings_raises(tmp_path):
+    spec = RunSpec("s", "task_specific", "a", ("a",), 1.0, 0)
+    run_dir = spec.run_dir(tmp_path)
+    run_dir.mkdir(parents=True)
+    write_config(run_dir, _study(tmp_path, epochs=3), spec)
+
+    check_finished_config(run_dir, _study(tmp_path, epochs=3), spec)
+    with pytest.raises(TrainingError) as info:
+        check_finished_config(run_dir, _study(tmp_path, epochs=4), spec)
+
+    message = str(info.value)
+    assert message.startswith(f"{run_dir}: this run finished with other training settings than the study now gives")
+    assert "(train.epochs: 3.0 -> 4.0)" in message
+    assert "-o DIR" in message

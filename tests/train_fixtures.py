@@ -96,11 +96,13 @@ def run_main(args: list[str], monkeypatch) -> tuple[int, str]:
     """
     import io
 
-    from usagg.cli import err_console, main
+    from usagg.cli import main
 
     buffer = io.StringIO()
     monkeypatch.setattr(sys, "argv", ["usagg", *args])
-    monkeypatch.setattr(err_console, "file", buffer)
+    # Replace sys.stderr rather than the console's file: rich reads sys.stderr at each print, while undoing a
+    # patch of Console.file would pin the console to the stream of this test, closed once the test ends.
+    monkeypatch.setattr(sys, "stderr", buffer)
     try:
         main()
         code = 0

@@ -151,6 +151,12 @@ class TrainConfig(StrictModel):
     affinity_batch_size: int | None = Field(default=None, ge=1)  # images per task for affinity records; default batch_size
     fisher_images: int | None = Field(default=None, ge=1)  # images per task for the Fisher affinity at the end of unified training
 
+    @field_validator("amp", mode="before")
+    @classmethod
+    def _read_yaml_off(cls, value: Any) -> Any:
+        # YAML 1.1, which PyYAML reads, turns a bare `off` into the boolean false.
+        return "off" if value is False else value
+
     @model_validator(mode="after")
     def _check_budget(self) -> "TrainConfig":
         if self.budget == "samples" and self.samples_per_task is None:
@@ -435,11 +441,33 @@ def load_study(path: str | os.PathLike, overrides: dict[str, Any] | None = None)
 
 
 def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    """Set ``value`` at a dotted key of the raw study; a number after a list selects its item (``tasks.0.name``)."""
     parts = dotted.split(".")
-    node = tree
-    for part in parts[:-1]:
-        node = node.setdefault(part, {})
-    node[parts[-1]] = value
+    node: Any = tree
+    for depth, part in enumerate(parts):
+        where = ".".join(parts[:depth]) or "the study"
+        last = depth == len(parts) - 1
+        if isinstance(node, dict):
+            if last:
+                node[part] = value
+            else:
+                node = node.setdefault(part, {})
+        elif isinstance(node, list):
+            if not part.isdigit() or int(part) >= len(node):
+                rest = ".".join(parts[depth + 1:]) or "KEY"
+                raise ConfigError(
+                    f"--set {dotted}: {where} is a list of {len(node)} item(s), so the next part must be an index "
+                    f"from 0 to {len(node) - 1}, got {part!r} (for example --set {where}.0.{rest}=VALUE)"
+                )
+            if last:
+                node[int(part)] = value
+            else:
+                node = node[int(part)]
+        else:
+            raise ConfigError(
+                f"--set {dotted}: {where} is a single value ({node!r}), so it has no key {part!r}; "
+                f"set {where} itself (--set {where}=VALUE)"
+            )
 
 
 def study_to_yaml(study: StudyConfig) -> str:

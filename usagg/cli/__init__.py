@@ -6,6 +6,7 @@ Each sub-module registers the commands of one stage of the data flow and calls o
 from __future__ import annotations
 
 import logging
+import signal
 import sys
 from typing import Annotated, Optional
 
@@ -57,13 +58,21 @@ def _register_commands() -> None:
 _register_commands()
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def main() -> None:
     """Run the ``usagg`` console script (also ``python -m usagg``) and exit with the command's status.
 
     typer runs in standalone mode, so typer itself prints usage errors (status 2) and exits with the code of
     ``typer.Exit``. This works whether typer uses its vendored click (as 0.29 does) or the click package. A
-    ``UsaggError`` is printed as one line, with status 2. typer turns Ctrl-C into status 130, which gets a resume hint.
+    ``UsaggError`` is printed as one line, with status 2. typer turns Ctrl-C into status 130, which gets a resume
+    hint, and SIGTERM is handled as Ctrl-C.
     """
+    # A job scheduler or `timeout` stops a job with SIGTERM. Raising KeyboardInterrupt lets a run record
+    # itself as interrupted, as Ctrl-C does, instead of dying with run.json still saying "running".
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
         app()
     except UsaggError as exc:

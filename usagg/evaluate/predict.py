@@ -160,11 +160,39 @@ def write_fmc_uia_predictions(
             else:
                 logger.warning("task %s: scalar regression has no FMC_UIA submission format; skipped", run_card.name)
                 break
+    predicted_ids = {kind: {entry["task_id"] for entry in entries[kind]} for kind in JSON_FILES}
     for kind, name in JSON_FILES.items():
-        write_json_atomic(out / name, entries[kind])
+        _merge_into(out / name, entries[kind], predicted_ids[kind])
     summary = {name: len(entries[kind]) for kind, name in JSON_FILES.items()}
     summary["segmentation masks"] = n_masks
     return summary
+
+
+def _merge_into(file: Path, new_entries: list[dict[str, Any]], task_ids: set[str]) -> None:
+    """Write ``new_entries`` into ``file``, keeping the entries of other tasks already there.
+
+    Task-specific runs each predict one task, so several ``usagg predict`` calls fill one submission folder.
+    Entries of ``task_ids`` are replaced, so predicting a task again does not duplicate it.
+    """
+    import json
+
+    kept: list[dict[str, Any]] = []
+    if file.exists():
+        try:
+            existing = json.loads(file.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise DataError(
+                f"{file}: existing predictions are not valid JSON ({exc}); move the file aside or write to another --out"
+            ) from None
+        if not isinstance(existing, list) or not all(isinstance(e, dict) for e in existing):
+            raise DataError(
+                f"{file}: existing predictions are not a JSON list of objects; move the file aside or write to "
+                "another --out"
+            )
+        kept = [e for e in existing if e.get("task_id") not in task_ids]
+        if kept:
+            logger.info("%s: kept %d prediction(s) of other tasks", file, len(kept))
+    write_json_atomic(file, kept + new_entries)
 
 
 # --- reading back -------------------------------------------------------------------------------------

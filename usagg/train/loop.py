@@ -27,7 +27,7 @@ from usagg.train.optim import LossWeighting, build_optimizer, build_scheduler
 from usagg.train.plan import RunSize, RunSpec, size_run
 from usagg.train.progress import TrainProgress
 from usagg.train.rundata import RecordCache, RunRecords
-from usagg.train.rundir import LOG_FILE, is_finished, update_run_json, write_config
+from usagg.train.rundir import LOG_FILE, check_finished_config, is_finished, update_run_json, write_config
 
 logger = logging.getLogger(__name__)
 
@@ -113,6 +113,7 @@ def train_run(
     """Train one run to its step budget (resuming from its latest checkpoint) and evaluate it."""
     run_dir = spec.run_dir(options.output)
     if options.benchmark_steps is None and is_finished(run_dir):
+        check_finished_config(run_dir, study, spec)
         logger.info("%s: finished earlier, skipped", spec.run_id)
         return RunOutcome(spec, run_dir, "skipped")
     cache = cache or RecordCache(study)
@@ -275,6 +276,10 @@ class _Trainer:
             if state is not None:
                 ckpt.restore_rng_state(state["rng"])
             self._loop(batches)
+        except KeyboardInterrupt:  # Ctrl-C, or SIGTERM through the handler of the usagg command
+            if self.writes:
+                update_run_json(self.run_dir, status="interrupted", step=self.step)
+            raise
         except Exception as exc:  # recorded in run.json, then re-raised
             if self.writes:
                 update_run_json(self.run_dir, status="failed", error=str(exc), step=self.step)
@@ -292,7 +297,16 @@ class _Trainer:
             )
         results = None
         if self.env.is_main:
-            results = self._final_evaluation()
+            try:
+                results = self._final_evaluation()
+            except KeyboardInterrupt:
+                update_run_json(self.run_dir, status="interrupted", step=self.step)
+                raise
+            except Exception as exc:
+                # Training is complete and checkpointed, so a rerun goes straight to the evaluation again.
+                error = f"evaluation after training (step {self.step}) failed: {exc}"
+                update_run_json(self.run_dir, status="failed", error=error, step=self.step)
+                raise
             update_run_json(
                 self.run_dir,
                 status="finished",

@@ -12,7 +12,7 @@ from usagg.train.distributed import DistEnv
 from usagg.train.loop import RunOutcome, TrainOptions, train_run
 from usagg.train.plan import RunSpec, check_budget_sampling, size_run
 from usagg.train.rundata import RecordCache
-from usagg.train.rundir import is_finished
+from usagg.train.rundir import config_changes, is_finished
 
 logger = logging.getLogger(__name__)
 
@@ -25,7 +25,7 @@ class PlannedRun:
     n_train: dict[str, int]
     steps: int
     images: int
-    state: str  # new | resume at step k | finished
+    state: str  # new | resume at step k | settings changed since step k | finished | finished with other settings
 
 
 def describe_plan(study: StudyConfig, specs: Sequence[RunSpec], options: TrainOptions, cache: RecordCache | None = None) -> list[PlannedRun]:
@@ -36,11 +36,16 @@ def describe_plan(study: StudyConfig, specs: Sequence[RunSpec], options: TrainOp
         records = cache.run_records(spec)
         size = size_run(study, spec, records.n_train())
         run_dir = spec.run_dir(options.output)
-        if is_finished(run_dir):
+        if is_finished(run_dir) and config_changes(run_dir, study, spec):
+            state = "finished with other settings"
+        elif is_finished(run_dir):
             state = "finished"
         else:
             pointer = ckpt.read_pointer(run_dir, "latest")
-            state = f"resume at step {pointer['step']}" if pointer else "new"
+            if pointer and config_changes(run_dir, study, spec):
+                state = f"settings changed since step {pointer['step']}"
+            else:
+                state = f"resume at step {pointer['step']}" if pointer else "new"
         planned.append(PlannedRun(spec, size.n_train, size.steps, size.images, state))
     return planned
 

@@ -31,8 +31,13 @@ RESULTS_META_FILE = "results_meta.json"
 ROUTING_FILE = "routing_stats.json"
 AFFINITY_FILE = "affinity.json"
 
-# Parts of the study that change what a run trains; a resumed run must see the same values.
+# Parts of the study that change what a run trains; a resumed or skipped run must see the same values.
 _TRAINING_KEYS = ("data", "model", "train")
+# Keys in those parts that change only speed, memory or logging, not what the run learns.
+_UNCOMPARED_KEYS = frozenset(
+    {"data.num_workers", "data.cache_images", "train.log_every", "train.tensorboard", "train.checkpoint_every",
+     "train.eval_batch_size"}
+)
 
 
 def write_config(run_dir: Path, study: StudyConfig, spec: RunSpec) -> None:
@@ -45,21 +50,68 @@ def write_config(run_dir: Path, study: StudyConfig, spec: RunSpec) -> None:
         # settings simply replace the old ones.
         logger.info("%s: no checkpoint to resume; replacing the recorded study settings", run_dir)
     elif file.exists():
-        old = yaml.safe_load(file.read_text(encoding="utf-8")) or {}
-        new = study.model_dump(mode="json")
-        changed = [key for key in _TRAINING_KEYS if old.get(key) != new.get(key)]
-        # A card's source may move (another data folder) without changing what the run learns.
-        old_cards = {c["name"]: _without_source(c) for c in old.get("tasks", [])}
-        changed += [
-            f"tasks.{t}" for t in spec.tasks if old_cards.get(t) != _without_source(new["tasks"][_task_index(study, t)])
-        ]
-        if changed:
+        changes = config_changes(run_dir, study, spec)
+        if changes:
             raise TrainingError(
-                f"{file}: the study's {', '.join(changed)} changed since this run started; "
+                f"{file}: the study's training settings changed since this run started ({_list_changes(changes)}); "
                 "restore the old values, or delete the run directory to train it again with the new ones"
             )
         return
     write_text_atomic(file, study_to_yaml(study))
+
+
+def check_finished_config(run_dir: Path, study: StudyConfig, spec: RunSpec) -> None:
+    """Raise when a finished run was trained with other settings than the study now gives, instead of skipping it."""
+    changes = config_changes(run_dir, study, spec)
+    if changes:
+        raise TrainingError(
+            f"{run_dir}: this run finished with other training settings than the study now gives "
+            f"({_list_changes(changes)}); to keep it, restore the old values; to train it with the new ones, delete "
+            f"the run directory or write the runs to another output folder (-o DIR)"
+        )
+
+
+def config_changes(run_dir: Path, study: StudyConfig, spec: RunSpec) -> list[str]:
+    """Return the training settings (``data``, ``model``, ``train``, the run's task cards) that differ from the run's.
+
+    Each entry reads ``key: old -> new`` with a dotted key. A card's ``source`` may move (another data folder)
+    without changing what the run learns, so it is not compared.
+    """
+    file = run_dir / CONFIG_FILE
+    if not file.exists():
+        return []
+    old = yaml.safe_load(file.read_text(encoding="utf-8")) or {}
+    new = study.model_dump(mode="json")
+    changes: list[str] = []
+    for key in _TRAINING_KEYS:
+        changes += _differences(old.get(key), new.get(key), key)
+    old_cards = {c["name"]: _without_source(c) for c in old.get("tasks", [])}
+    for task in spec.tasks:
+        new_card = _without_source(new["tasks"][_task_index(study, task)])
+        changes += _differences(old_cards.get(task), new_card, f"tasks.{task}")
+    return changes
+
+
+_NOT_SET = object()
+
+
+def _differences(old: Any, new: Any, key: str) -> list[str]:
+    if key in _UNCOMPARED_KEYS:
+        return []
+    if isinstance(old, dict) and isinstance(new, dict):
+        found: list[str] = []
+        for name in [*old, *(k for k in new if k not in old)]:
+            found += _differences(old.get(name, _NOT_SET), new.get(name, _NOT_SET), f"{key}.{name}")
+        return found
+    if old == new:
+        return []
+    shown = ["(not set)" if value is _NOT_SET else json.dumps(value) for value in (old, new)]
+    return [f"{key}: {shown[0]} -> {shown[1]}"]
+
+
+def _list_changes(changes: list[str], limit: int = 5) -> str:
+    more = f"; and {len(changes) - limit} more" if len(changes) > limit else ""
+    return "; ".join(changes[:limit]) + more
 
 
 def _without_source(card: dict[str, Any]) -> dict[str, Any]:
