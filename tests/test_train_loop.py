@@ -249,7 +249,7 @@ def test_train_records_affinity_and_uncertainty(tmp_path, shared_data):
     assert all(math.isfinite(v) for w in weights for v in w.values())
 
 
-def test_evaluate_adds_fisher_affinity(tiny_trained_run, tmp_path, monkeypatch, capsys):
+def test_evaluate_adds_fisher_affinity(tiny_trained_run, tmp_path, monkeypatch):
     source = tiny_trained_run["run_dir"]
     spec = tiny_trained_run["spec"]
     study_folder = source.parents[len(spec.run_id.split("/")) - 1]  # <output>/<study>
@@ -294,7 +294,6 @@ def test_evaluate_adds_fisher_affinity(tiny_trained_run, tmp_path, monkeypatch, 
     assert code == 2
     assert "is not a unified run of two or more tasks" in stderr
 
-    capsys.readouterr()
-    code, _ = run_main(["evaluate", str(run_dir), "--fisher-images", "0"], monkeypatch)
+    code, stderr = run_main(["evaluate", str(run_dir), "--fisher-images", "0"], monkeypatch)
     assert code == 2
-    assert "--fisher-images" in capsys.readouterr().err  # typer prints its own usage error
+    assert "--fisher-images" in stderr  # typer prints its own usage error
