@@ -195,6 +195,8 @@ def test_run_full_analysis_on_study_dir(study_dir, tmp_path):
     assert report.grouping is not None
     assert {"measured", "lookahead", "gradient", "experts", "fisher"} <= set(report.matrices)
     assert report.tables["affinity_scores"].height == 6  # five methods and gradient magnitude
+    methods = set(report.tables["advice_predictions"]["observed_ci_method"])
+    assert "bootstrap_images" in methods  # the advice takes the image-bootstrap intervals of the transfer table
     summary = json.loads((tmp_path / "analysis_report.json").read_text())
     assert summary["grouping"]["k"] == report.grouping.k
     for name, path in summary["outputs"].items():

@@ -14,7 +14,9 @@ from usagg.analysis.advise import advise
 from usagg.analysis.data_scale import distinct_resamples, fit_data_scale, group_view
 from usagg.analysis.relative import relative_change
 from usagg.analysis.simulate import DEFAULT_EFFECTS, simulate_results
+from usagg.analysis.transfer import analyse_transfer
 from usagg.errors import AnalysisError
+from usagg.results import RESULTS_SCHEMA
 
 
 @pytest.fixture(scope="module")
@@ -221,7 +223,10 @@ def test_one_task_per_type_crossing():
         assert row["bounded"] is False
         assert math.isnan(row["ci_lo"])
         assert math.isnan(row["ci_hi"])
-        assert row["note"].startswith("too few tasks to resample: the bootstrap can draw only 1 distinct set")
+        assert row["note"].startswith(
+            "too few tasks to resample: the model has no task-type term, so every type's prediction rests on the "
+            "tasks of all types, which the bootstrap resamples within each type into only 1 distinct set(s) in all"
+        )
 
 
 def test_advice_from_a_thin_fit_is_not_clear():
@@ -234,14 +239,20 @@ def test_advice_from_a_thin_fit_is_not_clear():
     assert advice.recommendations["confidence"].to_list() == ["insufficient evidence", "insufficient evidence"]
     reason = advice.recommendations.filter(pl.col("task") == "lesion_seg")["reason"][0]
     assert "the model has 1 residual degree(s) of freedom (fewer than 10)" in reason
-    assert "only 1 distinct set(s) of tasks (tasks per type: classification 1, segmentation 1; 10 needed)" in reason
+    assert "the model has 1 residual degree(s) of freedom (fewer than 10); add tasks, data fractions or seeds" in reason
+    assert (
+        "only 1 distinct set(s) in all (classification 1 task(s), 1 set(s), segmentation 1 task(s), 1 set(s); "
+        "10 needed, which takes 3 tasks of a type); add tasks of type classification or segmentation"
+    ) in reason
 
 
 def test_distinct_resamples_known_values():
-    # C(2n - 1, n) multisets per type. Types are resampled independently, so their counts multiply.
+    # C(2n - 1, n) multisets per type. With a task-type term a type's own tasks set its coefficients, so only
+    # its own count matters. Without one, types are resampled independently for one shared line, so counts multiply.
     assert [distinct_resamples({"a": n}, "log10_n", "a") for n in (1, 2, 3, 4)] == [1, 3, 10, 35]
-    assert distinct_resamples({"a": 2, "b": 3}, "log10_n + C(task_type)", "a") == 30
+    assert distinct_resamples({"a": 2, "b": 3}, "log10_n + C(task_type)", "a") == 3
     assert distinct_resamples({"a": 2, "b": 3}, "log10_n * C(task_type)", "a") == 3
+    assert distinct_resamples({"a": 2, "b": 3}, "log10_n * C(paradigm)", "a") == 30
 
 
 def test_zero_bootstrap_crossing_note(noisy_rel):
@@ -256,3 +267,188 @@ def test_fit_messages_not_logged(caplog):
         fit = fit_data_scale(_tiny_rel(), n_bootstrap=0)
     assert any("not fitted" in m for m in fit.messages)
     assert caplog.records == []
+
+
+def _study(tasks, change, fractions=(0.4, 0.7, 1.0), seeds=(0, 1, 2)):
+    """A results table: ``tasks`` maps task -> (task type, full training size); ``change`` gives each relative change.
+
+    ``change(paradigm, task, task_type, n_train, seed)`` is the relative change of an aggregated run against
+    its task-specific run, whose value is 0.5.
+    """
+    rows = []
+    for task, (task_type, full_n) in tasks.items():
+        for fraction in fractions:
+            n_train = round(full_n * fraction)
+            for seed in seeds:
+                for paradigm, group in (("task_specific", task), ("grouped", task_type), ("unified", "all")):
+                    rel = 0.0 if paradigm == "task_specific" else change(paradigm, task, task_type, n_train, seed)
+                    rows.append({
+                        "study": "s", "run_id": f"{paradigm}/{group}/{fraction}/{seed}", "paradigm": paradigm,
+                        "group": group, "task": task, "task_type": task_type, "organ": "breast",
+                        "clinical_group": "breast", "n_train": n_train, "data_fraction": fraction, "seed": seed,
+                        "split": "test", "metric": "dice" if task_type == "segmentation" else "auc",
+                        "value": 0.5 * (1 + rel), "higher_is_better": True, "source": "run",
+                    })
+    return pl.DataFrame(rows, schema=RESULTS_SCHEMA)
+
+
+# Classification is observed only at 120-330 images, segmentation only at 800-8000.
+SPLIT_SIZES = {
+    "cls_a": ("classification", 300), "cls_b": ("classification", 310),
+    "cls_c": ("classification", 320), "cls_d": ("classification", 330),
+    "seg_a": ("segmentation", 2000), "seg_b": ("segmentation", 4000),
+    "seg_c": ("segmentation", 6000), "seg_d": ("segmentation", 8000),
+}
+CROSSES_AT = {
+    ("grouped", "classification"): 583.0,  # inside the study's sizes, above classification's
+    ("unified", "classification"): 200.0,  # inside classification's sizes
+    ("grouped", "segmentation"): 3000.0,  # inside segmentation's sizes
+    ("unified", "segmentation"): 250.0,  # inside the study's sizes, below segmentation's
+}
+
+
+def _split_sizes_table():
+    def change(paradigm, task, task_type, n_train, seed):
+        jitter = 0.002 * ((seed + len(task) + ord(task[-1])) % 3 - 1)
+        return 0.1 * (math.log10(CROSSES_AT[(paradigm, task_type)]) - math.log10(n_train)) + jitter
+
+    return _study(SPLIT_SIZES, change)
+
+
+def test_within_data_range_uses_the_cell_sizes():
+    rel = relative_change(_split_sizes_table())
+    fit = fit_data_scale(rel, n_bootstrap=100, mixed=False)
+    assert fit.formula == "log10_n * C(task_type) * C(paradigm)"
+    rows = {(r["paradigm"], r["task_type"]): r for r in fit.crossings.iter_rows(named=True)}
+    for (paradigm, task_type), expected in CROSSES_AT.items():
+        row = rows[(paradigm, task_type)]
+        sizes = fit.data.filter((pl.col("paradigm") == paradigm) & (pl.col("task_type") == task_type))["n_train"]
+        assert row["n_train_cross"] == pytest.approx(expected, rel=1e-3)
+        assert (row["n_train_min"], row["n_train_max"]) == (sizes.min(), sizes.max())
+        assert row["within_data_range"] is (sizes.min() <= expected <= sizes.max())
+    assert rows[("grouped", "classification")]["within_data_range"] is False
+    assert rows[("unified", "segmentation")]["within_data_range"] is False
+    assert rows[("unified", "classification")]["within_data_range"] is True
+    assert rows[("grouped", "segmentation")]["within_data_range"] is True
+
+
+def test_crossing_table_agrees_with_the_figure():
+    from matplotlib import pyplot as plt
+
+    from usagg.plots.inputs import FigureInputs
+    from usagg.plots.registry import draw_figure
+
+    table = _split_sizes_table()
+    fit = fit_data_scale(relative_change(table), n_bootstrap=50)
+    plot = draw_figure("data-scale", FigureInputs(results=table), n_bootstrap=50)
+    plt.close(plot.figure)
+    drawn = {
+        (r["paradigm"], r["task_type"]): r["drawn"]
+        for r in plot.data.filter(pl.col("layer") == "crossing").iter_rows(named=True)
+    }
+    within = {(r["paradigm"], r["task_type"]): r["within_data_range"] for r in fit.crossings.iter_rows(named=True)}
+    assert drawn == within
+
+
+def test_within_range_without_type_term():
+    # One line per paradigm is fitted to both task types, so its range is the paradigm's (32 to 240 images).
+    fit = fit_data_scale(_tiny_rel(), n_bootstrap=0)
+    assert "task_type" not in fit.uses
+    assert set(fit.crossings["n_train_min"]) == {32.0}
+    assert set(fit.crossings["n_train_max"]) == {240.0}
+    for row in fit.crossings.iter_rows(named=True):
+        assert row["within_data_range"] is (32.0 <= row["n_train_cross"] <= 240.0)
+
+
+def test_resample_gap_names_the_type():
+    # Two tasks per type, each type with its own line: 3 distinct resamples per type, not 3 × 3 = 9.
+    tasks = {name: SPLIT_SIZES[name] for name in ("cls_a", "cls_b", "seg_a", "seg_b")}
+
+    def change(paradigm, task, task_type, n_train, seed):
+        return 0.1 * (math.log10(CROSSES_AT[(paradigm, task_type)]) - math.log10(n_train)) + 0.002 * (seed - 1)
+
+    rel = relative_change(_study(tasks, change))
+    fit = fit_data_scale(rel, n_bootstrap=50, mixed=False)
+    assert fit.formula == "log10_n * C(task_type) * C(paradigm)"
+    assert fit.ols.df_resid >= 10
+    expected = (
+        "task type classification has 2 task(s), which the bootstrap can resample into only 3 distinct set(s) "
+        "(10 needed, which takes 3 tasks of a type); add tasks of type classification"
+    )
+    assert fit.evidence_gaps("classification") == [expected]
+    reason = advise(fit, rel, task="cls_a").recommendations["reason"][0]
+    assert reason.endswith(f"; evidence insufficient: {expected}")
+    assert "data fractions or seeds" not in reason
+    note = fit.crossings.filter((pl.col("paradigm") == "grouped") & (pl.col("task_type") == "classification"))["note"][0]
+    assert note == f"too few tasks to resample: {expected}; no interval"
+    [warning] = [w for w in fit.warnings if w.startswith("too few tasks to resample")]
+    assert "for task type(s) classification, segmentation:" in warning
+    assert "task type segmentation has 2 task(s)" in warning
+
+
+def _contradicting_table(seeds=(0, 1, 2), loss_spread=0.01):
+    """Grouped training helps every classification task but cls_d, which loses about 4.8 %."""
+
+    def change(paradigm, task, task_type, n_train, seed):
+        if task == "cls_d" and paradigm == "grouped":
+            return -0.048 + loss_spread * (seed - 1)
+        gain = {"classification": 0.12, "segmentation": 0.05}[task_type] if paradigm == "grouped" else 0.01
+        return gain + 0.01 * ((seed + len(task) + ord(task[-1])) % 3 - 1)
+
+    return _study(SPLIT_SIZES, change, seeds=seeds)
+
+
+def test_advice_notes_contradicting_observation():
+    rel = relative_change(_contradicting_table())
+    fit = fit_data_scale(rel, n_bootstrap=0, mixed=False)
+    advice = advise(fit, rel)
+    pred = advice.predictions.filter((pl.col("task") == "cls_d") & (pl.col("paradigm") == "grouped")).row(0, named=True)
+    assert pred["predicted"] > 0
+    assert pred["observed"] == pytest.approx(-0.048)
+    assert pred["observed_ci_method"] == "t_seeds"
+    lo, hi = stats.t.interval(0.95, 2, loc=-0.048, scale=0.01 / math.sqrt(3))
+    assert (pred["observed_ci_lo"], pred["observed_ci_hi"]) == pytest.approx((lo, hi))
+    rec = advice.recommendations.filter(pl.col("task") == "cls_d").row(0, named=True)
+    assert rec["recommendation"] == "grouped"
+    assert rec["confidence"] == "clear"
+    assert rec["reason"].endswith(
+        "; observed change contradicts the prediction: under grouped this task's own results changed by -4.8 % "
+        f"(95 % t interval over seeds {100 * lo:+.1f} to {100 * hi:+.1f} %) where the model predicts "
+        f"{100 * pred['predicted']:+.1f} %; check this task's results before acting on the prediction"
+    )
+    for other in advice.recommendations.filter(pl.col("task") != "cls_d").iter_rows(named=True):
+        assert "contradicts" not in other["reason"]
+
+
+def test_advice_uses_the_transfer_interval_when_given():
+    table = _contradicting_table()
+    transfer = analyse_transfer(table, n_boot=0)
+    summary = transfer.summary.with_columns(
+        pl.when((pl.col("task") == "cls_d") & (pl.col("paradigm") == "grouped") & (pl.col("data_fraction") == 1.0))
+        .then(pl.lit("bootstrap_images"))
+        .otherwise(pl.col("ci_method"))
+        .alias("ci_method")
+    )
+    fit = fit_data_scale(transfer.rel, n_bootstrap=0, mixed=False)
+    advice = advise(fit, transfer.rel, transfer_summary=summary)
+    pred = advice.predictions.filter((pl.col("task") == "cls_d") & (pl.col("paradigm") == "grouped")).row(0, named=True)
+    assert pred["observed_ci_method"] == "bootstrap_images"
+    reason = advice.recommendations.filter(pl.col("task") == "cls_d")["reason"][0]
+    assert "(95 % image-bootstrap interval -7.3 to -2.3 %)" in reason
+
+
+def test_advice_no_note_when_interval_includes_zero():
+    rel = relative_change(_contradicting_table(loss_spread=0.08))
+    fit = fit_data_scale(rel, n_bootstrap=0, mixed=False)
+    advice = advise(fit, rel)
+    pred = advice.predictions.filter((pl.col("task") == "cls_d") & (pl.col("paradigm") == "grouped")).row(0, named=True)
+    assert pred["observed"] < 0
+    assert pred["observed_ci_hi"] > 0
+    assert not any("contradicts" in r for r in advice.recommendations["reason"])
+
+
+def test_advice_contradiction_with_one_seed_has_no_interval():
+    rel = relative_change(_contradicting_table(seeds=(1,)))
+    fit = fit_data_scale(rel, n_bootstrap=0, mixed=False)
+    reason = advise(fit, rel, task="cls_d").recommendations["reason"][0]
+    assert "under grouped this task's own results changed by -4.8 % (no interval) where the model predicts +" in reason

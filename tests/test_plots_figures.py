@@ -216,3 +216,218 @@ def test_cell_text_rounds_noise_to_zero():
     assert cell_text(-0.0009) == "0.0"
     assert cell_text(-0.06) == "-0.1"
     assert cell_text(2.0) == "+2.0"
+
+
+# --- a hand-made table with large effects (6 tasks, 3 seeds), as in a user trial --------------------------
+
+# name, type, clinical group, metric, training images at fraction 1, grouped and unified relative change
+HAND_TASKS = [
+    ("breast_lesion", "segmentation", "breast", "dice", 650, -0.78, -0.04),
+    ("thyroid_nodule", "segmentation", "thyroid", "dice", 1100, -0.35, 0.02),
+    ("fetal_plane", "classification", "obstetrics", "auc", 4200, 0.01, -0.02),
+    ("breast_birads", "classification", "breast", "auc", 780, 0.04, 0.06),
+    ("thyroid_nodule_det", "detection", "thyroid", "iou", 480, -0.12, 0.03),
+    ("fetal_head_points", "regression", "obstetrics", "mre_px", 300, 0.45, 0.30),
+]
+
+
+def _hand_results(seeds=(0, 1, 2), fractions=(0.25, 0.5, 1.0), reference=None, rng_seed=3) -> pl.DataFrame:
+    """Results whose relative changes are those of HAND_TASKS plus noise; ``reference`` overrides task-specific values."""
+    from usagg.results import RESULTS_SCHEMA, validate_results
+
+    rng = np.random.default_rng(rng_seed)
+    rows = []
+    for fraction in fractions:
+        for seed in seeds:
+            for name, task_type, group, metric, n_full, grouped, unified in HAND_TASKS:
+                higher = metric != "mre_px"
+                value_ts = (reference or {}).get((name, fraction, seed), 0.8 if higher else 20.0)
+                for paradigm, change in (("task_specific", 0.0), ("grouped", grouped), ("unified", unified)):
+                    if paradigm != "task_specific":
+                        change += rng.normal(0, 0.02)
+                    sign = 1 if higher else -1
+                    value = (0.8 if higher else 20.0) * (1 + sign * change)
+                    rows.append({
+                        "study": "hand", "run_id": f"{paradigm}-{name}-f{fraction:g}-s{seed}", "paradigm": paradigm,
+                        "group": {"task_specific": name, "grouped": group, "unified": "all"}[paradigm], "task": name,
+                        "task_type": task_type, "organ": group, "clinical_group": group,
+                        "n_train": round(n_full * fraction), "data_fraction": fraction, "seed": seed, "split": "test",
+                        "metric": metric, "value": value_ts if paradigm == "task_specific" else value,
+                        "higher_is_better": higher, "source": "run",
+                    })
+    return validate_results(pl.DataFrame(rows, schema=RESULTS_SCHEMA))
+
+
+def _panel_points(plot, paradigm):
+    return plot.data.filter((pl.col("layer") == "point") & (pl.col("paradigm") == paradigm))["rel_change_percent"].to_numpy()
+
+
+def _arrows(ax):
+    return [line for line in ax.get_lines() if line.get_marker() in ("$\\uparrow$", "$\\downarrow$")]
+
+
+def _legend_rows(fig):
+    """Legend labels grouped by the row they are drawn on, top row first."""
+    fig.draw_without_rendering()
+    renderer = fig.canvas.get_renderer()
+    rows: dict[float, list[tuple[float, str]]] = {}
+    for text in fig.legends[0].get_texts():
+        box = text.get_window_extent(renderer)
+        rows.setdefault(round(box.y0, 1), []).append((box.x0, text.get_text()))
+    return [[label for _, label in sorted(rows[y])] for y in sorted(rows, reverse=True)]
+
+
+def test_data_scale_range_covers_points():
+    plot = draw_figure("data-scale", FigureInputs(results=_hand_results()))
+    panels = _titled_axes(plot.figure)
+    low, high = panels[0].get_ylim()
+    for ax in panels:
+        values = _panel_points(plot, ax.get_title())
+        assert low < values.min()
+        assert values.max() < high
+        assert _arrows(ax) == []
+    # The margin is small: the range is not stretched by the confidence bands.
+    every = plot.data.filter(pl.col("layer") == "point")["rel_change_percent"]
+    assert high - low < 1.2 * (every.max() - every.min())
+    assert not any("range" in note for note in plot.notes)
+    assert layout_problems(plot.figure) == []
+
+
+def test_data_scale_clips_true_outlier():
+    # One failed task-specific run (Dice 0.004) turns a -78 % change into thousands of percent.
+    results = _hand_results(reference={("breast_lesion", 0.25, 1): 0.004})
+    plot = draw_figure("data-scale", FigureInputs(results=results))
+    grouped = _titled_axes(plot.figure)[0]
+    low, high = grouped.get_ylim()
+    values = _panel_points(plot, "grouped")
+    assert values.max() > 1000
+    assert high < 100
+    assert ((values < low) | (values > high)).sum() == 1
+    assert values[values < 1000].min() > low  # the -80 % points stay inside
+    assert len(_arrows(grouped)) == 1
+    [note] = [n for n in plot.notes if n.startswith("grouped: 1 point(s) above the range")]
+    assert "beyond ±100 %" in note
+    assert "ylim" in note
+    assert layout_problems(plot.figure) == []
+
+
+def test_data_scale_ylim_option():
+    spec = get_figure("data-scale")
+    assert parse_options(spec, ["ylim=-40,40"]) == {"ylim": [-40.0, 40.0]}
+    plot = draw_figure("data-scale", FigureInputs(results=_hand_results()), ylim=[-40.0, 40.0])
+    grouped = _titled_axes(plot.figure)[0]
+    assert grouped.get_ylim() == pytest.approx((-40.0, 40.0))
+    values = _panel_points(plot, "grouped")
+    assert sum(len(line.get_xdata()) for line in _arrows(grouped)) == ((values < -40) | (values > 40)).sum() > 0
+    assert any("set with the ylim option" in note for note in plot.notes)
+    assert layout_problems(plot.figure) == []
+    for bad in ([40.0, -40.0], [10.0]):
+        with pytest.raises(ConfigError, match="ylim needs two numbers"):
+            draw_figure("data-scale", FigureInputs(results=_hand_results()), ylim=bad)
+
+
+def test_data_scale_cli_ylim(tmp_path):
+    from typer.testing import CliRunner
+
+    from usagg.cli import app
+
+    table = tmp_path / "results.csv"
+    _hand_results().write_csv(table)
+    out = tmp_path / "figures"
+    result = CliRunner().invoke(app, ["plot", "--figure", "data-scale", str(table), "--out", str(out), "-O", "ylim=-40,40"])
+    assert result.exit_code == 0, result.output
+    assert (out / "data-scale.png").is_file()
+    assert "set with the ylim option" in result.output
+
+
+def test_data_scale_legend_rows(drawn):
+    plot = draw_figure("data-scale", FigureInputs(results=_hand_results()))
+    crossings = plot.data.filter(pl.col("layer") == "crossing")
+    assert crossings.filter(pl.col("drawn")).height > 0
+    assert not crossings["ci_drawn"].any()  # one or two tasks per type: no interval
+    rows = _legend_rows(plot.figure)
+    # Balanced rows that read left to right: the task types fill the first row.
+    assert rows == [
+        ["segmentation", "classification", "detection", "regression"],
+        ["breast", "obstetrics", "thyroid", "zero crossing"],
+    ]
+    # No crossing drawn (only the grouped panel, whose lines stay on one side of 0): no legend entry.
+    grouped_only = _hand_results().filter(pl.col("paradigm") != "unified")
+    plot = draw_figure("data-scale", FigureInputs(results=grouped_only))
+    assert not plot.data.filter(pl.col("layer") == "crossing")["drawn"].any()
+    labels = [t.get_text() for t in plot.figure.legends[0].get_texts()]
+    assert not any("zero crossing" in label for label in labels)
+    # The 27-task fixture has crossings with intervals, and the entry names the bar.
+    fixture, _, _ = drawn["data-scale"]
+    labels = [t.get_text() for t in fixture.figure.legends[0].get_texts()]
+    assert "zero crossing (bar: 95 % CI)" in labels
+    assert all(len(row) == len(_legend_rows(fixture.figure)[0]) for row in _legend_rows(fixture.figure)[:-1])
+
+
+def test_transfer_matrix_follows_table_flag():
+    from usagg.analysis.transfer import analyse_transfer
+
+    results = _hand_results()
+    plot = draw_figure("transfer-matrix", FigureInputs(results=results))
+    table = analyse_transfer(results).summary.filter(pl.col("data_fraction") == 1.0)
+    flags = dict(zip(zip(table["task"], table["paradigm"]), table["negative_transfer"].fill_null(False)))
+    marked = dict(zip(zip(plot.data["task"], plot.data["paradigm"]), plot.data["marked"]))
+    assert marked == flags
+    assert any(marked.values())
+    heat = plot.figure.axes[1]
+    assert len([p for p in heat.patches if isinstance(p, Rectangle) and not p.get_fill()]) == sum(marked.values())
+
+
+def test_transfer_matrix_reported_not_outlined():
+    from usagg.results import RESULTS_SCHEMA, validate_results
+
+    # One reported study: Dice 0.713 task-specific, 0.701 unified (-1.7 %), no seed and no interval.
+    rows = [
+        {"study": "publication", "run_id": f"publication-{paradigm}", "paradigm": paradigm, "group": group, "task": "breast_lesion",
+         "task_type": "segmentation", "organ": "breast", "clinical_group": "breast", "n_train": None,
+         "data_fraction": 1.0, "seed": None, "split": "test", "metric": "dice", "value": value,
+         "higher_is_better": True, "source": "reported:hand-made"}
+        for paradigm, group, value in (("task_specific", "breast_lesion", 0.713), ("unified", "all", 0.701))
+    ]
+    plot = draw_figure("transfer-matrix", FigureInputs(results=validate_results(pl.DataFrame(rows, schema=RESULTS_SCHEMA))))
+    [cell] = plot.data.iter_rows(named=True)
+    assert cell["rel_change_percent"] == pytest.approx(-1.68, abs=0.01)
+    assert cell["negative_transfer"] is None
+    assert cell["marked"] is False
+    assert cell["flag_rule"] == "a single reported or single-seed value has no interval; not flagged"
+    assert not [p for p in plot.figure.axes[1].patches if isinstance(p, Rectangle) and not p.get_fill()]
+    assert "not outlined" in plot.figure.legends[0].get_title().get_text()
+    assert any("1 of 1 cell(s) have no 95 % interval" in note for note in plot.notes)
+    assert layout_problems(plot.figure) == []
+
+
+def test_transfer_matrix_per_image_flags(tmp_path):
+    from usagg.analysis.inputs import load_inputs
+    from usagg.analysis.transfer import analyse_transfer
+    from usagg.results import write_results
+
+    # One seed: without per-image scores nothing would have an interval.
+    results = _hand_results(seeds=(0,), fractions=(1.0,))
+    study = tmp_path / "hand"
+    write_results(results, study / "results.parquet")
+    rng = np.random.default_rng(0)
+    images = [f"img{i}" for i in range(30)]
+    frames = []
+    for row in results.iter_rows(named=True):
+        # Each run's per-image scores average to its table value.
+        noise = rng.normal(0, 0.02 * abs(row["value"]), len(images))
+        frames.append(pl.DataFrame({
+            "run_id": row["run_id"], "task": row["task"], "split": "test", "image": images, "metric": row["metric"],
+            "value": row["value"] + noise - noise.mean(),
+        }))
+    pl.concat(frames).write_parquet(study / "per_image_scores.parquet")
+
+    plot = draw_figure("transfer-matrix", FigureInputs.from_paths([study]))
+    inputs = load_inputs(study)
+    table = analyse_transfer(inputs.results, inputs.per_image, n_boot=2000, seed=0).summary
+    assert set(table["ci_method"]) == {"bootstrap_images"}
+    flags = dict(zip(zip(table["task"], table["paradigm"]), table["negative_transfer"]))
+    marked = dict(zip(zip(plot.data["task"], plot.data["paradigm"]), plot.data["marked"]))
+    assert marked == flags
+    assert any(marked.values())
+    assert set(plot.data["ci_method"]) == {"bootstrap_images"}

@@ -65,7 +65,8 @@ def test_transfer_matrix_on_reported(reported):
     plot = draw_figure("transfer-matrix", FigureInputs(results=reported))
     texts = sorted(t.get_text() for t in plot.figure.axes[1].texts)
     assert texts == ["-2.9", "-79.7", "breast"]  # two cells and the clinical group label
-    assert plot.data["marked"].to_list() == [True, True]  # no interval, so marked by the sign of the mean
+    # Reported values have no interval, so the table flags neither cell and the figure outlines neither.
+    assert plot.data["marked"].to_list() == [False, False]
     assert layout_problems(plot.figure) == []
 
 

@@ -11,6 +11,11 @@ When the fit is too thin to trust its intervals (:meth:`DataScaleFit.evidence_ga
 freedom, or too few tasks of the type to resample), the choice is made the same way but its confidence is
 ``insufficient evidence`` instead of ``clear`` or ``uncertain``, and the reason says what is missing.
 
+The model predicts per task type, so a task can lose under a paradigm for which its type is predicted to gain.
+When a task's observed change under a paradigm has the opposite sign to the prediction (and its observed 95 %
+interval, where there is one, excludes 0), the reason notes this with both numbers. The choice and the
+confidence stay as the rule gives them.
+
 The safer paradigm is the one with the highest lower bound: its worst plausible change is the least bad.
 """
 
@@ -23,6 +28,7 @@ import numpy as np
 import polars as pl
 
 from usagg.analysis.data_scale import MIN_DISTINCT_RESAMPLES, MIN_RESID_DF, DataScaleFit
+from usagg.analysis.inference import t_interval
 from usagg.errors import AnalysisError
 
 ADVICE_RULE = (
@@ -30,7 +36,9 @@ ADVICE_RULE = (
     "recommend the paradigm with the highest lower bound among gains, task_specific if every paradigm loses, "
     "else the paradigm with a positive predicted mean (uncertain) or task_specific (uncertain); "
     f"confidence is 'insufficient evidence' when the model has fewer than {MIN_RESID_DF} residual degrees of "
-    f"freedom or the task's type gives fewer than {MIN_DISTINCT_RESAMPLES} distinct bootstrap resamples of tasks"
+    f"freedom or the task's type gives fewer than {MIN_DISTINCT_RESAMPLES} distinct bootstrap resamples of tasks; "
+    "the reason notes every paradigm whose observed change for the task has the opposite sign to its prediction "
+    "(when the observed change has a 95 % interval, only if that interval excludes 0)"
 )
 
 INSUFFICIENT = "insufficient evidence"
@@ -46,7 +54,13 @@ PREDICTION_SCHEMA = {
     "ci_hi": pl.Float64,
     "verdict": pl.String,
     "observed": pl.Float64,
+    "observed_ci_lo": pl.Float64,
+    "observed_ci_hi": pl.Float64,
+    "observed_ci_method": pl.String,
 }
+
+# Observed-interval methods of the transfer analysis (``ci_method`` of negative_transfer.csv) as advice words.
+_INTERVAL_WORDS = {"bootstrap_images": "95 % image-bootstrap interval", "t_seeds": "95 % t interval over seeds"}
 
 RECOMMENDATION_SCHEMA = {
     "task": pl.String,
@@ -100,11 +114,97 @@ def _recommend(rows: list[dict]) -> tuple[str, str, str, str]:
     return "task_specific", "uncertain", safer, reason
 
 
-def advise(fit: DataScaleFit, rel: pl.DataFrame, task: str | None = None) -> Advice:
+def _contradicts(row: dict) -> bool:
+    """Return whether the observed change has the opposite sign to the prediction (beyond its interval, if any)."""
+    predicted, observed = row["predicted"], row["observed"]
+    if observed is None or not math.isfinite(observed) or not math.isfinite(predicted):
+        return False
+    if predicted * observed >= 0:
+        return False
+    lo, hi = row["observed_ci_lo"], row["observed_ci_hi"]
+    if lo is None or hi is None or not (math.isfinite(lo) and math.isfinite(hi)):
+        return True
+    return hi < 0 if predicted > 0 else lo > 0
+
+
+def _contradiction_note(rows: list[dict], choice: str) -> str:
+    """Return a note naming each paradigm whose observed change contradicts its prediction ("" if none)."""
+    found = sorted((r for r in rows if _contradicts(r)), key=lambda r: r["paradigm"] != choice)
+    parts = []
+    for r in found:
+        words = _INTERVAL_WORDS.get(r["observed_ci_method"])
+        if words is not None:
+            interval = f"{words} {100 * r['observed_ci_lo']:+.1f} to {100 * r['observed_ci_hi']:+.1f} %"
+        else:
+            interval = "no interval"
+        parts.append(
+            f"under {r['paradigm']} this task's own results changed by {100 * r['observed']:+.1f} % ({interval}) "
+            f"where the model predicts {100 * r['predicted']:+.1f} %"
+        )
+    if not parts:
+        return ""
+    return "; observed change contradicts the prediction: " + "; ".join(parts) + (
+        "; check this task's results before acting on the prediction"
+    )
+
+
+def _observed(largest: pl.DataFrame, transfer_summary: pl.DataFrame | None) -> pl.DataFrame:
+    """Return the observed mean change per task × paradigm at the largest data fraction, with a 95 % interval.
+
+    The interval is taken from ``transfer_summary`` (the negative_transfer table) when exactly one of its rows
+    matches the task, paradigm, metric, split and data fraction and that row has an interval. Otherwise it is
+    the t interval over the seeds (``t_seeds`` of the transfer analysis), which needs two or more seeds.
+    """
+    rows = []
+    for (task, paradigm), part in largest.group_by("task", "paradigm", maintain_order=True):
+        values = part["rel_change"].to_numpy().astype(float)
+        lo, hi = t_interval(values)
+        rows.append(
+            {
+                "task": task,
+                "paradigm": paradigm,
+                "observed": float(np.nanmean(values)),
+                "observed_ci_lo": lo,
+                "observed_ci_hi": hi,
+                "observed_ci_method": "t_seeds" if math.isfinite(lo) else "none",
+            }
+        )
+    observed_columns = {k: dtype for k, dtype in PREDICTION_SCHEMA.items() if k.startswith("observed")}
+    schema = {"task": pl.String, "paradigm": pl.String, **observed_columns}
+    observed = pl.DataFrame(rows, schema=schema)
+    keys = ["task", "paradigm", "metric", "split", "data_fraction"]
+    if transfer_summary is None or transfer_summary.height == 0 or not set(keys) <= set(transfer_summary.columns):
+        return observed
+    compared = largest.select(keys).unique()
+    matched = (
+        transfer_summary.select(*keys, "ci_lo", "ci_hi", "ci_method")
+        .cast({"task": pl.String, "paradigm": pl.String, "metric": pl.String, "split": pl.String, "data_fraction": pl.Float64})
+        .join(compared.cast({"data_fraction": pl.Float64}), on=keys, how="semi", nulls_equal=True)
+        .filter(pl.col("ci_lo").is_finite() & pl.col("ci_hi").is_finite())
+        .filter(pl.len().over("task", "paradigm") == 1)
+        .select("task", "paradigm", "ci_lo", "ci_hi", "ci_method")
+    )
+    return (
+        observed.join(matched, on=["task", "paradigm"], how="left")
+        .with_columns(
+            pl.coalesce("ci_lo", "observed_ci_lo").alias("observed_ci_lo"),
+            pl.coalesce("ci_hi", "observed_ci_hi").alias("observed_ci_hi"),
+            pl.coalesce("ci_method", "observed_ci_method").alias("observed_ci_method"),
+        )
+        .drop("ci_lo", "ci_hi", "ci_method")
+    )
+
+
+def advise(
+    fit: DataScaleFit, rel: pl.DataFrame, task: str | None = None, transfer_summary: pl.DataFrame | None = None
+) -> Advice:
     """Predict each task's change under each paradigm at its largest training size and recommend a paradigm.
 
     ``rel`` is the relative-change table the fit came from. Each task is placed at its training size at its
-    largest data fraction (mean over seeds), and the observed mean change there is shown beside the prediction.
+    largest data fraction (mean over seeds), and the observed mean change there is shown beside the prediction,
+    with a 95 % interval: from ``transfer_summary`` (``TransferAnalysis.summary``, the negative_transfer table)
+    when it is given and has one for that comparison, else the t interval over seeds. A recommendation's reason
+    notes every paradigm whose observed change contradicts its prediction (see the module docstring).
     """
     data = fit.data
     if task is not None:
@@ -123,7 +223,7 @@ def advise(fit: DataScaleFit, rel: pl.DataFrame, task: str | None = None) -> Adv
         .agg(pl.col("task_type").first(), pl.col("clinical_group").first(), pl.col("n_train").mean())
         .sort("task")
     )
-    observed = largest.group_by("task", "paradigm").agg(pl.col("rel_change").mean().alias("observed"))
+    observed = _observed(largest, transfer_summary)
     paradigms = fit.levels.get("paradigm") or sorted(data["paradigm"].unique().to_list())
     n = len(paradigms)
     frame = tasks.select(
@@ -157,7 +257,8 @@ def advise(fit: DataScaleFit, rel: pl.DataFrame, task: str | None = None) -> Adv
         gaps = fit.evidence_gaps(rows[0]["task_type"])
         if gaps:
             confidence = INSUFFICIENT
-            reason += f"; evidence insufficient: {' and '.join(gaps)}; add tasks, data fractions or seeds"
+            reason += f"; evidence insufficient: {'; '.join(gaps)}"
+        reason += _contradiction_note(rows, choice)
         recs.append(
             {
                 "task": name,

@@ -61,10 +61,6 @@ MIN_RESID_DF = 10
 # per type), so it is not reported as bounded.
 MIN_DISTINCT_RESAMPLES = 10
 
-# Formulas in which each task type has its own intercept and slope, so its predictions depend only on its own
-# tasks. In the other formulas, types share coefficients, so every type's tasks matter.
-TYPE_SPECIFIC_FORMULAS = ("log10_n * C(task_type) * C(paradigm)", "log10_n * C(task_type)", "C(task_type)")
-
 COEF_COLUMNS = {
     "model": pl.String,
     "term": pl.String,
@@ -85,6 +81,8 @@ CROSSING_COLUMNS = {
     "ci_hi": pl.Float64,
     "share_defined": pl.Float64,
     "bounded": pl.Boolean,
+    "n_train_min": pl.Float64,
+    "n_train_max": pl.Float64,
     "within_data_range": pl.Boolean,
     "note": pl.String,
 }
@@ -114,24 +112,28 @@ class DataScaleFit:
     @property
     def uses(self) -> tuple[str, ...]:
         """Regressors in the fitted formula: a subset of log10_n, task_type, paradigm."""
-        return next((used for formula, used in FORMULA_LADDER if formula == self.formula), ())
+        return formula_uses(self.formula)
 
     def distinct_resamples(self, task_type: str) -> int:
         """Return how many distinct sets of tasks the cluster bootstrap can draw for ``task_type``'s predictions."""
         return distinct_resamples(self.tasks_per_type, self.formula, task_type)
 
     def evidence_gaps(self, task_type: str) -> list[str]:
-        """Return the reasons the fit is too thin for a clear statement about ``task_type`` (empty if none)."""
+        """Return the reasons the fit is too thin for a clear statement about ``task_type`` (empty if none).
+
+        Each reason ends with its own remedy: more rows of any kind raise the residual degrees of freedom, but
+        only more tasks raise the number of distinct bootstrap resamples.
+        """
         gaps = []
         df_resid = int(self.ols.df_resid)
         if df_resid < MIN_RESID_DF:
-            gaps.append(f"the model has {df_resid} residual degree(s) of freedom (fewer than {MIN_RESID_DF})")
-        resamples = self.distinct_resamples(task_type)
-        if resamples < MIN_DISTINCT_RESAMPLES:
             gaps.append(
-                f"the bootstrap over tasks can draw only {resamples} distinct set(s) of tasks "
-                f"({_tasks_phrase(self.tasks_per_type, self.formula, task_type)}; {MIN_DISTINCT_RESAMPLES} needed)"
+                f"the model has {df_resid} residual degree(s) of freedom (fewer than {MIN_RESID_DF}); "
+                "add tasks, data fractions or seeds"
             )
+        shortfall = resample_shortfall(self.tasks_per_type, self.formula, task_type)
+        if shortfall is not None:
+            gaps.append(shortfall)
         return gaps
 
     def _frame(self, n_train: Any, task_type: Any, paradigm: Any) -> pd.DataFrame:
@@ -183,26 +185,68 @@ class DataScaleFit:
         }
 
 
+def formula_uses(formula: str) -> tuple[str, ...]:
+    """Return the regressors of a formula of ``FORMULA_LADDER``: a subset of log10_n, task_type, paradigm."""
+    return next((used for candidate, used in FORMULA_LADDER if candidate == formula), ())
+
+
+def _resamples_of(n_tasks: int) -> int:
+    """Return C(2n − 1, n), the number of distinct multisets from resampling n tasks with replacement."""
+    return math.comb(2 * n_tasks - 1, n_tasks) if n_tasks > 0 else 1
+
+
+def _tasks_needed() -> int:
+    """Return the smallest number of tasks of a type whose resamples reach ``MIN_DISTINCT_RESAMPLES``."""
+    n = 1
+    while _resamples_of(n) < MIN_DISTINCT_RESAMPLES:
+        n += 1
+    return n
+
+
 def _resampled_types(tasks_per_type: dict[str, int], formula: str, task_type: str) -> list[str]:
-    return [task_type] if formula in TYPE_SPECIFIC_FORMULAS else sorted(tasks_per_type)
+    """Return the task types whose resampled tasks set ``task_type``'s own coefficients.
+
+    With a task-type term in the formula, a type's offset (and, with an interaction, its slope) is estimated
+    from that type's tasks alone, so only their resamples vary it. Without one, every type shares one line,
+    fitted to the tasks of all types.
+    """
+    return [task_type] if "task_type" in formula_uses(formula) else sorted(tasks_per_type)
 
 
 def distinct_resamples(tasks_per_type: dict[str, int], formula: str, task_type: str) -> int:
     """Return the number of distinct task sets that resampling within task types can give ``task_type``'s fit.
 
-    Resampling n tasks with replacement gives C(2n − 1, n) distinct multisets. Types are resampled
-    independently, so the counts of the types that ``task_type``'s predictions depend on multiply.
+    Resampling n tasks with replacement gives C(2n − 1, n) distinct multisets. With a task-type term in the
+    formula this is the count of ``task_type``'s own tasks. Without one, the types are resampled independently
+    for one shared line, so the counts of all types multiply.
     """
     count = 1
     for name in _resampled_types(tasks_per_type, formula, task_type):
-        n = tasks_per_type.get(name, 0)
-        count *= math.comb(2 * n - 1, n) if n > 0 else 1
+        count *= _resamples_of(tasks_per_type.get(name, 0))
     return count
 
 
-def _tasks_phrase(tasks_per_type: dict[str, int], formula: str, task_type: str) -> str:
-    types = _resampled_types(tasks_per_type, formula, task_type)
-    return "tasks per type: " + ", ".join(f"{t} {tasks_per_type.get(t, 0)}" for t in types)
+def resample_shortfall(tasks_per_type: dict[str, int], formula: str, task_type: str) -> str | None:
+    """Return a sentence naming the task type(s) with too few tasks for ``task_type``'s bootstrap, or None."""
+    count = distinct_resamples(tasks_per_type, formula, task_type)
+    if count >= MIN_DISTINCT_RESAMPLES:
+        return None
+    needed = f"{MIN_DISTINCT_RESAMPLES} needed, which takes {_tasks_needed()} tasks of a type"
+    if "task_type" in formula_uses(formula):
+        n = tasks_per_type.get(task_type, 0)
+        return (
+            f"task type {task_type} has {n} task(s), which the bootstrap can resample into only {count} distinct "
+            f"set(s) ({needed}); add tasks of type {task_type}"
+        )
+    types = sorted(tasks_per_type)
+    per_type = ", ".join(
+        f"{t} {tasks_per_type[t]} task(s), {_resamples_of(tasks_per_type[t])} set(s)" for t in types
+    )
+    return (
+        "the model has no task-type term, so every type's prediction rests on the tasks of all types, which the "
+        f"bootstrap resamples within each type into only {count} distinct set(s) in all ({per_type}; {needed}); "
+        f"add tasks of type {' or '.join(types)}"
+    )
 
 
 def prepare_observations(rel: pl.DataFrame, split: str | None = None) -> tuple[pl.DataFrame, list[str]]:
@@ -392,8 +436,12 @@ def _crossings(
     if rejected:
         messages.append(f"{rejected} of {n_boot} bootstrap replicates had collinear terms and were skipped")
     tasks_per_type = _tasks_per_type(frame)
-    lo_x = np.log10(frame["n_train"].min())
-    hi_x = np.log10(frame["n_train"].max())
+    # A crossing is within the data when it lies inside the training sizes its line was fitted to in this
+    # paradigm: the paradigm × task type cell, or the whole paradigm when the formula gives all types one line.
+    # The data-scale figure draws each line over the same sizes.
+    per_type = "task_type" in formula_uses(fit_formula)
+    cell_keys = ["paradigm", "task_type"] if per_type else ["paradigm"]
+    size_range = frame.groupby(cell_keys)["n_train"].agg(["min", "max"])
     observed = set(zip(frame["paradigm"], frame["task_type"]))
     rows = []
     for k, (par, ttype) in enumerate((p, t) for p in paradigms for t in task_types):
@@ -415,14 +463,11 @@ def _crossings(
             bounded = share >= 0.95
             if not bounded:
                 note = "slope sign uncertain: the interval is not bounded"
-            resamples = distinct_resamples(tasks_per_type, fit_formula, ttype)
-            if resamples < MIN_DISTINCT_RESAMPLES:
+            shortfall = resample_shortfall(tasks_per_type, fit_formula, ttype)
+            if shortfall is not None:
                 ci_lo = ci_hi = math.nan
                 bounded = False
-                note = (
-                    f"too few tasks to resample: the bootstrap can draw only {resamples} distinct set(s) of tasks "
-                    f"({_tasks_phrase(tasks_per_type, fit_formula, ttype)}); no interval"
-                )
+                note = f"too few tasks to resample: {shortfall}; no interval"
         elif n_boot < 1:
             note = "no bootstrap interval (0 bootstrap replicates)"
         else:
@@ -432,6 +477,8 @@ def _crossings(
             note = "flat prediction: no crossing"
         else:
             n_cross = float(10 ** cross[k]) if cross[k] < 300 else math.inf
+        n_min, n_max = (float(v) for v in size_range.loc[(par, ttype) if per_type else par])
+        within = bool(np.isfinite(cross[k]) and np.log10(n_min) <= cross[k] <= np.log10(n_max))
         rows.append(
             {
                 "paradigm": par,
@@ -443,7 +490,9 @@ def _crossings(
                 "ci_hi": ci_hi,
                 "share_defined": share,
                 "bounded": bounded,
-                "within_data_range": bool(np.isfinite(cross[k]) and lo_x <= cross[k] <= hi_x),
+                "n_train_min": n_min,
+                "n_train_max": n_max,
+                "within_data_range": within,
                 "note": note,
             }
         )
@@ -524,15 +573,14 @@ def fit_data_scale(
             "from it is labelled clear; add tasks, data fractions or seeds"
         )
     tasks_per_type = _tasks_per_type(frame)
-    few = sorted(
-        {t for t in tasks_per_type if distinct_resamples(tasks_per_type, formula, t) < MIN_DISTINCT_RESAMPLES}
-    )
+    shortfalls = {t: resample_shortfall(tasks_per_type, formula, t) for t in sorted(tasks_per_type)}
+    few = [t for t, text in shortfalls.items() if text is not None]
     if few:
+        # Without a task-type term every type has the same shortfall, so it is stated once.
+        details = list(dict.fromkeys(shortfalls[t] for t in few))
         caught.append(
-            "too few tasks to resample: the bootstrap over tasks draws fewer than "
-            f"{MIN_DISTINCT_RESAMPLES} distinct task sets for task type(s) {', '.join(few)} "
-            f"(tasks per type: {', '.join(f'{t} {n}' for t, n in sorted(tasks_per_type.items()))}), so their zero "
-            "crossings get no interval and no recommendation for them is labelled clear; add tasks of these types"
+            f"too few tasks to resample for task type(s) {', '.join(few)}: {'; '.join(details)}. Their zero "
+            "crossings get no interval, and no recommendation for them is labelled clear"
         )
 
     levels = {"task_type": sorted(frame["task_type"].unique()), "paradigm": sorted(frame["paradigm"].unique())}

@@ -89,7 +89,8 @@ def add_data_scale(
     report.messages.extend(f"data scale: {m}" for m in fit.messages)
     report.tables["data_scale_coefficients"] = fit.table
     report.tables["data_scale_crossings"] = fit.crossings
-    advice = advise(fit, rel, task=task)
+    summary = report.transfer.summary if report.transfer is not None else None
+    advice = advise(fit, rel, task=task, transfer_summary=summary)
     report.advice = advice
     report.tables["advice"] = advice.recommendations
     report.tables["advice_predictions"] = advice.predictions

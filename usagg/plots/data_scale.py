@@ -10,6 +10,7 @@ from matplotlib.lines import Line2D
 from matplotlib.ticker import FixedLocator, FuncFormatter, LogLocator, NullFormatter
 from matplotlib.transforms import offset_copy
 
+from usagg.errors import ConfigError
 from usagg.plots.common import (
     clinical_group_handles,
     compute_relative_change,
@@ -33,6 +34,18 @@ from usagg.plots.style import (
 PANEL_HEIGHT_IN = 2.3
 LEGEND_HEIGHT_IN = 0.9
 GRID_POINTS = 60
+# Opacity of the 95 % confidence bands: light enough that overlapping bands leave points and lines readable.
+BAND_ALPHA = 0.09
+# The automatic y range leaves out only points beyond both limits: more than OUTLIER_IQR interquartile ranges
+# outside the quartiles (Tukey's far-out fences) and a change of more than OUTLIER_PERCENT.
+OUTLIER_IQR = 3.0
+OUTLIER_PERCENT = 100.0
+# Minimum share of the automatic y range kept under 0 when zero crossings with an interval are drawn.
+ZERO_ROOM = 0.12
+# Height in points of the arrows that mark points beyond the y range.
+ARROW_SIZE = 7.0
+# Margin added above and below the y range, as a fraction of the range.
+Y_MARGIN = 0.06
 
 
 @register_figure(
@@ -44,10 +57,16 @@ def data_scale(
     *,
     split: str | None = None,
     n_bootstrap: int = 1000,
+    ylim: list[float] | None = None,
 ) -> FigurePlot:
-    """Draw one panel per aggregated paradigm from :func:`usagg.analysis.data_scale.fit_data_scale`."""
+    """Draw one panel per aggregated paradigm from :func:`usagg.analysis.data_scale.fit_data_scale`.
+
+    ``ylim`` is the y range as two numbers in percent (``-O ylim=-90,60``). By default the range spans every
+    point except true outliers (see :func:`_limit_y`).
+    """
     from usagg.analysis.data_scale import fit_data_scale
 
+    ylim = _check_ylim(ylim)
     rel = compute_relative_change(inputs.require_results("data-scale"))
     rel, split = pick_split(rel, split)
     fit = fit_data_scale(rel, split=split, n_bootstrap=n_bootstrap)
@@ -96,7 +115,7 @@ def data_scale(
             mean, lo, hi = fit.predict(grid, task_type, paradigm)
             color = task_type_color(task_type) if "task_type" in fit.uses else "black"
             ax.plot(grid, mean * 100, color=color, linewidth=1.2, zorder=4)
-            ax.fill_between(grid, lo * 100, hi * 100, color=color, alpha=0.15, linewidth=0, zorder=2)
+            ax.fill_between(grid, lo * 100, hi * 100, color=color, alpha=BAND_ALPHA, linewidth=0, zorder=2)
             label = task_type if "task_type" in fit.uses else "all"
             fit_rows += [
                 {"layer": "fit", "paradigm": paradigm, "task_type": label, "n_train": float(n), "rel_change": float(m), "ci_lo": float(a), "ci_hi": float(b)}
@@ -113,16 +132,20 @@ def data_scale(
         ax.set_title(paradigm_label(paradigm))
         ax.set_xlabel("training images (log scale)")
     axes[0].set_ylabel("relative change to task-specific (%)")
-    clip_notes = _limit_y(axes, paradigms, observations)
+    room = any(row["ci_drawn"] for row in crossing_rows)
+    clip_notes = _limit_y(axes, paradigms, observations, _rows_frame(fit_rows), ylim, room_below_zero=room)
 
     handles = task_type_handles(task_types, marker="o") + clinical_group_handles(markers)
     if "task_type" not in fit.uses:
         handles.append(Line2D([], [], color="black", linewidth=1.2, label="fit (no task-type term)"))
-    handles.append(_crossing_handle())
+    drawn_crossings = [row for row in crossing_rows if row["drawn"]]
+    if drawn_crossings:
+        handles.append(_crossing_handle(with_interval=any(row["ci_drawn"] for row in drawn_crossings)))
+    handles, ncols = _rows_first(handles, 7 if n_panels > 1 else 3)
     fig.legend(
         handles=handles,
         loc="outside lower center",
-        ncols=min(len(handles), 7 if n_panels > 1 else 3),
+        ncols=ncols,
         handletextpad=0.3,
         columnspacing=0.9,
     )
@@ -166,9 +189,10 @@ def _draw_crossings(
         drawn = bool(
             row["within_data_range"] and n_cross is not None and np.isfinite(n_cross) and n_min <= n_cross <= n_max
         )
+        ci_drawn = bool(drawn and row["bounded"] and np.isfinite(row["ci_lo"]) and np.isfinite(row["ci_hi"]))
         if drawn:
             color = "black" if row["task_type"] == "all" else task_type_color(row["task_type"])
-            if row["bounded"] and np.isfinite(row["ci_lo"]) and np.isfinite(row["ci_hi"]):
+            if ci_drawn:
                 lo, hi = max(row["ci_lo"], n_min), min(row["ci_hi"], n_max)
                 offset = -4.0 - 2.5 * task_types.index(row["task_type"])
                 shifted = offset_copy(ax.transData, fig=ax.figure, y=offset, units="points")
@@ -184,52 +208,135 @@ def _draw_crossings(
                 "ci_hi": row["ci_hi"],
                 "bounded": row["bounded"],
                 "drawn": drawn,
+                "ci_drawn": ci_drawn,
                 "note": row["note"],
             }
         )
     return rows
 
 
-def _crossing_handle() -> Line2D:
+def _crossing_handle(with_interval: bool) -> Line2D:
+    label = "zero crossing (bar: 95 % CI)" if with_interval else "zero crossing"
     return Line2D(
         [], [], linestyle="none", marker="D", markersize=4.5, markerfacecolor="white", markeredgecolor="#333333",
-        label="zero crossing (bar: 95 % CI)",
+        label=label,
     )
 
 
-def _limit_y(axes, paradigms: list[str], observations: pl.DataFrame) -> list[str]:
-    """Fit the shared y range to the bulk of the points and mark the points beyond it at the edge.
+def _rows_first(handles: list, max_columns: int) -> tuple[list, int]:
+    """Order legend handles so that they read left to right, row by row, in balanced rows.
 
-    A task whose task-specific score is near 0 can have a relative change of thousands of percent, which would
-    flatten every other point onto the zero line. The range spans the points within three interquartile
-    ranges of the quartiles (Tukey's far-out fences) and always includes 0; points beyond it are drawn as
-    triangles at the edge, with their count and extreme value written in the panel.
+    Matplotlib fills a legend column by column and gives the extra entries to the first columns, so 8 entries
+    in 7 columns put the second entry alone under the first. Here the entries are spread over as few rows as
+    ``max_columns`` allows, with as few columns as those rows need, and reordered so that each row continues
+    where the one above ended.
+    """
+    n = len(handles)
+    if n == 0:
+        return handles, 1
+    n_rows = math.ceil(n / max_columns)
+    n_columns = math.ceil(n / n_rows)
+    ordered = [handles[r * n_columns + c] for c in range(n_columns) for r in range(n_rows) if r * n_columns + c < n]
+    return ordered, n_columns
+
+
+def _check_ylim(ylim: list[float] | None) -> tuple[float, float] | None:
+    if ylim is None:
+        return None
+    if len(ylim) != 2 or not all(np.isfinite(ylim)) or ylim[0] >= ylim[1]:
+        raise ConfigError(
+            f"figure 'data-scale': option ylim needs two numbers in percent, the lower one first, "
+            f"e.g. -O ylim=-90,60 (got {','.join(f'{v:g}' for v in ylim)})"
+        )
+    return float(ylim[0]), float(ylim[1])
+
+
+def _limit_y(
+    axes,
+    paradigms: list[str],
+    observations: pl.DataFrame,
+    fits: pl.DataFrame,
+    ylim: tuple[float, float] | None,
+    room_below_zero: bool = False,
+) -> list[str]:
+    """Set the shared y range and mark the points beyond it with arrows at the edge.
+
+    ``ylim`` (percent) is used as given. Otherwise the range spans every point and 0, plus a margin of
+    ``Y_MARGIN``. Only true outliers are left out: points both more than ``OUTLIER_IQR`` interquartile ranges
+    outside the quartiles and beyond ±``OUTLIER_PERCENT`` %. Such a value usually comes from a task-specific
+    score near 0, and drawing it would flatten every other point onto the zero line. Fitted lines and their
+    bands do not widen the range. Where they reach beyond it, they are cut at the axis and a note reports it.
+    ``room_below_zero`` keeps at least ``ZERO_ROOM`` of the range under 0 for the crossing intervals.
     """
     values = observations["rel_change"].to_numpy() * 100
-    q1, q3 = np.percentile(values, [25, 75])
-    spread = max(q3 - q1, 1e-9)
-    inside = values[(values >= q1 - 3 * spread) & (values <= q3 + 3 * spread)]
-    low, high = min(inside.min(), 0.0), max(inside.max(), 0.0)
-    if inside.size == values.size:
-        return []
-    pad = 0.08 * (high - low or 1.0)
-    low, high = low - pad, high + pad
+    if ylim is not None:
+        low, high = ylim
+        rule = "the y range set with the ylim option"
+    else:
+        q1, q3 = np.percentile(values, [25, 75])
+        spread = q3 - q1
+        fence_low = min(q1 - OUTLIER_IQR * spread, -OUTLIER_PERCENT)
+        fence_high = max(q3 + OUTLIER_IQR * spread, OUTLIER_PERCENT)
+        shown = np.concatenate([values, [0.0]])
+        shown = shown[(shown >= fence_low) & (shown <= fence_high)]
+        low, high = float(shown.min()), float(shown.max())
+        pad = Y_MARGIN * (high - low or 1.0)
+        low, high = low - pad, high + pad
+        if room_below_zero:
+            # The intervals of zero crossings are drawn as bars a few points under the zero line.
+            low = min(low, -ZERO_ROOM * (high - low))
+        rule = (
+            f"the automatic y range, which leaves out only points more than {OUTLIER_IQR:g} interquartile ranges "
+            f"outside the quartiles and beyond ±{OUTLIER_PERCENT:g} %; set the range with -O ylim=LO,HI"
+        )
     axes[0].set_ylim(low, high)
     notes = []
+    n_lines = 0
     for ax, paradigm in zip(axes, paradigms):
         part = observations.filter(pl.col("paradigm") == paradigm)
         y = part["rel_change"].to_numpy() * 100
-        for side, beyond, edge, marker in (("above", y > high, high, "^"), ("below", y < low, low, "v")):
+        lines = []
+        for side, beyond, edge in (("above", y > high, high), ("below", y < low, low)):
             if not beyond.any():
                 continue
-            colors = [task_type_color(t) for t, out in zip(part["task_type"], beyond) if out]
-            ax.scatter(part["n_train"].to_numpy()[beyond], np.full(beyond.sum(), edge), marker=marker, s=22, c=colors, clip_on=False, zorder=6)
+            _edge_arrows(ax, part["n_train"].to_numpy()[beyond], [t for t, out in zip(part["task_type"], beyond) if out], edge, side)
             extreme = y[beyond].max() if side == "above" else y[beyond].min()
-            text = f"{beyond.sum()} point(s) {side} the range, up to {extreme:+,.0f} %"
-            ax.text(0.02, 0.97 if side == "above" else 0.03, text, transform=ax.transAxes, ha="left",
-                    va="top" if side == "above" else "bottom", fontsize=SMALL_FONT_SIZE, color="#444444")
-            notes.append(f"{paradigm_label(paradigm)}: {text} (drawn as triangles at the axis edge)")
+            arrow, direction = ("↑", "up") if side == "above" else ("↓", "down")
+            text = f"{beyond.sum()} point(s) {side} the range, {direction} to {{}} %"
+            # The panel writes the minus sign as the tick labels do (U+2212); the note keeps ASCII.
+            lines.append(f"{arrow} " + text.format(f"{extreme:+,.0f}".replace("-", "\N{MINUS SIGN}")))
+            notes.append(f"{paradigm_label(paradigm)}: {text.format(f'{extreme:+,.0f}')}, drawn as arrows at the axis edge ({rule})")
+        if lines:
+            # Above the panel, under its title, so that the count never covers a point.
+            ax.annotate(
+                "\n".join(lines), xy=(0.5, 1.0), xycoords="axes fraction", xytext=(0, 2), textcoords="offset points",
+                ha="center", va="bottom", fontsize=SMALL_FONT_SIZE, color="#444444",
+            )
+            n_lines = max(n_lines, len(lines))
+        if fits.height:
+            fit = fits.filter(pl.col("paradigm") == paradigm)
+            for what, beyond in (
+                ("fitted line", (pl.col("rel_change") * 100 < low) | (pl.col("rel_change") * 100 > high)),
+                ("95 % band", (pl.col("ci_lo") * 100 < low) | (pl.col("ci_hi") * 100 > high)),
+            ):
+                cut = fit.filter(beyond)["task_type"].unique(maintain_order=True).to_list()
+                if cut:
+                    notes.append(f"{paradigm_label(paradigm)}: the {what} of {', '.join(cut)} reaches beyond the y range and is cut at the axis")
+    if n_lines:
+        # The same gap above every panel keeps the panel titles on one line.
+        for ax in axes:
+            ax.set_title(ax.get_title(), pad=4 + 1.25 * SMALL_FONT_SIZE * n_lines)
     return notes
+
+
+def _edge_arrows(ax, n_train: np.ndarray, task_types: list[str], edge: float, side: str) -> None:
+    """Draw an arrow in the task type's colour for each point beyond the y range, inside the panel at its edge."""
+    marker, shift = (r"$\uparrow$", -ARROW_SIZE / 2) if side == "above" else (r"$\downarrow$", ARROW_SIZE / 2)
+    inside = offset_copy(ax.transData, fig=ax.figure, y=shift, units="points")
+    for task_type in dict.fromkeys(task_types):
+        x = [n for n, t in zip(n_train, task_types) if t == task_type]
+        ax.plot(x, [edge] * len(x), linestyle="none", marker=marker, markersize=ARROW_SIZE, markeredgewidth=0,
+                color=task_type_color(task_type), transform=inside, clip_on=False, zorder=6)
 
 
 def _log_axis(ax, n_min: float, n_max: float) -> None:

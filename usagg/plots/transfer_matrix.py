@@ -30,36 +30,42 @@ from usagg.plots.style import (
 )
 
 ROW_HEIGHT_IN = 0.17
-# Half the displayed precision (0.05 percentage points), as a fraction: smaller means count as 0.
-SIGN_RESOLUTION = 0.0005
 # Inches for the title, column labels, colour bar and legend around the rows.
 FRAME_HEIGHT_IN = 1.25
 COLORBAR_HEIGHT_IN = 0.08
+# Bootstrap replicates and seed of the image bootstrap, the defaults of `usagg transfer-matrix`, so that a
+# figure of a study folder with per-image scores flags the cells negative_transfer.csv flags.
+N_BOOTSTRAP = 2000
+BOOTSTRAP_SEED = 0
 
 
-def transfer_table(rel: pl.DataFrame) -> pl.DataFrame:
-    """Mean relative change per task and paradigm over seeds, with the negative-transfer mark of each cell.
+def transfer_table(
+    rel: pl.DataFrame, per_image: pl.DataFrame | None = None, n_boot: int = N_BOOTSTRAP, seed: int = BOOTSTRAP_SEED
+) -> pl.DataFrame:
+    """Mean relative change per task and paradigm over seeds, with the negative-transfer flag of each cell.
 
-    A cell is marked when :func:`usagg.analysis.inference.seed_summary` flags it (its 95 % interval lies below
-    0). Cells without an interval (a single seed or a reported value) are marked when the mean is below
-    ``-SIGN_RESOLUTION``, so floating-point noise that the cell shows as 0.0 is not marked.
+    The flag is the ``negative_transfer`` column of :func:`usagg.analysis.inference.seed_summary`, the table
+    written as negative_transfer.csv: the 95 % interval of the relative change lies below 0. A comparison
+    without an interval (one seed without per-image scores, or a reported value) has no flag and is not
+    marked, whatever the sign of its mean. ``per_image``, ``n_boot`` and ``seed`` are passed to
+    ``seed_summary``. A task compared on several metrics has one comparison per metric, and its cell is marked
+    when any of them is flagged. ``flag_rule`` lists the table's rule of each comparison.
     """
     from usagg.analysis.inference import seed_summary
     from usagg.analysis.relative import delta_m
 
     per_cell = delta_m(rel, by=["task", "paradigm"]).select("task", "paradigm", pl.col("delta_m").alias("rel_change"), "n_rows")
-    summary, _ = seed_summary(rel)
-    flags = summary.group_by("task", "paradigm").agg(
-        pl.col("negative_transfer").first(), pl.col("ci_lo").first(), pl.col("ci_hi").first(), pl.col("ci_method").first()
+    summary, _ = seed_summary(rel, per_image, n_boot=n_boot, seed=seed)
+    flags = summary.sort("metric").group_by("task", "paradigm").agg(
+        # any() skips nulls, so a cell whose comparisons all lack an interval gets null here, as in the table.
+        pl.when(pl.col("negative_transfer").is_not_null().any()).then(pl.col("negative_transfer").any()).alias("negative_transfer"),
+        pl.col("ci_lo").first(),
+        pl.col("ci_hi").first(),
+        pl.col("ci_method").unique(maintain_order=True).str.join("; "),
+        pl.col("flag_rule").unique(maintain_order=True).str.join("; "),
     )
     table = per_cell.join(flags, on=["task", "paradigm"], how="left").join(task_order(rel), on="task", how="left")
-    return table.with_columns(
-        pl.when(pl.col("negative_transfer").is_not_null())
-        .then(pl.col("negative_transfer"))
-        .otherwise(pl.col("rel_change") < -SIGN_RESOLUTION)
-        .alias("marked"),
-        pl.when(pl.col("negative_transfer").is_not_null()).then(pl.lit("interval below 0")).otherwise(pl.lit("mean below -0.05 %")).alias("mark_rule"),
-    )
+    return table.with_columns(pl.col("negative_transfer").fill_null(False).alias("marked"))
 
 
 @register_figure(
@@ -71,12 +77,19 @@ def transfer_matrix(
     *,
     fraction: float | None = None,
     split: str | None = None,
+    n_bootstrap: int = N_BOOTSTRAP,
 ) -> FigurePlot:
-    """Draw the transfer matrix at one data fraction (default: the largest) and split (default: test)."""
+    """Draw the transfer matrix at one data fraction (default: the largest) and split (default: test).
+
+    Cells are outlined where negative_transfer.csv flags them. From a study folder, the per-image scores under
+    it give image-bootstrap intervals with ``n_bootstrap`` replicates, as in ``usagg transfer-matrix``. The
+    flags are identical when that command's ``--bootstrap`` equals ``n_bootstrap``.
+    """
     rel = compute_relative_change(inputs.require_results("transfer-matrix"))
     rel, split = pick_split(rel, split)
     rel, fraction = pick_fraction(rel, fraction)
-    table = transfer_table(rel)
+    per_image = _per_image_scores(inputs)
+    table = transfer_table(rel, per_image, n_boot=n_bootstrap, seed=BOOTSTRAP_SEED)
     order = task_order(rel)
     paradigms = ordered_paradigms(table["paradigm"].unique().to_list())
     tasks = order["task"].to_list()
@@ -89,9 +102,27 @@ def transfer_matrix(
         values[cell] = row["rel_change"] * 100.0 if row["rel_change"] is not None else np.nan
         marked[cell] = bool(row["marked"])
 
-    fig = _draw(values, marked, order, paradigms, fraction, split)
+    without_interval = table["negative_transfer"].null_count() > 0
+    fig = _draw(values, marked, order, paradigms, fraction, split, without_interval)
     data = table.with_columns((pl.col("rel_change") * 100).alias("rel_change_percent"), pl.lit(fraction).alias("data_fraction"), pl.lit(split).alias("split"))
-    return FigurePlot(fig, data.sort("clinical_group", "task", "paradigm"))
+    notes = []
+    no_interval = table.filter(pl.col("negative_transfer").is_null())
+    if no_interval.height:
+        below = no_interval.filter(pl.col("rel_change") < 0).height
+        notes.append(
+            f"{no_interval.height} of {table.height} cell(s) have no 95 % interval ({', '.join(sorted(set(no_interval['ci_method'].drop_nulls())))}) "
+            f"and are not outlined, as negative_transfer.csv does not flag them; {below} of them have a negative mean"
+        )
+    return FigurePlot(fig, data.sort("clinical_group", "task", "paradigm"), notes)
+
+
+def _per_image_scores(inputs: FigureInputs) -> pl.DataFrame | None:
+    """Return the per-image scores under the study folder (as `usagg transfer-matrix` reads them), or None."""
+    if inputs.study_dir is None:
+        return None
+    from usagg.analysis.inputs import read_per_image_scores
+
+    return read_per_image_scores(inputs.study_dir)
 
 
 def cell_text(percent: float) -> str:
@@ -101,7 +132,16 @@ def cell_text(percent: float) -> str:
     return f"{percent:+.1f}"
 
 
-def _draw(values: np.ndarray, marked: np.ndarray, order: pl.DataFrame, paradigms: list[str], fraction: float, split: str):
+def _draw(
+    values: np.ndarray,
+    marked: np.ndarray,
+    order: pl.DataFrame,
+    paradigms: list[str],
+    fraction: float,
+    split: str,
+    without_interval: bool,
+):
+    """Draw the heatmap. ``without_interval`` is true when some cells have no interval, which the caption then explains."""
     n_rows, n_cols = values.shape
     fig = new_figure(SINGLE_COLUMN_IN, FRAME_HEIGHT_IN + ROW_HEIGHT_IN * max(n_rows, 2))
     grid = fig.add_gridspec(
@@ -171,12 +211,18 @@ def _draw(values: np.ndarray, marked: np.ndarray, order: pl.DataFrame, paradigms
     colorbar.ax.tick_params(labelsize=SMALL_FONT_SIZE)
 
     fig.suptitle(f"Transfer matrix (data fraction {fraction:g}, {split} split)")
+    caption = ["outlined: negative transfer (95 % CI below 0)."]
+    if without_interval:
+        caption.append("Cells without a CI (one seed, reported value) are not outlined.")
+    if not np.isfinite(values).all():
+        caption.append("n/a: no finite value (task-specific score 0 or missing).")
+    caption.append("Strip: task type")
     fig.legend(
         handles=task_type_handles(types),
         loc="outside lower center",
         ncols=4,
         handlelength=1.0,
         columnspacing=1.0,
-        title="outlined: negative transfer (95 % CI below 0;\nwithout a CI: mean below -0.05 %). n/a: no finite value\n(task-specific score 0 or missing). Strip: task type",
+        title="\n".join(caption),
     )
     return fig
