@@ -207,3 +207,27 @@ def test_csv_named_parquet_raises(tmp_path):
     message = str(caught.value)
     assert message.startswith(f"{path}: cannot read as a parquet file (")
     assert message.endswith("if it is a CSV file, rename it to .csv")
+
+
+def test_misspelled_column_suggests_name(tmp_path):
+    path = tmp_path / "results.csv"
+    rows("r1", 0.5).rename({"higher_is_better": "higher_is_beter"}).write_csv(path)
+
+    with pytest.raises(DataError) as caught:
+        read_results(path)
+
+    message = str(caught.value)
+    assert message.startswith(
+        f"{path}: missing required column(s) higher_is_better (found 'higher_is_beter' for 'higher_is_better': "
+        "rename them); "
+    )
+
+
+def test_semicolon_csv_names_delimiter(tmp_path):
+    path = tmp_path / "results.csv"
+    rows("r1", 0.5).write_csv(path, separator=";")
+
+    with pytest.raises(DataError) as caught:
+        read_results(path)
+
+    assert "seems to separate columns with ';'; write it comma-separated" in str(caught.value)

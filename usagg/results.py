@@ -118,7 +118,7 @@ def validate_results(df: pl.DataFrame, origin: str = "results table") -> pl.Data
     missing = [c for c in RESULTS_SCHEMA if c not in df.columns]
     if missing:
         raise DataError(
-            f"{origin}: missing required column(s) {', '.join(missing)}; "
+            f"{origin}: missing required column(s) {', '.join(missing)}{_column_hint(df.columns, missing)}; "
             f"a results table needs the columns {', '.join(RESULTS_SCHEMA)}"
         )
     out = pl.DataFrame([_cast_column(df, c, t, origin).alias(c) for c, t in RESULTS_SCHEMA.items()])
@@ -136,6 +136,25 @@ def validate_results(df: pl.DataFrame, origin: str = "results table") -> pl.Data
     _reject_unknown(indexed, "task_type", (*TASK_TYPES, "all"), origin)
     _check_directions(scores, origin)
     return out
+
+
+def _column_hint(present: list[str], missing: list[str]) -> str:
+    """Return a hint for a header read as one column (another delimiter) or for misspelled column names."""
+    if len(present) == 1:
+        for delimiter in (";", "\t", "|"):
+            if delimiter in present[0]:
+                shown = "a tab" if delimiter == "\t" else repr(delimiter)
+                return (
+                    f" (the header was read as one column, so the file seems to separate columns with {shown}; "
+                    "write it comma-separated)"
+                )
+    unknown = [c for c in present if c not in RESULTS_SCHEMA]
+    guesses = []
+    for column in missing:
+        close = difflib.get_close_matches(column, unknown, n=1)
+        if close:
+            guesses.append(f"{close[0]!r} for {column!r}")
+    return f" (found {', '.join(guesses)}: rename them)" if guesses else ""
 
 
 def _reject_unknown(indexed: pl.DataFrame, column: str, allowed: tuple[str, ...], origin: str) -> None:

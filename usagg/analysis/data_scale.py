@@ -458,7 +458,9 @@ def _crossings(
             share = float(np.mean(same_sign))
             if same_sign.sum() >= 2:
                 b_cross = -b_int[same_sign] / b_slope[same_sign]
-                ci_lo, ci_hi = (10 ** np.percentile(b_cross, [2.5, 97.5])).tolist()
+                # A nearly flat replicate puts its crossing beyond 10^308 images, which is reported as inf.
+                with np.errstate(over="ignore"):
+                    ci_lo, ci_hi = (10.0 ** np.percentile(b_cross, [2.5, 97.5])).tolist()
             # A slope whose sign flips in more than 5 % of replicates has no bounded crossing interval.
             bounded = share >= 0.95
             if not bounded:

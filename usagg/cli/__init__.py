@@ -23,7 +23,10 @@ app = typer.Typer(
     help="Task-aggregation analysis for multi-task ultrasound foundation models (M2DINO).",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
-    context_settings={"help_option_names": ["-h", "--help"]},
+    # Plain help: typer 0.29's rich help prints a type such as <bool> after every flag, which reads as if the
+    # flag took a value.
+    rich_markup_mode=None,
+    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 120},
 )
 
 err_console = Console(stderr=True)
