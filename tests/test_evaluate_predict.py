@@ -163,3 +163,85 @@ def test_merge_rejects_broken_file(tmp_path):
     with pytest.raises(DataError, match="not a JSON list of objects"):
         _merge_into(file, [], set())
     assert file.read_text() == '{"task_id": "x"}'
+
+
+def _fail_on_model_build(monkeypatch):
+    import usagg.train.finalize
+
+    def fail(*args, **kwargs):
+        raise AssertionError("the model was built before the data root was checked")
+
+    monkeypatch.setattr(usagg.train.finalize, "build_run_model", fail)
+
+
+def test_predict_checks_data_root_first(tiny_trained_run, tmp_path, monkeypatch):
+    _fail_on_model_build(monkeypatch)
+    missing = tmp_path / "nonexistent"
+    code, stderr = run_main(["predict", str(tiny_trained_run["run_dir"]), str(missing), "--out", str(tmp_path / "p")], monkeypatch)
+    assert code == 2, stderr
+    # Paths are left out of the matched text: the console may fold a long one.
+    assert "error: DATA_ROOT" in stderr
+    assert "no such folder; give the FMC_UIA data folder that contains csv_files/" in stderr
+    assert "task nonexistent" not in stderr
+    assert "source.root" not in stderr
+
+    (tmp_path / "plain").mkdir()
+    code, stderr = run_main(["predict", str(tiny_trained_run["run_dir"]), str(tmp_path / "plain"), "--out", str(tmp_path / "p")], monkeypatch)
+    assert code == 2
+    assert "has no csv_files/ folder" in stderr
+
+    (tmp_path / "plain" / "csv_files").mkdir()
+    code, stderr = run_main(["predict", str(tiny_trained_run["run_dir"]), str(tmp_path / "plain"), "--out", str(tmp_path / "p")], monkeypatch)
+    assert code == 2
+    assert "csv_files contains no CSV files" in stderr
+    assert not (tmp_path / "p").exists()
+
+
+def test_predict_follows_study_checkpoint_without_pretrained_warning(tiny_trained_run, shared_data, tmp_path, monkeypatch):
+    import shutil
+
+    import yaml
+
+    from usagg.train import checkpoint as ckpt_module
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(tiny_trained_run["run_dir"], run_dir)
+    config = yaml.safe_load((run_dir / "config.yaml").read_text())
+    config["evaluation"]["checkpoint"] = "latest"
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    loaded = []
+    original = ckpt_module.load_weights
+
+    def load_weights(model, folder, kind="best"):
+        loaded.append(kind)
+        return original(model, folder, kind)
+
+    monkeypatch.setattr(ckpt_module, "load_weights", load_weights)
+    root = str(shared_data / "fmc_uia_sample_val")
+
+    code, stderr = run_main(["predict", str(run_dir), root, "--out", str(tmp_path / "a"), "--device", "cpu"], monkeypatch)
+    assert code == 0, stderr
+    code, stderr_best = run_main(
+        ["predict", str(run_dir), root, "--out", str(tmp_path / "b"), "--device", "cpu", "--checkpoint", "best"], monkeypatch
+    )
+    assert code == 0, stderr_best
+    assert loaded == ["latest", "best"]
+    # Warnings reach the captured output (tasks of the root that the run did not train), the pretrained one does not.
+    assert "has no head in this run" in stderr
+    assert "model.pretrained is not set" not in stderr + stderr_best
+
+    code, stderr = run_main(["predict", str(run_dir), root, "--out", str(tmp_path / "c"), "--checkpoint", "last"], monkeypatch)
+    assert code == 2
+    assert "--checkpoint last: choose best or latest" in stderr
+
+
+def test_evaluate_gives_no_pretrained_warning(tiny_trained_run, tmp_path, monkeypatch):
+    import shutil
+
+    study_folder = tiny_trained_run["run_dir"].parents[len(tiny_trained_run["spec"].run_id.split("/")) - 1]
+    shutil.copytree(study_folder, tmp_path / study_folder.name)
+    run_dir = tmp_path / study_folder.name / tiny_trained_run["spec"].run_id
+    code, stderr = run_main(["evaluate", str(run_dir), "--split", "val", "--device", "cpu"], monkeypatch)
+    assert code == 0, stderr
+    assert "evaluated 4 task(s) on val" in stderr  # the log reaches the captured output
+    assert "model.pretrained is not set" not in stderr

@@ -297,3 +297,12 @@ def test_evaluate_adds_fisher_affinity(tiny_trained_run, tmp_path, monkeypatch):
     code, stderr = run_main(["evaluate", str(run_dir), "--fisher-images", "0"], monkeypatch)
     assert code == 2
     assert "--fisher-images" in stderr  # typer prints its own usage error
+
+
+def test_train_summary_shows_skipped_runs(tiny_trained_run, monkeypatch, capsys):
+    study_file = tiny_trained_run["study_file"]
+    code, stderr = run_main(["train", str(study_file), "-p", "unified", "--device", "cpu", "--no-progress"], monkeypatch)
+    assert code == 0, stderr
+    row = next(line for line in capsys.readouterr().out.splitlines() if tiny_trained_run["spec"].run_id in line)
+    cells = [cell.strip() for cell in row.strip("│ ").split("│")]
+    assert cells == [tiny_trained_run["spec"].run_id, "skipped: finished earlier", "–", "–", "–"]

@@ -72,7 +72,75 @@ def test_sigkill_then_rerun_matches_uninterrupted(shared_data, tmp_path):
     weights_expected = _final_weights(tmp_path / "reference" / "tiny" / RUN)
     weights_actual = _final_weights(run_dir)
     assert all(torch.equal(weights_expected[k], weights_actual[k]) for k in weights_expected)
-    # The log holds every step at least once: lines after the checkpoint are written again on resume.
-    assert set(range(1, STEPS + 1)) <= {line.get("step") for line in log}
+    # The log contains every step once: the lines logged after the checkpoint by the killed process are dropped.
+    assert [line["step"] for line in log if "event" not in line] == list(range(1, STEPS + 1))
     per_image = pl.read_parquet(run_dir / "per_image_scores.parquet")
     assert per_image.height > 0
+
+
+def _interrupt_at_latest_checkpoint(monkeypatch, step):
+    """Raise KeyboardInterrupt instead of writing the ``latest`` checkpoint of ``step``, as a kill there would."""
+    from usagg.train import checkpoint as ckpt
+
+    original = ckpt.save_checkpoint
+
+    def save(run_dir, kind, model, at_step, training_state, info=None):
+        if kind == "latest" and at_step == step:
+            raise KeyboardInterrupt
+        return original(run_dir, kind, model, at_step, training_state, info)
+
+    monkeypatch.setattr(ckpt, "save_checkpoint", save)
+
+
+def _train_once(study_file, output):
+    from usagg.config import load_study
+    from usagg.train.distributed import DistEnv
+    from usagg.train.loop import TrainOptions
+    from usagg.train.plan import plan_runs
+    from usagg.train.run import execute_plan
+
+    study = load_study(study_file)
+    options = TrainOptions(output=output, device="cpu", progress=False)
+    return execute_plan(study, plan_runs(study), options, DistEnv())
+
+
+def _log(run_dir):
+    return [json.loads(x) for x in (run_dir / "train_log.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize(("interrupted_at", "resumed_from"), [(4, 2), (2, None)])
+def test_resume_drops_log_lines_after_checkpoint(shared_data, tmp_path, monkeypatch, interrupted_at, resumed_from):
+    """Lines logged after the checkpoint by an interrupted process are not kept beside their retrained copies."""
+    from usagg.plots.training import read_train_log
+
+    train = {"steps": 4, "checkpoint_every": 2, "eval_every": 2, "log_every": 1, "batch_size": 2}
+    study = study_dict(shared_data, tmp_path / "runs", ["breast_2cls"], train=train, paradigms=["task_specific"])
+    study_file = write_study(tmp_path / "study.yaml", study)
+    run_dir = tmp_path / "runs" / "tiny" / RUN
+    with monkeypatch.context() as patch:
+        _interrupt_at_latest_checkpoint(patch, interrupted_at)
+        with pytest.raises(KeyboardInterrupt):
+            _train_once(study_file, tmp_path / "runs")
+    before = _log(run_dir)
+    assert max(line["step"] for line in before) == interrupted_at  # logged, but not checkpointed
+    with open(run_dir / "train_log.jsonl", "a") as fh:
+        fh.write('{"step": 5, "epoch": 2.5, "ta')  # a line torn by a kill
+
+    outcomes = _train_once(study_file, tmp_path / "runs")
+    assert outcomes[0].status == "finished"
+    log = _log(run_dir)
+    steps = [line["step"] for line in log if "event" not in line]
+    assert steps == [1, 2, 3, 4]
+    selection = [line["step"] for line in log if line.get("metric") == "selection_score"]
+    assert selection == [2, 4]
+    resumes = [(i, line["step"]) for i, line in enumerate(log) if line.get("event") == "resume"]
+    if resumed_from is None:
+        assert resumes == []
+    else:
+        assert [step for _, step in resumes] == [resumed_from]
+        index = resumes[0][0]
+        assert all(line["step"] <= resumed_from for line in log[:index])
+        assert all(line["step"] > resumed_from for line in log[index + 1 :])
+    train_rows, eval_rows = read_train_log(run_dir / "train_log.jsonl")
+    assert train_rows["step"].to_list() == [1, 2, 3, 4]
+    assert eval_rows.group_by("step", "metric").len()["len"].max() == 1

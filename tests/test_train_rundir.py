@@ -143,3 +143,28 @@ def test_finished_run_with_other_settings_raises(tmp_path):
     assert message.startswith(f"{run_dir}: this run finished with other training settings than the study now gives")
     assert "(train.epochs: 3.0 -> 4.0)" in message
     assert "-o DIR" in message
+
+
+def test_truncate_train_log_keeps_history_up_to_step(tmp_path):
+    from usagg.plots.training import read_train_log
+    from usagg.train.rundir import LOG_FILE, truncate_train_log
+
+    lines = [json.dumps({"step": s, "epoch": s / 4, "task": "a", "loss": 1.0 / s}) for s in range(1, 7)]
+    lines.insert(2, json.dumps({"event": "eval", "split": "val", "step": 2, "task": "a", "metric": "auc", "value": 0.5}))
+    lines.insert(3, json.dumps({"event": "note"}))  # no step: kept
+    lines.append(json.dumps({"event": "eval", "split": "val", "step": 6, "task": "a", "metric": "auc", "value": 0.7}))
+    log = tmp_path / LOG_FILE
+    log.write_text("\n".join(lines) + '\n{"step": 7, "epo')  # the last line torn by a kill
+
+    assert truncate_train_log(tmp_path, 4) == 4  # steps 5 and 6, the eval at 6 and the torn line
+    kept = log.read_text().splitlines()
+    assert kept == lines[:6]
+    train, evals = read_train_log(log)
+    assert train["step"].to_list() == [1, 2, 3, 4]
+    assert evals["step"].to_list() == [2]
+
+    assert truncate_train_log(tmp_path, 4) == 0
+    assert log.read_text().splitlines() == kept
+    assert truncate_train_log(tmp_path, 0) == 5
+    assert [json.loads(x) for x in log.read_text().splitlines()] == [{"event": "note"}]
+    assert truncate_train_log(tmp_path / "missing", 3) == 0

@@ -15,7 +15,7 @@ from usagg.cli.tables import output_console
 from usagg.errors import ConfigError
 
 console = Console()
-results_app = typer.Typer(help="Merge and inspect results tables.", no_args_is_help=True)
+results_app = typer.Typer(help="Merge the results tables of a study's runs.", no_args_is_help=True)
 
 
 def _parse_overrides(items: list[str] | None) -> dict[str, object]:
@@ -112,9 +112,12 @@ def train(
         for column in ("run", "status", "steps", "train s", "img/s"):
             table.add_column(column, justify="left" if column in ("run", "status") else "right")
         for result in outcome:
-            table.add_row(
-                escape(result.spec.run_id), escape(result.status), str(result.steps), f"{result.seconds:.1f}", f"{result.images_per_s:.1f}"
-            )
+            if result.status == "skipped":
+                # Nothing was trained in this call. The run's own numbers are in its run.json.
+                cells = ["skipped: finished earlier", "–", "–", "–"]
+            else:
+                cells = [result.status, str(result.steps), f"{result.seconds:.1f}", f"{result.images_per_s:.1f}"]
+            table.add_row(escape(result.spec.run_id), *(escape(cell) for cell in cells))
         output_console(console).print(table)
         console.print(escape(f"results: {Path(study.output) / study.name / 'results.parquet'}"))
     else:
@@ -145,7 +148,9 @@ def _print_plan(planned, study) -> None:
 
 
 def evaluate(
-    run_dir: Annotated[Path, typer.Argument(help="Run directory (<output>/<study>/<paradigm>/<group>/frac-<f>/seed-<s>).")],
+    run_dir: Annotated[
+        Path, typer.Argument(help="Run directory (<output>/<study>/<paradigm>/<group>/frac-<f>/seed-<s>).", metavar="RUN_DIR")
+    ],
     split: Annotated[Optional[str], typer.Option(help="val or test; default the study's evaluation.split.")] = None,
     checkpoint: Annotated[Optional[str], typer.Option(help="best or latest; default the study's evaluation.checkpoint.")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
@@ -176,11 +181,18 @@ def evaluate(
 
 
 def predict(
-    run_dir: Annotated[Path, typer.Argument(help="Trained run directory.")],
-    data_root: Annotated[Path, typer.Argument(help="Data root in the FMC_UIA layout (with csv_files/).")],
+    run_dir: Annotated[Path, typer.Argument(help="Trained run directory.", metavar="RUN_DIR")],
+    data_root: Annotated[
+        Path,
+        typer.Argument(
+            help="Data folder in the FMC_UIA layout: csv_files/ with one CSV per task (label columns included) and "
+            "the images and masks the CSVs name.",
+            metavar="DATA_ROOT",
+        ),
+    ],
     out: Annotated[Path, typer.Option("--out", help="Output folder for the prediction files.")],
     format: Annotated[str, typer.Option("--format", help="Submission format; only fmc_uia is supported.")] = "fmc_uia",
-    checkpoint: Annotated[str, typer.Option(help="best or latest.")] = "best",
+    checkpoint: Annotated[Optional[str], typer.Option(help="best or latest; default the study's evaluation.checkpoint.")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
 ) -> None:
     """Write predictions for every image of DATA_ROOT in the FMC_UIA challenge's submission format."""
@@ -188,6 +200,8 @@ def predict(
 
     if format != "fmc_uia":
         raise ConfigError(f"--format {format}: unsupported; the only format is fmc_uia")
+    if checkpoint is not None and checkpoint not in ("best", "latest"):
+        raise ConfigError(f"--checkpoint {checkpoint}: choose best or latest")
     summary = write_fmc_uia_predictions(run_dir, data_root, out, checkpoint=checkpoint, device=device)
     for kind, count in summary.items():
         console.print(escape(f"{kind}: {count}"))

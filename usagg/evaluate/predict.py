@@ -95,15 +95,40 @@ def _match_tasks(run_cards: dict[str, TaskCard], csv_cards: list[TaskCard], data
     return pairs
 
 
+def check_data_root(data_root: str | os.PathLike) -> Path:
+    """Return the resolved ``DATA_ROOT`` of ``usagg predict`` if it is a folder with CSV files in ``csv_files/``.
+
+    Otherwise raise DataError. The message names the command-line argument, because the root comes from the
+    command line, not from a study's ``source.root``.
+    """
+    root = Path(data_root).resolve()
+    layout = (
+        "give the FMC_UIA data folder that contains csv_files/: one CSV per task with its label columns, and the "
+        "images and masks those CSVs name (for example data/val)"
+    )
+    if not root.exists():
+        raise DataError(f"DATA_ROOT {data_root}: no such folder; {layout}")
+    if not root.is_dir():
+        raise DataError(f"DATA_ROOT {data_root} is a file, not a folder; {layout}")
+    csv_dir = root / "csv_files"
+    if not csv_dir.is_dir():
+        raise DataError(f"DATA_ROOT {data_root} has no csv_files/ folder; {layout}")
+    if not any(csv_dir.glob("*.csv")):
+        raise DataError(f"DATA_ROOT {data_root}: {csv_dir} contains no CSV files; {layout}")
+    return root
+
+
 def write_fmc_uia_predictions(
     run_dir: str | os.PathLike,
     data_root: str | os.PathLike,
     out_dir: str | os.PathLike,
-    checkpoint: str = "best",
+    checkpoint: str | None = None,
     device: str = "auto",
 ) -> dict[str, int]:
     """Predict every image of an FMC_UIA data root with a trained run and write the submission files.
 
+    ``checkpoint`` is ``best`` or ``latest``. None takes the study's ``evaluation.checkpoint``, as
+    ``usagg evaluate`` does. The run, the data root and the task ids are checked before the model is built.
     Returns the number of predictions written per file kind.
     """
     from usagg.data.sources import load_task_records
@@ -115,14 +140,14 @@ def write_fmc_uia_predictions(
     from usagg.train.rundir import load_run
 
     study, spec = load_run(run_dir)
-    root = Path(data_root).resolve()
+    root = check_data_root(data_root)
+    pairs = _match_tasks({t: study.task(t) for t in spec.tasks}, discover_fmc_uia(root), root)
     out = Path(out_dir)
     torch_device = resolve_device(device)
     model = build_run_model(study, spec)
-    ckpt.load_weights(model, run_dir, checkpoint)
+    ckpt.load_weights(model, run_dir, checkpoint or study.evaluation.checkpoint)
     model.to(torch_device)
 
-    pairs = _match_tasks({t: study.task(t) for t in spec.tasks}, discover_fmc_uia(root), root)
     raw = _RawRows()
     entries: dict[str, list[dict[str, Any]]] = {kind: [] for kind in JSON_FILES}
     n_masks = 0
@@ -222,7 +247,7 @@ def score_fmc_uia(data_root: str | os.PathLike, pred_dir: str | os.PathLike) -> 
     from usagg.data.sources import load_task_records
     from usagg.data.sources.fmc_uia import discover_fmc_uia
 
-    root = Path(data_root).resolve()
+    root = check_data_root(data_root)
     folder = Path(pred_dir)
     predictions = read_fmc_uia_predictions(folder)
     raw = _RawRows()

@@ -80,10 +80,15 @@ def _output_of(run_dir: Path, spec: RunSpec) -> Path:
 
 
 def build_run_model(study: StudyConfig, spec: RunSpec) -> torch.nn.Module:
-    from usagg.model import build_model
+    """Build a run's model to load one of its checkpoints into (evaluate, predict, Fisher affinity).
+
+    ``model.pretrained`` is not read: the checkpoint replaces every weight, so the pretrained file need not be
+    present, and the warning about training from random weights, which ``build_model`` gives, does not apply.
+    """
+    from usagg.model import M2DINO
 
     cards = [study.task(t) for t in spec.tasks]
-    return build_model(study.model, cards, study.data.size_hw)
+    return M2DINO(study.model, cards, study.data.size_hw)
 
 
 def evaluate_run(

@@ -27,7 +27,14 @@ from usagg.train.optim import LossWeighting, build_optimizer, build_scheduler
 from usagg.train.plan import RunSize, RunSpec, size_run
 from usagg.train.progress import TrainProgress
 from usagg.train.rundata import RecordCache, RunRecords
-from usagg.train.rundir import LOG_FILE, check_finished_config, is_finished, update_run_json, write_config
+from usagg.train.rundir import (
+    LOG_FILE,
+    check_finished_config,
+    is_finished,
+    truncate_train_log,
+    update_run_json,
+    write_config,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -208,7 +215,15 @@ class _Trainer:
         self.affinity = AffinityRecorder.maybe_create(self.study, self.spec, self.records, self.model, self.device)
 
     def _resume(self) -> dict[str, Any] | None:
-        state = None if self.benchmark else ckpt.load_training_state(self.run_dir, "latest")
+        if self.benchmark:
+            return None
+        state = ckpt.load_training_state(self.run_dir, "latest")
+        if self.writes:
+            # The log continues from the checkpoint's step, or from 0 without a checkpoint. Lines that an interrupted
+            # process logged after that step are dropped, because those steps are trained and logged again.
+            dropped = truncate_train_log(self.run_dir, state["step"] if state is not None else 0)
+            if dropped:
+                logger.info("%s: dropped %d training-log line(s) logged after the checkpoint", self.spec.run_id, dropped)
         if state is None:
             return None
         ckpt.load_weights(self.model, self.run_dir, "latest")

@@ -140,6 +140,40 @@ def update_run_json(run_dir: Path, **fields: Any) -> dict[str, Any]:
     return data
 
 
+def truncate_train_log(run_dir: Path, step: int) -> int:
+    """Drop the lines of ``train_log.jsonl`` logged after ``step``; return how many lines were dropped.
+
+    A run resumes from its latest checkpoint, so what an interrupted process logged after that checkpoint is
+    logged again as the steps are retrained. Dropping it first keeps each step once in the log. Lines that are
+    not valid JSON are dropped too: a kill can tear the last line, and the next line would be appended to it.
+    Lines without a ``step`` are kept. The file is replaced atomically.
+    """
+    file = run_dir / LOG_FILE
+    if not file.exists():
+        return 0
+    lines = file.read_text(encoding="utf-8").splitlines(keepends=True)
+    remaining: list[str] = []
+    torn = 0
+    for line in lines:
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            torn += 1
+            continue
+        logged_at = record.get("step") if isinstance(record, dict) else None
+        if isinstance(logged_at, (int, float)) and logged_at > step:
+            continue
+        remaining.append(line if line.endswith("\n") else line + "\n")
+    dropped = sum(1 for line in lines if line.strip()) - len(remaining)
+    if torn:
+        logger.warning("%s: dropped %d line(s) that are not valid JSON, such as a last line cut off by a kill", file, torn)
+    if dropped:
+        write_text_atomic(file, "".join(remaining))
+    return dropped
+
+
 def is_finished(run_dir: Path) -> bool:
     data = read_run_json(run_dir)
     return bool(data and data.get("status") == "finished" and (run_dir / RESULTS_FILE).exists())
