@@ -144,3 +144,25 @@ def test_resume_drops_log_lines_after_checkpoint(shared_data, tmp_path, monkeypa
     train_rows, eval_rows = read_train_log(run_dir / "train_log.jsonl")
     assert train_rows["step"].to_list() == [1, 2, 3, 4]
     assert eval_rows.group_by("step", "metric").len()["len"].max() == 1
+
+
+def test_resume_keeps_later_best_checkpoint(shared_data, tmp_path, monkeypatch):
+    """A best checkpoint saved after the resumed one stays the best to beat, and run.json names its step."""
+    train = {"steps": 4, "checkpoint_every": 2, "eval_every": 2, "log_every": 1, "batch_size": 2}
+    study = study_dict(shared_data, tmp_path / "runs", ["breast_2cls"], train=train, paradigms=["task_specific"])
+    study_file = write_study(tmp_path / "study.yaml", study)
+    run_dir = tmp_path / "runs" / "tiny" / RUN
+    with monkeypatch.context() as patch:
+        _interrupt_at_latest_checkpoint(patch, 4)
+        with pytest.raises(KeyboardInterrupt):
+            _train_once(study_file, tmp_path / "runs")
+    pointer_file = run_dir / "checkpoints" / "best.json"
+    pointer = json.loads(pointer_file.read_text())
+    assert pointer["step"] == 4  # validated and saved as best before the latest checkpoint of step 4
+    pointer["score"] = 99.0  # better than any retrained score, so only the stale checkpoint can stay best
+    pointer_file.write_text(json.dumps(pointer))
+
+    _train_once(study_file, tmp_path / "runs")
+
+    assert json.loads(pointer_file.read_text())["score"] == 99.0
+    assert json.loads((run_dir / "run.json").read_text())["best_step"] == 4

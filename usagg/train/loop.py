@@ -235,6 +235,12 @@ class _Trainer:
         self.step = state["step"]
         self.best_score = counters["best_score"]
         self.best_step = counters["best_step"]
+        best = ckpt.read_pointer(self.run_dir, "best")
+        if best is not None and best["step"] > self.step and "score" in best:
+            # The interrupted process saved a better checkpoint after the one resumed from. It stays the best to
+            # beat, so the counters agree with the checkpoint that the evaluation will load.
+            self.best_score = float(best["score"])
+            self.best_step = int(best["step"])
         self.score_reference = counters["score_reference"]
         self.nonfinite_skipped = counters["nonfinite_skipped"]
         self.train_seconds = counters["train_seconds"]
