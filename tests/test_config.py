@@ -96,7 +96,7 @@ def test_unset_env_variable_names_it(tmp_path, monkeypatch):
     path = write(tmp_path, VALID_STUDY.replace("root: data/train", "root: '${FMC_TEST_ROOT}'"))
     message = error_of(path)
     assert str(path) in message
-    assert "tasks[0].source.root" in message
+    assert "tasks[0] (lesion).source.root" in message
     assert "FMC_TEST_ROOT" in message
 
 
@@ -110,7 +110,7 @@ def test_unknown_key_lists_allowed_keys(tmp_path):
 def test_unknown_source_key_lists_source_keys(tmp_path):
     text = VALID_STUDY.replace("val_root: data/val", "val_rot: data/val")
     message = error_of(write(tmp_path, text))
-    assert "tasks[0].source.val_rot" in message
+    assert "tasks[0] (lesion).source.val_rot" in message
     assert "val_root" in message
 
 
@@ -128,7 +128,7 @@ def test_missing_required_field(tmp_path):
 def test_unknown_task_type_lists_allowed(tmp_path):
     text = VALID_STUDY.replace("type: classification", "type: ranking")
     message = error_of(write(tmp_path, text))
-    assert "tasks[1].type" in message
+    assert "tasks[1] (lesion_cls).type" in message
     assert "'ranking'" in message
     assert "'segmentation'" in message
 
@@ -136,9 +136,8 @@ def test_unknown_task_type_lists_allowed(tmp_path):
 def test_unknown_source_format_lists_allowed(tmp_path):
     text = VALID_STUDY.replace("format: fmc_uia", "format: nifti")
     message = error_of(write(tmp_path, text))
-    assert "tasks[0].source" in message
-    assert "'nifti'" in message
-    assert "'mask_folder'" in message
+    assert "tasks[0] (lesion).source.format: unknown source format 'nifti'" in message
+    assert "valid source formats: fmc_uia, mask_folder, class_csv" in message
 
 
 def test_group_with_unknown_task(tmp_path):
@@ -256,3 +255,62 @@ def test_resolved_study_round_trips(tmp_path):
     study = load_study(write(tmp_path, VALID_STUDY))
     again = write(tmp_path, study_to_yaml(study), "resolved.yaml")
     assert load_study(again) == study
+
+
+def test_list_item_named_with_index(tmp_path):
+    text = VALID_STUDY.replace("    num_classes: 2\n  - name: head_axis", "    num_clases: 2\n  - name: head_axis")
+    message = error_of(write(tmp_path, text))
+    assert "tasks[1] (lesion_cls).num_clases: unknown key" in message
+
+
+def test_list_item_without_name_keeps_index(tmp_path):
+    text = VALID_STUDY.replace("fractions:", "  - {type: classification, num_classes: 2}\nfractions:")
+    message = error_of(write(tmp_path, text))
+    assert "tasks[4].name: required field is missing" in message
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("big", "data.img_size: must be an integer or a list of 2 integers (one side or [height, width] in pixels, multiples of 16); got 'big'"),
+        ("[1, 2, 3]", "data.img_size: must be an integer or a list of 2 integers (one side or [height, width] in pixels, multiples of 16); got [1, 2, 3]"),
+        ("[big, 224]", "data.img_size[0]: Input should be a valid integer, unable to parse string as an integer (got 'big')"),
+    ],
+)
+def test_union_value_is_one_plain_message(tmp_path, value, expected):
+    message = error_of(write(tmp_path, VALID_STUDY + f"data: {{img_size: {value}}}\n"))
+    lines = message.splitlines()
+    assert len(lines) == 1, message
+    assert lines[0].endswith(expected), message
+    assert "tuple[" not in message
+    assert ".int:" not in message
+
+
+def test_unknown_source_format_is_plain(tmp_path):
+    message = error_of(write(tmp_path, VALID_STUDY.replace("format: fmc_uia", "format: csv")))
+    assert message.endswith(
+        "study.yaml: tasks[0] (lesion).source.format: unknown source format 'csv'; valid source formats: fmc_uia, "
+        "mask_folder, class_csv, class_folders, coco, keypoint_csv, scalar_csv"
+    ), message
+    assert "Input tag" not in message
+
+
+def test_missing_source_format_lists_formats(tmp_path):
+    message = error_of(write(tmp_path, VALID_STUDY.replace("format: fmc_uia, ", "")))
+    assert "tasks[0] (lesion).source.format: required field is missing; valid source formats: fmc_uia, mask_folder" in message
+    assert "discriminator" not in message
+
+
+def test_card_file_unknown_format(tmp_path):
+    card = write(tmp_path, "name: lesion\ntype: segmentation\nnum_classes: 2\nsource: {format: png, root: x}\n", "card.yaml")
+    with pytest.raises(ConfigError) as info:
+        load_task_card(card)
+    assert "source.format: unknown source format 'png'; valid source formats: fmc_uia" in str(info.value)
+
+
+def test_list_item_override_names_command_line(tmp_path):
+    with pytest.raises(ConfigError) as info:
+        load_study(write(tmp_path, VALID_STUDY), overrides={"tasks.1.num_classes": "many"})
+    message = str(info.value)
+    assert "tasks[1] (lesion_cls).num_classes" in message
+    assert "comes from the command line (--set tasks.1.num_classes=...)" in message

@@ -339,3 +339,77 @@ def test_keypoint_csv_missing_point_column(shared_data, tmp_path):
     write_csv(tmp_path / "keypoints.csv", ["path", "x1", "y1", "x2"], [[image, 1, 2, 3]])
     card = TaskCard.model_validate({"name": "k", "type": "regression", "num_keypoints": 2, "source": {"format": "keypoint_csv", "root": tmp_path}})
     _assert_load_error(card, "keypoints.csv", "missing required column(s) y2")
+
+
+def _noise_png(path: Path, seed: int) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray((np.random.default_rng(seed).random((40, 48)) * 255).astype(np.uint8)).save(path)
+    return path
+
+
+def _class_csv_root(root: Path, labels: list[int]) -> Path:
+    for i in range(len(labels)):
+        _noise_png(root / "images" / f"im{i:02d}.png", i)
+    write_csv(root / "labels.csv", ["path", "label"], [[f"images/im{i:02d}.png", label] for i, label in enumerate(labels)])
+    return root
+
+
+def test_label_gap_names_row(tmp_path):
+    labels = [i % 2 for i in range(12)]
+    labels[9] = 7  # row 10: a typo for 1
+    root = _class_csv_root(tmp_path / "cls", labels)
+    report = inspect_path(root)
+    (task,) = report.tasks
+    assert task.card.num_classes == 8  # inferred from the largest label
+    errors = task.errors
+    assert len(errors) == 1, [str(p) for p in task.problems]
+    gap = errors[0]
+    assert gap.message.startswith("class labels skip 2..6: found 0, 1, 7 with num_classes 8")
+    assert "above the gap: 7 in labels.csv row 10" in gap.message
+    assert (gap.file, gap.row) == (root / "labels.csv", 10)
+    assert not any("have no image" in p.message for p in task.problems), [str(p) for p in task.problems]
+
+
+def test_label_gap_lists_rarest_first(tmp_path):
+    root = _class_csv_root(tmp_path / "cls", [0, 0, 0, 2, 2, 2, 5])
+    (task,) = inspect_path(root).tasks
+    (gap,) = [p for p in task.errors if "skip" in p.message]
+    assert gap.message.startswith("class labels skip 1, 3..4: found 0, 2, 5")
+    assert gap.message.endswith("above the gap: 5 in labels.csv row 7; 2 in labels.csv rows 4, 5, 6")
+    assert gap.file is None  # more than one row is named in the message
+
+
+def test_mask_value_gap_warns(tmp_path):
+    root = tmp_path / "seg"
+    for i in range(4):
+        _noise_png(root / "images" / f"s{i}.png", i)
+        mask = np.zeros((40, 48), np.uint8)
+        mask[10:20, 10:20] = 1
+        if i == 2:
+            mask[30:32, 30:32] = 7
+        (root / "masks").mkdir(exist_ok=True)
+        Image.fromarray(mask).save(root / "masks" / f"s{i}.png")
+    (task,) = inspect_path(root).tasks
+    assert not task.errors
+    (gap,) = task.warnings
+    assert gap.message.startswith("mask values skip 2..6: found 0, 1, 7 with num_classes 8")
+    assert gap.file == root / "masks" / "s2.png"
+
+
+def test_class_folders_named_by_integers(tmp_path):
+    for name, count in (("0", 2), ("1", 2), ("7", 1)):
+        for i in range(count):
+            _noise_png(tmp_path / "planes" / name / f"{name}_{i}.png", i)
+    (task,) = inspect_path(tmp_path / "planes").tasks
+    (warning,) = [p for p in task.warnings if "class folders" in p.message]
+    assert "folder 7 is class 2" in warning.message
+    assert "the names skip 2..6, and above the gap are folder(s) 7 (1 image)" in warning.message
+
+
+def test_class_folders_sorted_numerically(tmp_path):
+    for name in range(11):
+        _noise_png(tmp_path / "planes" / str(name) / "a.png", name)
+    card = TaskCard.model_validate({"name": "p", "type": "classification", "num_classes": 11, "source": {"format": "class_folders", "root": tmp_path / "planes"}})
+    records, problems = check_task(card, small_config())
+    assert {r.image_path.parent.name: r.label for r in records} == {str(i): i for i in range(11)}
+    assert not problems

@@ -103,3 +103,136 @@ def test_data_benchmark_registered():
     from usagg.bench import BENCHMARKS
 
     assert "data" in BENCHMARKS
+
+
+def _usagg(*args, cwd: Path):
+    """Run ``python -m usagg ARGS``: the error line and exit status come from ``main()``, not the typer app."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "COLUMNS": "300", "NO_COLOR": "1"}
+    return subprocess.run([sys.executable, "-m", "usagg", *map(str, args)], cwd=cwd, env=env, capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize(
+    ("given", "expected"),
+    [("nonexist.yaml", "nonexist.yaml: study file not found"), ("study.YML", "study.YML: study file not found"), ("nonexist", "nonexist: dataset folder not found")],
+)
+def test_check_missing_path_wording(tmp_path, given, expected):
+    result = _usagg("data", "check", given, cwd=tmp_path)
+    assert result.returncode == 2, result.stderr
+    assert result.stdout == ""  # no empty line left by the progress display
+    assert result.stderr.startswith("error: ")
+    assert expected in " ".join(result.stderr.split())
+
+
+def _noise_png(path: Path, seed: int, size=(40, 48)) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray((np.random.default_rng(seed).random(size) * 255).astype(np.uint8)).save(path)
+    return path
+
+
+def test_check_output_starts_with_table(tmp_path):
+    for i in range(6):
+        _noise_png(tmp_path / "planes" / ("a" if i % 2 else "b") / f"{i}.png", i)
+    result = runner.invoke(app, ["data", "check", str(tmp_path / "planes")])
+    assert result.exit_code == 0, result.output
+    assert result.output.lstrip(" ").startswith("usagg data check:"), result.output[:200]
+
+
+@pytest.mark.parametrize("transformed", [False, True])
+def test_show_skips_unreadable_image(shared_data, tmp_path, transformed):
+    from test_data_helpers import copy_fmc_task, read_csv_rows
+
+    root = copy_fmc_task(shared_data, tmp_path / "fmc", "nerve_vessel", rows=4)
+    header, rows = read_csv_rows(root / "csv_files" / "nerve_vessel.csv")
+    broken = (root / "csv_files" / rows[1][header.index("image_path")]).resolve()
+    broken.write_bytes(broken.read_bytes()[:2000])  # truncated PNG in row 2
+    out = tmp_path / "show.png"
+    args = ["data", "show", str(root), "--task", "nerve_vessel", "--out", str(out), "--n", "4"]
+    result = runner.invoke(app, args + (["--transformed"] if transformed else []), env={"COLUMNS": "300"})
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.output.split())
+    assert "warning: task nerve_vessel:" in text
+    assert "nerve_vessel.csv, row 2:" in text
+    assert f"{broken.name}: cannot decode image" in text
+    assert "(3 sample(s); 1 left out" in text
+    assert Image.open(out).size[0] > 200
+
+
+def test_show_replaces_unreadable_sample(shared_data, tmp_path):
+    from test_data_helpers import copy_fmc_task, read_csv_rows
+
+    root = copy_fmc_task(shared_data, tmp_path / "fmc", "breast_2cls", rows=4)
+    header, rows = read_csv_rows(root / "csv_files" / "breast_2cls.csv")
+    first = (root / "csv_files" / rows[0][header.index("image_path")]).resolve()
+    first.write_bytes(b"not an image")
+    result = runner.invoke(app, ["data", "show", str(root), "--task", "breast_2cls", "--out", str(tmp_path / "s.png"), "--n", "2"], env={"COLUMNS": "300"})
+    assert result.exit_code == 0, result.output
+    assert "breast_2cls.csv, row 1:" in result.output
+    assert "(2 sample(s); 1 left out" in result.output  # the next readable row took its place
+
+
+def _legend_labels(monkeypatch) -> list[list[str]]:
+    """Record the labels of every figure legend drawn from now on."""
+    from matplotlib.figure import Figure
+
+    calls: list[list[str]] = []
+    original = Figure.legend
+
+    def spy(self, *args, **kwargs):
+        calls.append([h.get_label() for h in kwargs.get("handles", [])])
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(Figure, "legend", spy)
+    return calls
+
+
+@pytest.mark.parametrize(
+    ("fields", "expected"),
+    [({"class_names": ["background", "nerve", "vessel"]}, ["1 (nerve)", "2 (vessel)"]), ({}, ["class 1", "class 2"])],
+)
+def test_show_legend_for_multiclass_masks(shared_data, tmp_path, monkeypatch, fields, expected):
+    from test_data_helpers import copy_fmc_task, fmc_card
+
+    from usagg.data.show import render_samples
+    from usagg.data.sources import load_task_records
+
+    calls = _legend_labels(monkeypatch)
+    root = copy_fmc_task(shared_data, tmp_path / "fmc", "nerve_vessel", rows=2)
+    card = fmc_card("nerve_vessel", root, **fields)
+    drawing = render_samples(card, load_task_records(card), tmp_path / "nv.png", n=2)
+    assert drawing.drawn == 2
+    assert not drawing.skipped
+    assert calls == [expected]
+
+
+def test_show_no_legend_for_binary_masks(shared_data, tmp_path, monkeypatch):
+    from test_data_helpers import copy_fmc_task, fmc_card
+
+    from usagg.data.show import render_samples
+    from usagg.data.sources import load_task_records
+
+    calls = _legend_labels(monkeypatch)
+    root = copy_fmc_task(shared_data, tmp_path / "fmc", "breast_lesion", rows=2)
+    card = fmc_card("breast_lesion", root)
+    render_samples(card, load_task_records(card), tmp_path / "bl.png", n=2)
+    assert calls == []
+
+
+def test_show_fails_without_drawable_sample(shared_data, tmp_path):
+    from test_data_helpers import copy_fmc_task, fmc_card
+
+    from usagg.data.show import render_samples
+    from usagg.data.sources import load_task_records
+    from usagg.errors import DataError
+
+    root = copy_fmc_task(shared_data, tmp_path / "fmc", "breast_2cls", rows=2)
+    card = fmc_card("breast_2cls", root)
+    records = load_task_records(card)
+    for record in records:
+        record.image_path.write_bytes(b"not an image")
+    with pytest.raises(DataError, match=r"none of the 2 samples tried can be drawn: .*breast_2cls.csv, row 1: .*cannot decode image"):
+        render_samples(card, records, tmp_path / "none.png", n=2)
+    assert not (tmp_path / "none.png").exists()

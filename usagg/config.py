@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import types
 import typing
 from collections.abc import Mapping, Sequence
 from enum import Enum
@@ -48,7 +49,9 @@ class AugmentConfig(StrictModel):
 class DataConfig(StrictModel):
     """Input geometry, splits and loading shared by every run of a study."""
 
-    img_size: int | tuple[int, int] = 224  # pixels, (height, width) or one side; multiples of 16
+    img_size: int | tuple[int, int] = Field(
+        default=224, description="one side or [height, width] in pixels, multiples of 16"
+    )
     resize: Literal["letterbox", "stretch"] = "letterbox"
     augment: AugmentConfig = AugmentConfig()
     val_fraction: float = Field(default=0.15, ge=0, lt=1)  # carved from the training source when it has no val split
@@ -250,7 +253,7 @@ def expand_env(value: Any, file: Path, key_path: str = "") -> Any:
     if isinstance(value, dict):
         return {k: expand_env(v, file, f"{key_path}.{k}" if key_path else str(k)) for k, v in value.items()}
     if isinstance(value, list):
-        return [expand_env(v, file, f"{key_path}[{i}]") for i, v in enumerate(value)]
+        return [expand_env(v, file, key_path + _item_label(i, v)) for i, v in enumerate(value)]
     if isinstance(value, str):
 
         def substitute(match: re.Match[str]) -> str:
@@ -301,45 +304,171 @@ def partition_problem(groups: Mapping[str, Sequence[str]], task_names: Sequence[
 
 
 def format_validation_error(
-    exc: ValidationError, file: Path, model: type[BaseModel], prefix: str = "", overridden: Sequence[str] = ()
+    exc: ValidationError,
+    file: Path,
+    model: type[BaseModel],
+    prefix: str = "",
+    overridden: Sequence[str] = (),
+    data: Any = None,
 ) -> str:
     """Render pydantic errors as ``file: key.path: message (got value)`` lines, listing allowed keys for unknown ones.
 
-    Lines for keys in ``overridden`` (or below them) state that the value came from the command line.
+    ``data`` is the validated input; with it, list items that have a ``name`` are shown by index and name
+    (``tasks[4] (nerve).num_clases``). Errors of one value against each member of a union (``img_size``) become
+    one line naming the allowed forms, and a bad or missing discriminator (``source.format``) lists the valid
+    values. Lines for keys in ``overridden`` (dotted, as written after ``--set``) or below them state that the
+    value came from the command line.
     """
     lines = []
-    for err in exc.errors():
-        loc, owner = _clean_location(model, err["loc"])
-        key = prefix + _format_location(loc) if loc else prefix.rstrip(".")
+    for where, err in _merge_union_errors([(_clean_location(model, err["loc"]), err) for err in exc.errors()]):
+        key = prefix + _format_location(where.loc, data) if where.loc else prefix.rstrip(".")
         message = err["msg"]
+        show_input = err["type"] != "missing" and _is_scalar(err.get("input"))
         if message.startswith("Value error, "):
             message = message[len("Value error, ") :]
-        if err["type"] == "extra_forbidden" and owner is not None:
-            message = f"unknown key; allowed keys here: {', '.join(owner.model_fields)}"
+        if err["type"] == "union_members":
+            message = err["msg"]
+            show_input = False
+        elif err["type"] in ("union_tag_invalid", "union_tag_not_found"):
+            key, message = _discriminator_message(key, where, err)
+        elif err["type"] == "extra_forbidden" and where.owner is not None:
+            message = f"unknown key; allowed keys here: {', '.join(where.owner.model_fields)}"
         elif err["type"] == "missing":
             message = "required field is missing"
         line = f"{file}: {key}: {message}" if key else f"{file}: {message}"
-        if err["type"] != "missing" and not isinstance(err.get("input"), (dict, list, BaseModel, type(None))):
+        if show_input:
             line += f" (got {err['input']!r})"
-        override = next((o for o in overridden if key == o or key.startswith(o + ".") or key.startswith(o + "[")), None)
+        dotted = ".".join(str(part) for part in where.loc)
+        override = next((o for o in overridden if dotted == o or dotted.startswith(o + ".")), None)
         if override is not None:
             line += f"; this value comes from the command line (--set {override}=...), not from the file"
         lines.append(line)
     return "\n".join(lines)
 
 
-def _format_location(loc: list[Any]) -> str:
+class _Location(typing.NamedTuple):
+    """Location of a pydantic error in the validated input, with the tags of union members removed."""
+
+    loc: list[Any]  # keys and list indices of the input
+    owner: type[BaseModel] | None  # the model that owns the last key
+    node: Any  # what the location holds: a model, a list of tagged models, a plain union, a type, or None
+    union: Any = None  # a plain union (int | tuple[int, int]) whose member tag was removed from loc, or None
+    union_depth: int = 0  # len(loc) up to and including that union's field
+    description: str | None = None  # the description of the union's field
+
+
+def _is_scalar(value: Any) -> bool:
+    return not isinstance(value, (dict, list, tuple, BaseModel, type(None)))
+
+
+def _merge_union_errors(errors: list[tuple[_Location, dict]]) -> list[tuple[_Location, dict]]:
+    """Replace the errors of one value against every member of a plain union by one error.
+
+    A member may accept the value's shape and fail deeper: ``img_size: [big, 224]`` fails at item 0 of the tuple.
+    Then only those deeper errors are kept. Otherwise one ``union_members`` error names the allowed forms.
+    """
+    merged: list[tuple[_Location, dict]] = []
+    groups: dict[tuple, list[tuple[_Location, dict]]] = {}
+    for where, err in errors:
+        if where.union is None:
+            merged.append((where, err))
+            continue
+        key = tuple(str(p) for p in where.loc[: where.union_depth])
+        if key not in groups:
+            groups[key] = []
+            merged.append((where, {"type": "union_group", "key": key}))
+        groups[key].append((where, err))
+    result: list[tuple[_Location, dict]] = []
+    for where, err in merged:
+        if err["type"] != "union_group":
+            result.append((where, err))
+            continue
+        members = groups[err["key"]]
+        deeper = [(w, e) for w, e in members if len(w.loc) > w.union_depth]
+        if deeper:
+            result.extend(deeper)
+            continue
+        value = members[0][1].get("input")
+        forms = " or ".join(_describe_type(t) for t in typing.get_args(where.union) if t is not type(None))
+        text = f"must be {forms}" + (f" ({where.description})" if where.description else "")
+        value_text = repr(value)
+        text += f"; got {value_text}" if len(value_text) <= 80 else ""
+        result.append((where._replace(loc=where.loc[: where.union_depth]), {"type": "union_members", "msg": text}))
+    return result
+
+
+def _discriminator_message(key: str, where: _Location, err: dict) -> tuple[str, str]:
+    """Key and message for a tagged union whose tag (``format``) is missing or names no member."""
+    ctx = err.get("ctx") or {}
+    discriminator = str(ctx.get("discriminator", "format")).strip("'\"")
+    tags = [_tag_of(m) for m in where.node] if isinstance(where.node, list) else []
+    tags = [t for t in tags if t] or re.findall(r"'([^']*)'", str(ctx.get("expected_tags", "")))
+    noun = f"{where.loc[-1]} {discriminator}" if where.loc and isinstance(where.loc[-1], str) else discriminator
+    allowed = f"valid {noun}s: {', '.join(tags)}"
+    key = f"{key}.{discriminator}" if key else discriminator
+    if err["type"] == "union_tag_not_found":
+        return key, f"required field is missing; {allowed}"
+    return key, f"unknown {noun} {ctx.get('tag')!r}; {allowed}"
+
+
+_TYPE_WORDS = {int: ("an integer", "integers"), float: ("a number", "numbers"), str: ("a string", "strings"),
+               bool: ("true or false", "booleans"), Path: ("a path", "paths")}
+
+
+def _describe_type(annotation: Any, plural: bool = False) -> str:
+    """Describe a type for a config author: ``an integer``, ``a list of 2 integers``, ``one of 'a', 'b'``."""
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if origin is typing.Annotated:
+        return _describe_type(args[0], plural)
+    if annotation in _TYPE_WORDS:
+        return _TYPE_WORDS[annotation][1 if plural else 0]
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in args)
+    if origin in (list, tuple):
+        if origin is tuple and args and Ellipsis not in args:
+            items = f"{len(args)} {_describe_type(args[0], plural=True)}" if len(set(args)) == 1 else "items"
+        else:
+            items = _describe_type(args[0], plural=True) if args else "items"
+        return ("lists of " if plural else "a list of ") + items
+    if origin is dict or (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+        return "mappings" if plural else "a mapping of keys to values"
+    return getattr(annotation, "__name__", str(annotation))
+
+
+def _item_label(index: int, item: Any) -> str:
+    """``[4]``, or ``[4] (nerve)`` for a list item with a name."""
+    name = item.get("name") if isinstance(item, dict) else getattr(item, "name", None) if isinstance(item, BaseModel) else None
+    return f"[{index}] ({name})" if isinstance(name, str) and name else f"[{index}]"
+
+
+def _format_location(loc: list[Any], data: Any = None) -> str:
     text = ""
+    node = data
     for part in loc:
-        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))
+        if isinstance(part, int):
+            item = node[part] if isinstance(node, list) and -len(node) <= part < len(node) else None
+            text += _item_label(part, item)
+            node = item
+        else:
+            text += f".{part}" if text else str(part)
+            node = node.get(part) if isinstance(node, dict) else None
     return text
 
 
-def _clean_location(model: type[BaseModel], loc: tuple[Any, ...]) -> tuple[list[Any], type[BaseModel] | None]:
-    """Drop discriminated-union tags from ``loc`` and return the model that owns its last key."""
+def _is_plain_union(annotation: Any) -> bool:
+    return typing.get_origin(annotation) in (typing.Union, types.UnionType)
+
+
+def _clean_location(model: type[BaseModel], loc: tuple[Any, ...]) -> _Location:
+    """Drop union member tags from ``loc`` and find the model that owns its last key."""
     cleaned: list[Any] = []
     current: Any = model
     owner: type[BaseModel] | None = None
+    field = None
+    union: Any = None
+    union_depth = 0
+    description = None
     for part in loc:
         if isinstance(part, int):
             cleaned.append(part)
@@ -349,6 +478,12 @@ def _clean_location(model: type[BaseModel], loc: tuple[Any, ...]) -> tuple[list[
             if match:
                 current = match[0]
                 continue
+        # In a plain union such as int | tuple[int, int], pydantic adds the name of the member it tried to loc.
+        if _is_plain_union(current) and union is None:
+            union, union_depth = current, len(cleaned)
+            description = field.description if field is not None else None
+            current = None
+            continue
         cleaned.append(part)
         if isinstance(current, type) and issubclass(current, BaseModel):
             owner = current
@@ -356,7 +491,7 @@ def _clean_location(model: type[BaseModel], loc: tuple[Any, ...]) -> tuple[list[
             current = _unwrap(field.annotation) if field is not None else None
         else:
             current = None
-    return cleaned, owner
+    return _Location(cleaned, owner, current, union, union_depth, description)
 
 
 def _tag_of(model: type[BaseModel]) -> str | None:
@@ -403,7 +538,7 @@ def load_task_card(path: str | os.PathLike) -> TaskCard:
     try:
         return TaskCard.model_validate(raw, context={"base_dir": file.parent})
     except ValidationError as exc:
-        raise ConfigError(format_validation_error(exc, file, TaskCard)) from None
+        raise ConfigError(format_validation_error(exc, file, TaskCard, data=raw)) from None
 
 
 def load_study(path: str | os.PathLike, overrides: dict[str, Any] | None = None) -> StudyConfig:
@@ -437,7 +572,9 @@ def load_study(path: str | os.PathLike, overrides: dict[str, Any] | None = None)
     try:
         return StudyConfig.model_validate(raw, context={"base_dir": file.parent})
     except ValidationError as exc:
-        raise ConfigError(format_validation_error(exc, file, StudyConfig, overridden=list(overrides or {}))) from None
+        raise ConfigError(
+            format_validation_error(exc, file, StudyConfig, overridden=list(overrides or {}), data=raw)
+        ) from None
 
 
 def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:

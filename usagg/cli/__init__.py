@@ -79,7 +79,8 @@ def main() -> None:
     try:
         app()
     except UsaggError as exc:
-        err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False)
+        # One unbroken line, so that a log file keeps the whole message on one line for grep.
+        err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
         sys.exit(2)
     except SystemExit as exc:
         if exc.code == 130:

@@ -22,9 +22,14 @@ from usagg.errors import UsaggError
 data_app = typer.Typer(help="Check data sources and draw their labels.", no_args_is_help=True)
 console = Console()
 
+# Warnings printed by `data show` before "... and N more".
+MAX_WARNINGS = 10
+
 
 def _widen_for_files() -> None:
     """Give piped or redirected output room for the tables (rich falls back to 80 columns there)."""
+    # Measure afresh on every command (COLUMNS or the terminal), so one command's widening does not stick.
+    console.width = None  # type: ignore[assignment]
     if not console.is_terminal and console.width < 160:
         console.width = 160
 
@@ -106,16 +111,24 @@ def check(
 ) -> None:
     """Read every sample and report per task the type, labels, counts per split and class, image sizes and every
     problem found. Exits with status 1 if any problem would break training."""
-    from usagg.data.check import inspect_path
+    from usagg.data.check import DataCheckReport, inspect_task, select_cards
+    from usagg.data.problems import ProblemLog
 
     _widen_for_files()
-    with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), console=console, transient=True) as progress:
-
-        def on_task(card, _total):
+    log = ProblemLog(strict=False)
+    # Resolve the path, study and task names before any progress display, so that an error prints alone.
+    cards, data_cfg, kind = select_cards(path, task or None, log)
+    # The progress display is for terminals; in a pipe or file it would only leave an empty line.
+    progress = Progress(
+        SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+        console=console, transient=True, disable=not console.is_terminal,
+    )
+    with progress:
+        reports = []
+        for card in cards:
             handle = progress.add_task(f"checking {card.name}", total=None)
-            return lambda n: progress.advance(handle, n)
-
-        result = inspect_path(path, tasks=task or None, on_task=on_task)
+            reports.append(inspect_task(card, data_cfg, on_progress=lambda k, h=handle: progress.advance(h, k)))
+    result = DataCheckReport(path=path, kind=kind, tasks=reports, problems=list(log.problems))
     console.print(_summary_table(result))
     problems = sorted(result.all_problems, key=lambda p: (not p.fatal, p.task))
     if problems:
@@ -169,26 +182,42 @@ def show(
     split: Annotated[str | None, typer.Option("--split", help="Draw only samples of this split (train, val or test).")] = None,
     transformed: Annotated[bool, typer.Option("--transformed", help="Draw samples after the training transform (augmentation, resize).")] = False,
 ) -> None:
-    """Draw a grid of samples with their masks, boxes, keypoints or labels over the image."""
+    """Draw a grid of samples with their masks, boxes, keypoints or labels over the image. Samples that cannot be
+    decoded, or whose labels do not fit the image, are left out with a warning naming the file and row. A problem in
+    a label file (a bad cell, a missing file) stops the command, as it stops training."""
     from usagg.data.check import cards_for_path
     from usagg.data.problems import ProblemLog
     from usagg.data.show import render_samples
     from usagg.data.sources import load_task_records
     from usagg.data.splits import SPLITS, split_records
 
-    cards, data_cfg, _ = cards_for_path(path, ProblemLog(strict=True))
+    if split is not None and split not in SPLITS:
+        raise UsaggError(f"--split {split!r} is invalid; use train, val or test")
+    _widen_for_files()
+    # Not strict, because a mask that cannot be decoded during layout detection only means one sample to skip.
+    log = ProblemLog(strict=False)
+    cards, data_cfg, _ = cards_for_path(path, log)
     chosen = [c for c in cards if c.name == task]
     if not chosen:
         raise UsaggError(f"{path}: unknown task {task!r}; tasks here: {', '.join(c.name for c in cards)}")
     card = chosen[0]
     records = load_task_records(card)
     if split is not None:
-        if split not in SPLITS:
-            raise UsaggError(f"--split {split!r} is invalid; use train, val or test")
         records = split_records(records, card, data_cfg)[split]
-    written = render_samples(card, records, out, n=n, data_cfg=data_cfg, transformed=transformed,
-                             title=f"{card.name} ({card.kind})" + (f", {split} split" if split else "") + (", transformed" if transformed else ""))
-    console.print(f"wrote {escape(str(written))}")
+    drawing = render_samples(card, records, out, n=n, data_cfg=data_cfg, transformed=transformed,
+                           title=f"{card.name} ({card.kind})" + (f", {split} split" if split else "") + (", transformed" if transformed else ""))
+    problems = list(drawing.skipped)
+    seen = {p.message for p in problems}
+    # Layout detection decodes masks of every task; keep this task's problems that no skipped sample repeats.
+    problems += [p for p in log.problems if p.task == card.name and p.message not in seen]
+    for problem in problems[:MAX_WARNINGS]:
+        console.print(f"[yellow]warning:[/] {escape(str(problem))}", highlight=False, soft_wrap=True)
+    if len(problems) > MAX_WARNINGS:
+        console.print(f"... and {len(problems) - MAX_WARNINGS} more", highlight=False)
+    note = ""
+    if drawing.skipped:
+        note = f"; {len(drawing.skipped)} left out, run `usagg data check {path}` to list every problem"
+    console.print(f"wrote {escape(str(drawing.path))} ({drawing.drawn} sample(s){escape(note)})", highlight=False, soft_wrap=True)
 
 
 def register(app: typer.Typer) -> None:

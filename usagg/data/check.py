@@ -12,16 +12,18 @@ from pathlib import Path
 
 import numpy as np
 
-from usagg.data.decode import decode_image, read_mask
-from usagg.data.problems import DataProblem, ProblemLog, problem_from_error
+from usagg.data.problems import DataProblem, ProblemLog
 from usagg.data.record import SampleRecord
 from usagg.data.sources import read_source
+from usagg.data.sources._common import format_ranges
 from usagg.data.splits import SPLITS, case_key, split_records
-from usagg.data.validate import sample_problems
+from usagg.data.validate import load_sample
 from usagg.errors import DataError
 from usagg.tasks import TaskCard
 
 logger = logging.getLogger(__name__)
+
+STUDY_SUFFIXES = (".yaml", ".yml")
 
 
 @dataclass
@@ -73,22 +75,13 @@ class _Decoded:
 
 
 def _decode_record(record: SampleRecord, card: TaskCard) -> _Decoded:
-    problems: list[DataProblem] = []
-    where = {"file": record.source_file or record.image_path, "row": record.row}
-    try:
-        decoded = decode_image(record.image_path)
-    except DataError as exc:
-        return _Decoded(None, (), None, [problem_from_error(card.name, exc, **where)])
-    mask = None
+    decoded, mask, problems = load_sample(record, card)
+    if decoded is None:
+        return _Decoded(None, (), None, problems)
     present: tuple[int, ...] = ()
-    if card.kind == "segmentation" and record.mask_path is not None:
-        try:
-            mask = read_mask(record.mask_path)
-        except DataError as exc:
-            return _Decoded(decoded.size_hw, (), decoded.spacing_mm_per_px, [problem_from_error(card.name, exc, **where)])
+    if mask is not None:
         counts = np.bincount(mask.ravel().clip(0, None)) if mask.size else np.zeros(1, dtype=np.int64)
         present = tuple(int(c) for c in np.flatnonzero(counts))
-    problems.extend(sample_problems(record, card, decoded.size_hw, mask))
     return _Decoded(decoded.size_hw, present, decoded.spacing_mm_per_px, problems)
 
 
@@ -133,7 +126,8 @@ def inspect_task(
         report.problems.append(DataProblem(card.name, "the source lists no images", "check source.root and the label files"))
     report.splits = split_records(report.records, card, data_cfg) if report.records else {s: [] for s in SPLITS}
     _count_classes(report, present_by_record)
-    _check_splits(report)
+    gaps = _check_label_gaps(report, present_by_record)
+    _check_splits(report, skip=gaps)
     return report
 
 
@@ -167,7 +161,90 @@ def _count_classes(report: TaskReport, present_by_record: dict[int, tuple[int, .
         report.boxes_per_image = (min(per_image), max(per_image))
 
 
-def _check_splits(report: TaskReport) -> None:
+def _where_label(card: TaskCard, record: SampleRecord) -> tuple[Path, int | None]:
+    """Return the file (and row) that contains a record's class label or mask value."""
+    if card.kind == "segmentation" and record.mask_path is not None:
+        return record.mask_path, None
+    return record.source_file or record.image_path, record.row
+
+
+def _places(card: TaskCard, records: list[SampleRecord], limit: int = 5) -> str:
+    """Return where the records' labels are written: ``labels.csv rows 3, 9`` or ``a.png, b.png and 4 more``."""
+    rows_by_file: dict[str, list[int]] = {}
+    files: list[str] = []
+    for record in records:
+        file, row = _where_label(card, record)
+        if row is None:
+            files.append(file.name)
+        else:
+            rows_by_file.setdefault(file.name, []).append(row)
+
+    def listed(items: list) -> str:
+        return ", ".join(str(i) for i in items[:limit]) + (f" and {len(items) - limit} more" if len(items) > limit else "")
+
+    parts = [f"{name} row{'s' if len(rows) > 1 else ''} {listed(rows)}" for name, rows in rows_by_file.items()]
+    if files:
+        parts.append(listed(files))
+    return "; ".join(parts)
+
+
+def _check_label_gaps(report: TaskReport, present_by_record: dict[int, tuple[int, ...]]) -> set[int]:
+    """Report class labels (or mask values) that skip values, e.g. 0, 1 and a stray 7.
+
+    A layout detected from a folder takes num_classes from the largest label, so a typo such as 7 among 0/1
+    makes classes 2..6 that no image has. The problem names the file and row of the labels above the first gap,
+    rarest first, since a typo is likely among them. It is an error for classification (those classes would have
+    no training image) and a warning for masks. Returns the classes the problem covers (the skipped ones and
+    those above the gap), which the per-split class check leaves out.
+    """
+    card = report.card
+    holders: dict[int, list[SampleRecord]] = defaultdict(list)
+    if card.kind == "classification":
+        for record in report.records:
+            if record.label is not None:
+                holders[record.label].append(record)
+    elif card.kind == "segmentation":
+        for record in report.records:
+            for value in present_by_record.get(id(record), ()):
+                holders[value].append(record)
+    if not holders:
+        return set()
+    found = sorted(holders)
+    gaps = [c for c in range(found[-1]) if c not in holders]
+    if not gaps:
+        return set()
+    above = sorted((c for c in found if c > gaps[0]), key=lambda c: (len(holders[c]), -c))
+    subject, unit = ("class labels", "image") if card.kind == "classification" else ("mask values", "mask")
+    details = [f"{_label_text(card, value)} in {_places(card, holders[value])}" for value in above[:3]]
+    if len(above) > 3:
+        details.append(f"{len(above) - 3} more value(s)")
+    single = len(above) == 1 and len(holders[above[0]]) == 1
+    file, row = _where_label(card, holders[above[0]][0]) if single else (None, None)
+    report.problems.append(
+        DataProblem(
+            card.name,
+            f"{subject} skip {format_ranges(gaps)}: found {', '.join(str(c) for c in found)} with num_classes {card.num_classes}, "
+            f"so no {unit} has class {format_ranges(gaps)}; above the gap: " + "; ".join(details),
+            "correct the value(s) above the gap where they are typos; otherwise number the classes 0..K-1 without "
+            "gaps, or set num_classes and class_names in a task card",
+            file=file,
+            row=row,
+            fatal=card.kind == "classification",
+        )
+    )
+    return set(gaps) | set(above)
+
+
+def _label_text(card: TaskCard, value: int) -> str:
+    name = _class_name(card, value)
+    return f"{value} ({name})" if name != str(value) else str(value)
+
+
+def _check_splits(report: TaskReport, skip: set[int] = frozenset()) -> None:
+    """Report cases in several fixed splits, an empty train split and classes missing from a split.
+
+    Classes in ``skip`` (reported as a gap in the labels) are left out of the missing-class problems.
+    """
     card = report.card
     seen: dict[str, set[str]] = defaultdict(set)
     for split, records in report.splits.items():
@@ -192,7 +269,11 @@ def _check_splits(report: TaskReport) -> None:
             if not report.splits.get(split):
                 continue
             counts = report.class_counts.get(split, {})
-            missing = [_class_name(card, c) for c in range(card.num_classes or 0) if counts.get(_class_name(card, c), 0) == 0]
+            missing = [
+                _class_name(card, c)
+                for c in range(card.num_classes or 0)
+                if c not in skip and counts.get(_class_name(card, c), 0) == 0
+            ]
             if missing:
                 report.problems.append(
                     DataProblem(
@@ -228,12 +309,32 @@ def cards_for_path(path: str | os.PathLike, log: ProblemLog):
     from usagg.data.detect import detect_layouts
 
     target = Path(path)
+    if not target.exists():
+        if target.suffix.lower() in STUDY_SUFFIXES:
+            raise DataError(
+                f"{target.resolve()}: study file not found; fix: correct the path to the study YAML"
+            )
+        raise DataError(
+            f"{target.resolve()}: dataset folder not found; fix: correct the path, or pass a study YAML "
+            f"({', '.join(STUDY_SUFFIXES)}) instead"
+        )
     if target.is_file():
         study = load_study(target)
         return list(study.tasks), study.data, "study"
     cards = detect_layouts(target, log)
     kinds = sorted({c.source.format for c in cards if c.source is not None})
     return cards, DataConfig(), "dataset folder (" + ", ".join(kinds) + ")"
+
+
+def select_cards(path: str | os.PathLike, tasks: list[str] | None, log: ProblemLog):
+    """Return (cards, data config, kind) for a study YAML or a dataset root, keeping only ``tasks`` when given."""
+    cards, data_cfg, kind = cards_for_path(path, log)
+    if tasks:
+        unknown = sorted(set(tasks) - {c.name for c in cards})
+        if unknown:
+            raise DataError(f"{path}: unknown task(s) {', '.join(unknown)}; tasks here: {', '.join(c.name for c in cards)}")
+        cards = [c for c in cards if c.name in tasks]
+    return cards, data_cfg, kind
 
 
 def inspect_path(
@@ -243,12 +344,7 @@ def inspect_path(
 ) -> DataCheckReport:
     """Check a study YAML or a dataset root; ``tasks`` limits the check to some task names."""
     log = ProblemLog(strict=False)
-    cards, data_cfg, kind = cards_for_path(path, log)
-    if tasks:
-        unknown = sorted(set(tasks) - {c.name for c in cards})
-        if unknown:
-            raise DataError(f"{path}: unknown task(s) {', '.join(unknown)}; tasks here: {', '.join(c.name for c in cards)}")
-        cards = [c for c in cards if c.name in tasks]
+    cards, data_cfg, kind = select_cards(path, tasks, log)
     reports = []
     for card in cards:
         progress = on_task(card, 0) if on_task is not None else None

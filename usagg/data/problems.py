@@ -33,6 +33,8 @@ class DataProblem:
 
     def __str__(self) -> str:
         where = self.location
+        if self.row is None and self.message.startswith(f"{self.file}: "):
+            where = ""  # the message starts with the file already (decoding errors)
         text = f"task {self.task}: " + (f"{where}: " if where else "") + self.message
         if self.fix:
             text += f"; fix: {self.fix}"

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from usagg.data.problems import DataProblem
+from usagg.data.decode import DecodedImage, decode_image, read_mask
+from usagg.data.problems import DataProblem, problem_from_error
 from usagg.data.record import SampleRecord
+from usagg.errors import DataError
 from usagg.tasks import TaskCard
 
 
@@ -64,3 +66,23 @@ def sample_problems(
                 )
             )
     return problems
+
+
+def load_sample(record: SampleRecord, card: TaskCard) -> tuple[DecodedImage | None, np.ndarray | None, list[DataProblem]]:
+    """Decode a record's image (and mask, for segmentation) and check its labels against them.
+
+    Returns (image, mask, problems). Image or mask is None when it cannot be decoded. The problem then names the
+    label file and row, or the image file when the source has no label file, as ``data check`` lists it.
+    """
+    where = {"file": record.source_file or record.image_path, "row": record.row}
+    try:
+        decoded = decode_image(record.image_path)
+    except DataError as exc:
+        return None, None, [problem_from_error(card.name, exc, **where)]
+    mask = None
+    if card.kind == "segmentation" and record.mask_path is not None:
+        try:
+            mask = read_mask(record.mask_path)
+        except DataError as exc:
+            return decoded, None, [problem_from_error(card.name, exc, **where)]
+    return decoded, mask, sample_problems(record, card, decoded.size_hw, mask)

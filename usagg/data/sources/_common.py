@@ -76,6 +76,20 @@ def parse_int(text: str | None) -> int | None:
     return int(value)
 
 
+def format_ranges(values: Iterable[int]) -> str:
+    """``2..6, 9`` for 2, 3, 4, 5, 6, 9: sorted integers with runs written as ranges."""
+    items = sorted(set(values))
+    parts: list[str] = []
+    i = 0
+    while i < len(items):
+        j = i
+        while j + 1 < len(items) and items[j + 1] == items[j] + 1:
+            j += 1
+        parts.append(str(items[i]) if i == j else f"{items[i]}..{items[j]}")
+        i = j + 1
+    return ", ".join(parts)
+
+
 def resolve(base: Path, text: str) -> Path:
     """Resolve a path written in a label file relative to ``base``; absolute paths stay as they are."""
     path = Path(text.strip())

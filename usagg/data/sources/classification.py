@@ -10,6 +10,7 @@ from usagg.data.problems import ProblemLog
 from usagg.data.record import SampleRecord
 from usagg.data.sources._common import (
     case_from_path,
+    format_ranges,
     parse_int,
     read_csv_strings,
     report_duplicates,
@@ -79,12 +80,48 @@ def read_class_csv(card: TaskCard, source: ClassCsvSource, root: Path, split: st
     return report_duplicates(records, task, log)
 
 
+def class_folder_order(names: list[str]) -> list[str]:
+    """Return folder names in class order: numeric when every name is an integer (so 10 follows 9), else sorted."""
+    if names and all(name.isdecimal() for name in names):
+        return sorted(names, key=lambda name: (int(name), name))
+    return sorted(names)
+
+
+def _check_integer_names(task: str, root: Path, folders: list[str], log: ProblemLog) -> None:
+    """Warn when class folders are named by integers other than 0..K-1, which are read as classes 0..K-1.
+
+    With names 0, 1 and 7, folder 7 becomes class 2. The warning states this and that the names skip 2..6, and
+    names the folders above the gap with their image counts, because a name like 7 among 0 and 1 is likely a typo.
+    """
+    if not folders or not all(name.isdecimal() for name in folders):
+        return
+    values = [int(name) for name in folders]
+    if values == list(range(len(values))):
+        return
+    message = (
+        f"class folders are named {', '.join(folders)}; they are read in numeric order as classes "
+        f"0..{len(folders) - 1}, so " + ", ".join(f"folder {n} is class {i}" for i, n in enumerate(folders) if int(n) != i)
+    )
+    gaps = [v for v in range(max(values)) if v not in values]
+    if gaps:
+        above = [(name, len(list_files(root / name, IMAGE_SUFFIXES))) for name in folders if int(name) > gaps[0]]
+        counts = ", ".join(f"{name} ({n} image{'s' if n != 1 else ''})" for name, n in above)
+        message += f"; the names skip {format_ranges(gaps)}, and above the gap are folder(s) {counts}"
+    log.warning(
+        task,
+        message,
+        "rename the folders to the class indices 0..K-1 (a name above a gap may be a typo), or list the folder "
+        "names in class order in source.classes",
+        file=root,
+    )
+
+
 def read_class_folders(card: TaskCard, source: ClassFoldersSource, root: Path, split: str | None, log: ProblemLog) -> list[SampleRecord]:
     task = card.name
     if not root.is_dir():
         log.error(task, f"folder {root} not found", "point source.root at the folder holding one sub-folder per class", file=root)
         return []
-    folders = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    folders = class_folder_order([p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")])
     classes = source.classes or card.class_names
     split_parts = [f for f in folders if f in ("train", "val", "test")]
     if split is None and split_parts and len(split_parts) == len(folders) and not (classes and set(split_parts) & set(classes)):
@@ -94,6 +131,7 @@ def read_class_folders(card: TaskCard, source: ClassFoldersSource, root: Path, s
         return records
     if classes is None:
         classes = folders
+        _check_integer_names(task, root, folders, log)
     if len(classes) != card.num_classes:
         log.error(
             task,
