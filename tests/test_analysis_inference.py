@@ -291,3 +291,34 @@ def test_studies_are_not_pooled():
     means = per_task_means(rel)
     assert means.height == 2
     assert sorted(means["n_seeds"].to_list()) == [1, 3]
+
+
+def test_key_findings_count_and_crossing_caveat():
+    from types import SimpleNamespace
+
+    from usagg.analysis.transfer import DELTA_M_SCHEMA, TransferAnalysis
+    from usagg.reproduce.findings import key_findings
+
+    summary = pl.DataFrame({"negative_transfer": [True, False, None, None]}, schema={"negative_transfer": pl.Boolean})
+    task_type_row = {name: None for name in DELTA_M_SCHEMA} | {"level": "task_type"}  # no study-level Δm line
+    delta_m = pl.DataFrame([task_type_row], schema=DELTA_M_SCHEMA)
+    transfer = TransferAnalysis(rel=pl.DataFrame(), summary=summary, delta_m=delta_m)
+    crossings = pl.DataFrame({
+        "paradigm": ["grouped", "unified"], "task_type": ["segmentation", "segmentation"],
+        "n_train_cross": [169.0, 80.0], "within_data_range": [True, True], "bounded": [False, True],
+        "ci_lo": [float("nan"), 60.0], "ci_hi": [float("nan"), 120.0],
+        "note": ["slope sign uncertain: the interval is not bounded", ""],
+    })
+    fit = SimpleNamespace(crossings=crossings, uses={"log10_n", "task_type", "paradigm"})
+
+    lines = key_findings(SimpleNamespace(transfer=transfer, data_scale=fit))
+
+    assert lines[0] == (
+        "Negative transfer (95 % interval below 0): 1 of the 2 task × paradigm × fraction comparisons with an "
+        "interval; 2 more have no interval (one seed without per-image scores) and cannot be flagged."
+    )
+    assert lines[1] == (
+        "grouped / segmentation: the fitted relative change crosses 0 at about 169 training images, but this "
+        "crossing is not reliable: slope sign uncertain: the interval is not bounded."
+    )
+    assert lines[2] == "unified / segmentation: the fitted relative change crosses 0 at about 80 training images (95 % CI 60–120)."

@@ -185,7 +185,7 @@ def test_near_zero_reference_warns():
     rel, warnings = relative_change_with_warnings(table(rows))
 
     assert rel.filter(pl.col("task") == "a")["rel_change"].to_list() == pytest.approx([74.0])
-    [warning] = [w for w in warnings if "more than 100%" in w]
+    [warning] = [w for w in warnings if "100% or more" in w]
     assert warning.startswith("1 row(s) of 1 task(s) (a)")
     assert "+7400% for task 'a'" in warning
     assert "dice 0.004 task-specific, 0.3 unified" in warning
@@ -198,7 +198,7 @@ def test_moderate_change_no_warning():
     rel, warnings = relative_change_with_warnings(table(rows))
 
     assert rel["rel_change"].to_list() == pytest.approx([-0.9])
-    assert not any("more than 100%" in w for w in warnings)
+    assert not any("100% or more" in w for w in warnings)
 
 
 def test_duplicate_reference_rows_raise():
@@ -232,3 +232,37 @@ def test_pair_rows_are_not_paradigm_rows():
     rows = [row("task_specific", "a", "dice", 0.8, True), row("pair", "a", "dice", 0.9, True, group="a+b")]
     assert relative_change(table(rows)).height == 0
     assert relative_change(table(rows), paradigms=["pair"]).height == 1
+
+
+def test_constant_score_warns():
+    rows = []
+    for seed in (0, 1):
+        rows += [
+            row("task_specific", "det", "iou", 0.0961, True, task_type="detection", seed=seed),
+            row("unified", "det", "iou", 0.0961, True, task_type="detection", seed=seed),
+            row("task_specific", "seg", "dice", 0.8, True, seed=seed),
+            row("unified", "seg", "dice", 0.7 + 0.01 * seed, True, seed=seed),
+        ]
+    _, warnings = relative_change_with_warnings(table(rows))
+
+    [warning] = [w for w in warnings if "in every one of" in w]
+    assert warning.startswith("task 'det': iou is 0.0961 in every one of its 4 runs (2 paradigms)")
+    assert "says nothing about transfer" in warning
+
+
+def test_reported_numbers_not_constant_checked():
+    rows = [row("task_specific", "a", "dice", 0.5, True, seed=None), row("unified", "a", "dice", 0.5, True, seed=None),
+            row("grouped", "a", "dice", 0.5, True, seed=None)]
+    _, warnings = relative_change_with_warnings(table(rows))
+
+    assert not any("in every one of" in w for w in warnings)
+
+
+def test_perfect_score_named_as_ceiling():
+    rows = [row(paradigm, "qc", "auc", 1.0, True, task_type="classification", seed=seed)
+            for seed in (0, 1) for paradigm in ("task_specific", "unified")]
+    _, warnings = relative_change_with_warnings(table(rows))
+
+    [warning] = [w for w in warnings if "in every one of" in w]
+    assert warning.startswith("task 'qc': auc is 1 in every one of its 4 runs (2 paradigms), its best possible value")
+    assert "probably gives the same prediction" not in warning

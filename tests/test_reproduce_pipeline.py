@@ -50,6 +50,15 @@ def test_no_train_stages_recorded(reproduced):
     assert [s["name"] for s in state["stages"]] == ["check", "train", "analysis", "figures", "report"]
 
 
+def test_grouping_figure_uses_analysis_method(reproduced):
+    root, result = reproduced
+    grouping = json.loads((result.study_dir / "analysis" / "grouping.json").read_text(encoding="utf-8"))
+    assert grouping["affinity_method"] in grouping["method"]
+    drawn = (root / "figures" / "grouping.csv").read_text(encoding="utf-8")
+    header, first = drawn.splitlines()[:2]
+    assert first.split(",")[header.split(",").index("method")] == grouping["affinity_method"]
+
+
 def test_report_names_key_findings(reproduced):
     _, result = reproduced
     text = result.report_md.read_text(encoding="utf-8")

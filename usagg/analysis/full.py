@@ -130,6 +130,7 @@ def add_grouping(
     taxonomy = dict(inputs.results.select("task", "clinical_group").unique(subset="task").iter_rows())
     grouping = recommend_groups(affinity.matrices[chosen], k, taxonomy=taxonomy)
     grouping.method = f"{grouping.method} on the {chosen} affinity"
+    grouping.affinity_method = chosen
     report.grouping = grouping
 
 

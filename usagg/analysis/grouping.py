@@ -46,6 +46,7 @@ class GroupingResult:
     taxonomy_groups: dict[str, list[str]] | None = None
     random_score_mean: float | None = None
     random_score_p95: float | None = None
+    affinity_method: str | None = None  # estimator whose matrix was partitioned, when the caller names it
 
     def as_mapping(self, prefix: str = "affinity") -> dict[str, list[str]]:
         """Return the groups as ``{name: [tasks]}``, largest group first."""
@@ -61,6 +62,7 @@ class GroupingResult:
         return {
             "k": self.k,
             "method": self.method,
+            "affinity_method": self.affinity_method,
             "score": self.score,
             "groups": self.as_mapping(),
             "task_scores": self.task_scores,

@@ -35,8 +35,10 @@ DEFAULT_PRIMARY_METRICS: dict[str, tuple[str, ...]] = {
 # Rows with equal values in these columns are compared with each other; seed may be null (reported numbers).
 MATCH_KEYS = ["study", "task", "metric", "split", "data_fraction", "seed"]
 NULL_SEED_KEY = -(2**62)
-# A relative change beyond this magnitude (a fraction, 1.0 = 100 %) is reported with a warning.
+# A relative change of at least this magnitude (a fraction, 1.0 = 100 %) is reported with a warning.
 LARGE_REL_CHANGE = 1.0
+# A task and metric with the same score in at least this many trained runs is reported as constant.
+MIN_RUNS_FOR_CONSTANT = 3
 
 REL_COLUMNS = [
     "study",
@@ -189,6 +191,7 @@ def relative_change_with_warnings(
             pl.when(pl.col("rel_change").is_finite()).then(pl.col("rel_change")).otherwise(None).alias("rel_change")
         )
     warnings.extend(_large_change_warning(rel))
+    warnings.extend(_constant_score_warnings(table))
     rel = rel.select(REL_COLUMNS).sort("paradigm", "task", "metric", "split", "data_fraction", "seed")
     if rel.height == 0 and aggregated.height:
         warnings.append("no aggregated run could be matched to a task-specific run; the relative-change table is empty")
@@ -196,19 +199,62 @@ def relative_change_with_warnings(
 
 
 def _large_change_warning(rel: pl.DataFrame) -> list[str]:
-    """Return a one-item list warning of relative changes beyond ±100 %, usually from a task-specific value near 0."""
-    large = rel.filter(pl.col("rel_change").abs() > LARGE_REL_CHANGE)
+    """Return a one-item list warning of relative changes of ±100 % or more, usually from a value near 0."""
+    large = rel.filter(pl.col("rel_change").abs() >= LARGE_REL_CHANGE)
     if large.height == 0:
         return []
     worst = large.sort(pl.col("rel_change").abs(), descending=True).row(0, named=True)
     tasks = sorted(set(large["task"].to_list()))
     return [
         f"{large.height} row(s) of {len(tasks)} task(s) ({', '.join(tasks[:5])}{' …' if len(tasks) > 5 else ''}) "
-        f"change by more than {LARGE_REL_CHANGE:.0%} against the task-specific run, the largest "
+        f"change by {LARGE_REL_CHANGE:.0%} or more against the task-specific run, the largest "
         f"{worst['rel_change']:+.0%} for task {worst['task']!r} ({worst['metric']} {worst['value_ts']:.4g} task-specific, "
-        f"{worst['value']:.4g} {worst['paradigm']}). A task-specific value near 0 inflates the relative change, and such "
-        f"a task can dominate Δm; check that run, or compare the task with another metric (--metric TASK=METRIC)"
+        f"{worst['value']:.4g} {worst['paradigm']}). A value near 0 on either side (a run that did not learn the task) "
+        f"makes such changes, and one such task can dominate Δm; check those runs, or compare the task with another "
+        f"metric (--metric TASK=METRIC)"
     ]
+
+
+def _constant_score_warnings(table: pl.DataFrame) -> list[str]:
+    """Return a warning per task and metric that scores the same in every run of several paradigms.
+
+    A model that predicts one output for every image (an empty mask, one box, one class) scores the same
+    whatever it was trained with, so its relative change of 0 shows nothing about transfer.
+    """
+    scores = table.filter(pl.col("seed").is_not_null() & pl.col("value").is_not_null())
+    constant = (
+        scores.group_by("study", "task", "metric")
+        .agg(
+            pl.col("higher_is_better").first(),
+            pl.col("value").min().alias("low"),
+            pl.col("value").max().alias("high"),
+            pl.len().alias("runs"),
+            pl.col("paradigm").n_unique().alias("paradigms"),
+        )
+        .filter((pl.col("runs") >= MIN_RUNS_FOR_CONSTANT) & (pl.col("paradigms") >= 2))
+        .filter((pl.col("high") - pl.col("low")).abs() <= 1e-9 * pl.max_horizontal(pl.col("high").abs(), pl.lit(1.0)))
+        .sort("study", "task", "metric")
+    )
+    warnings = []
+    for row in constant.iter_rows(named=True):
+        same = (
+            f"task {row['task']!r}: {row['metric']} is {row['low']:.4g} in every one of its {row['runs']} runs "
+            f"({row['paradigms']} paradigms)"
+        )
+        # A perfect score (Dice or AUC of 1, an error of 0) is a ceiling, not a stuck model.
+        perfect = row["low"] >= 1 - 1e-9 if row["higher_is_better"] else row["high"] <= 1e-12
+        if perfect:
+            warnings.append(
+                f"{same}, its best possible value, so every run solves the task and its relative change of 0 "
+                "cannot show transfer; a harder split or less training data would"
+            )
+        else:
+            warnings.append(
+                f"{same}, so the model probably gives the same prediction whatever it was trained with (an empty "
+                "mask, one box or one class); its relative change of 0 says nothing about transfer. Check the "
+                "task's labels and training budget, for example with `usagg plot --figure training`"
+            )
+    return warnings
 
 
 def relative_change(

@@ -42,10 +42,16 @@ def key_findings(report: Any) -> list[str]:
                 f"at data fraction {row['data_fraction']:g} ({row['split']} split)."
             )
         flagged = transfer.flagged()
-        lines.append(
-            f"Negative transfer (95 % interval below 0): {flagged.height} of {transfer.summary.height} "
-            "task × paradigm × fraction comparisons."
+        # Only comparisons with an interval can be flagged, so they are the denominator.
+        with_interval = transfer.summary.filter(pl.col("negative_transfer").is_not_null()).height
+        without = transfer.summary.height - with_interval
+        text = (
+            f"Negative transfer (95 % interval below 0): {flagged.height} of the {with_interval} "
+            "task × paradigm × fraction comparisons with an interval"
         )
+        if without:
+            text += f"; {without} more have no interval (one seed without per-image scores) and cannot be flagged"
+        lines.append(text + ".")
     for paradigm, test in sorted(getattr(report, "sensitivity", {}).items()):
         if math.isfinite(test.statistic):
             verdict = "differs significantly" if test.p_value < ALPHA else "does not differ significantly"
@@ -63,12 +69,14 @@ def key_findings(report: Any) -> list[str]:
                 pl.lit("all task types").alias("task_type")
             )
         for row in inside.iter_rows(named=True):
-            interval = ""
             if row["bounded"] and math.isfinite(row["ci_lo"]):
-                interval = f" (95 % CI {row['ci_lo']:,.0f}–{row['ci_hi']:,.0f})"
+                qualifier = f" (95 % CI {row['ci_lo']:,.0f}–{row['ci_hi']:,.0f})."
+            else:
+                reason = row["note"] or "the bootstrap does not bound it"
+                qualifier = f", but this crossing is not reliable: {reason}."
             lines.append(
                 f"{row['paradigm']} / {row['task_type']}: the fitted relative change crosses 0 at about "
-                f"{row['n_train_cross']:,.0f} training images{interval}."
+                f"{row['n_train_cross']:,.0f} training images{qualifier}"
             )
     grouping = getattr(report, "grouping", None)
     if grouping is not None:

@@ -221,9 +221,10 @@ def render_all_figures(
     """
     rendered: list[RenderedFigure] = []
     messages: list[str] = []
+    options = {"grouping": _grouping_options(inputs)}
     for name in load_figures():
         try:
-            figure = render_figure(name, inputs, figures_dir, formats)
+            figure = render_figure(name, inputs, figures_dir, formats, **options.get(name, {}))
         except (AnalysisError, DataError, ConfigError) as exc:
             messages.append(f"figure {name} not drawn: {exc}")
             logger.warning("figure %s not drawn: %s", name, exc)
@@ -231,6 +232,25 @@ def render_all_figures(
         rendered.append(figure)
         messages += [f"figure {name}: {problem}" for problem in figure.layout_problems]
     return rendered, messages
+
+
+def _grouping_options(inputs: FigureInputs) -> dict[str, Any]:
+    """Return the grouping figure's method: the estimator the analysis grouped by, so figure and report agree.
+
+    The analysis picks the estimator that best matches known relations where they exist, while the figure
+    alone would take the first available one.
+    """
+    if inputs.study_dir is None:
+        return {}
+    file = Path(inputs.study_dir) / "analysis" / "grouping.json"
+    if not file.exists():
+        return {}
+    try:
+        method = json.loads(file.read_text(encoding="utf-8")).get("affinity_method")
+    except (json.JSONDecodeError, AttributeError):
+        logger.warning("%s: unreadable; the grouping figure chooses its own affinity method", file)
+        return {}
+    return {"method": method} if isinstance(method, str) else {}
 
 
 # --- orchestration ----------------------------------------------------------------------------------
