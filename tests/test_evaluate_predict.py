@@ -217,6 +217,7 @@ def test_predict_follows_study_checkpoint_without_pretrained_warning(tiny_traine
         return original(model, folder, kind)
 
     monkeypatch.setattr(ckpt_module, "load_weights", load_weights)
+    monkeypatch.setattr("usagg.model.m2dino._WARNED_RANDOM", set())  # as in a fresh process
     root = str(shared_data / "fmc_uia_sample_val")
 
     code, stderr = run_main(["predict", str(run_dir), root, "--out", str(tmp_path / "a"), "--device", "cpu"], monkeypatch)
@@ -241,6 +242,7 @@ def test_evaluate_gives_no_pretrained_warning(tiny_trained_run, tmp_path, monkey
     study_folder = tiny_trained_run["run_dir"].parents[len(tiny_trained_run["spec"].run_id.split("/")) - 1]
     shutil.copytree(study_folder, tmp_path / study_folder.name)
     run_dir = tmp_path / study_folder.name / tiny_trained_run["spec"].run_id
+    monkeypatch.setattr("usagg.model.m2dino._WARNED_RANDOM", set())  # as in a fresh process
     code, stderr = run_main(["evaluate", str(run_dir), "--split", "val", "--device", "cpu"], monkeypatch)
     assert code == 0, stderr
     assert "evaluated 4 task(s) on val" in stderr  # the log reaches the captured output

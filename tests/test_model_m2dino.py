@@ -210,10 +210,12 @@ def test_task_router_gives_each_sample_one_expert_set():
         assert len(used) == 2
 
 
-def test_build_model_warns_on_random_init(caplog):
+def test_build_model_warns_on_random_init(caplog, monkeypatch):
+    monkeypatch.setattr("usagg.model.m2dino._WARNED_RANDOM", set())  # as in a fresh process
     with caplog.at_level("WARNING", logger="usagg.model.m2dino"):
         build_model(ModelConfig(**TINY), [CARDS["cls"]], IMAGE_HW)
-    assert "random weights" in caplog.text
+        build_model(ModelConfig(**TINY), [CARDS["cls"]], IMAGE_HW)
+    assert caplog.text.count("random weights") == 1  # once per backbone, not once per run
 
 
 def test_probe_forwards_leave_routing_state():

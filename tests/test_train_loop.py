@@ -100,6 +100,15 @@ def test_train_rerun_skips_finished(tiny_trained_run):
     assert outcome.status == "skipped"
 
 
+def test_rerun_logs_one_line_per_skipped_run(tiny_trained_run, caplog):
+    study = tiny_trained_run["study"]
+    options = TrainOptions(output=tiny_trained_run["run_dir"].parents[4], device="cpu", progress=False)
+    with caplog.at_level("INFO", logger="usagg"):
+        execute_plan(study, [tiny_trained_run["spec"]], options, DistEnv())
+    lines = [r.getMessage() for r in caplog.records if tiny_trained_run["spec"].run_id in r.getMessage()]
+    assert lines == [f"run 1 of 1: {tiny_trained_run['spec'].run_id} finished earlier, skipped"]
+
+
 def test_evaluate_reproduces_training_results(tiny_trained_run):
     stored = read_results(tiny_trained_run["run_dir"] / "results.parquet")
     again = evaluate_run(tiny_trained_run["run_dir"], device="cpu")

@@ -88,7 +88,7 @@ def _in_memory_steps(trainer_model, study, records, sequence: list[str], device:
     return [step(task) for task in sequence]
 
 
-@register_benchmark("training", "training loop images/s on the FMC_UIA sample (unified, 224 px) vs the bare train step")
+@register_benchmark("training", "training loop images/s on the FMC_UIA sample (unified, 224 px; 112 px with --quick) vs the bare train step")
 def bench_training(quick: bool = False) -> dict[str, Any]:
     """Compare the full training loop's images/s with the same model's train step on in-memory batches."""
     from usagg.bench.data import find_sample_root

@@ -102,7 +102,7 @@ def register(app: typer.Typer) -> None:
         only: Annotated[
             list[str] | None, typer.Option("--only", help="Run only this benchmark (repeatable), e.g. --only model.")
         ] = None,
-        quick: Annotated[bool, typer.Option("--quick", help="Smaller batches and fewer steps (about 1-2 minutes in all).")] = False,
+        quick: Annotated[bool, typer.Option("--quick", help="Smaller batches, images and step counts (tens of seconds in all on 2 CPU cores).")] = False,
         json_path: Annotated[
             Path | None, typer.Option("--json", help="Also write every figure and the machine description to this JSON file.")
         ] = None,

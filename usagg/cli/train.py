@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -119,7 +120,7 @@ def train(
                 cells = [result.status, str(result.steps), f"{result.seconds:.1f}", f"{result.images_per_s:.1f}"]
             table.add_row(escape(result.spec.run_id), *(escape(cell) for cell in cells))
         output_console(console).print(table)
-        console.print(escape(f"results: {Path(study.output) / study.name / 'results.parquet'}"))
+        console.print(escape(f"results: {os.path.normpath(Path(study.output) / study.name / 'results.parquet')}"))
     else:
         for submitted in outcome:
             console.print(escape(f"{submitted.spec.run_id}: job {submitted.job_id}"))

@@ -227,9 +227,14 @@ def build_model(model_cfg: ModelConfig, tasks: Sequence[TaskCard], img_size_hw: 
         from usagg.model.pretrained import load_pretrained
 
         load_pretrained(model, model_cfg.pretrained)
-    else:
+    elif model_cfg.backbone not in _WARNED_RANDOM:
+        # Once per backbone and process: a study builds one model per run, and the warning does not change.
+        _WARNED_RANDOM.add(model_cfg.backbone)
         logger.warning(
             "model.pretrained is not set: %s starts from random weights, so results reflect training from scratch",
             model_cfg.backbone,
         )
     return model
+
+
+_WARNED_RANDOM: set[str] = set()

@@ -121,7 +121,7 @@ def train_run(
     run_dir = spec.run_dir(options.output)
     if options.benchmark_steps is None and is_finished(run_dir):
         check_finished_config(run_dir, study, spec)
-        logger.info("%s: finished earlier, skipped", spec.run_id)
+        logger.debug("%s: finished earlier, skipped", spec.run_id)
         return RunOutcome(spec, run_dir, "skipped")
     cache = cache or RecordCache(study)
     records = cache.run_records(spec)

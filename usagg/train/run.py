@@ -62,7 +62,9 @@ def execute_plan(
     cache = cache or RecordCache(study)
     outcomes = []
     for number, spec in enumerate(specs, start=1):
-        if env.is_main:
+        if env.is_main and options.benchmark_steps is None and is_finished(spec.run_dir(options.output)):
+            logger.info("run %d of %d: %s finished earlier, skipped", number, len(specs), spec.run_id)
+        elif env.is_main:
             logger.info("run %d of %d: %s (%s)", number, len(specs), spec.run_id, ", ".join(spec.tasks))
         outcomes.append(train_run(study, spec, options, env, cache))
     return outcomes
