@@ -452,3 +452,19 @@ def test_advice_contradiction_with_one_seed_has_no_interval():
     fit = fit_data_scale(rel, n_bootstrap=0, mixed=False)
     reason = advise(fit, rel, task="cls_d").recommendations["reason"][0]
     assert "under grouped this task's own results changed by -4.8 % (no interval) where the model predicts +" in reason
+
+
+def test_safer_paradigm_skips_observed_loss():
+    rel = relative_change(_contradicting_table())
+    fit = fit_data_scale(rel, n_bootstrap=0, mixed=False)
+    advice = advise(fit, rel)
+    rows = advice.predictions.filter(pl.col("task") == "cls_d").to_dicts()
+    grouped = next(r for r in rows if r["paradigm"] == "grouped")
+    assert grouped["observed_ci_hi"] < 0  # the task's own grouped runs lose
+
+    rec = advice.recommendations.filter(pl.col("task") == "cls_d").row(0, named=True)
+
+    kept = [r for r in rows if not (r["observed_ci_hi"] is not None and r["observed_ci_hi"] < 0)]
+    expected = max(kept, key=lambda r: r["ci_lo"])["paradigm"] if kept else "task_specific"
+    assert rec["safer_paradigm"] == expected
+    assert rec["safer_paradigm"] != "grouped"

@@ -16,7 +16,9 @@ When a task's observed change under a paradigm has the opposite sign to the pred
 interval, where there is one, excludes 0), the reason notes this with both numbers. The choice and the
 confidence stay as the rule gives them.
 
-The safer paradigm is the one with the highest lower bound: its worst plausible change is the least bad.
+The safer paradigm is the one with the highest lower bound: its worst plausible change is the least bad. A
+paradigm under which the task's own runs show a loss (observed interval below 0) is never the safer one, and
+when that holds for every aggregated paradigm the safer choice is task_specific.
 """
 
 from __future__ import annotations
@@ -38,7 +40,8 @@ ADVICE_RULE = (
     f"confidence is 'insufficient evidence' when the model has fewer than {MIN_RESID_DF} residual degrees of "
     f"freedom or the task's type gives fewer than {MIN_DISTINCT_RESAMPLES} distinct bootstrap resamples of tasks; "
     "the reason notes every paradigm whose observed change for the task has the opposite sign to its prediction "
-    "(when the observed change has a 95 % interval, only if that interval excludes 0)"
+    "(when the observed change has a 95 % interval, only if that interval excludes 0); the safer paradigm has the "
+    "highest lower bound among those under which the task's own runs show no loss, else task_specific"
 )
 
 INSUFFICIENT = "insufficient evidence"
@@ -91,8 +94,23 @@ def _verdict(lo: float, hi: float) -> str:
     return "uncertain"
 
 
+def _observed_loss(row: dict) -> bool:
+    """Return whether the task's own runs show a loss under this paradigm: its observed interval lies below 0."""
+    hi = row.get("observed_ci_hi")
+    return hi is not None and math.isfinite(hi) and hi < 0
+
+
+def _safer(rows: list[dict]) -> str:
+    """Return the paradigm with the highest predicted lower bound among those the task's own runs do not show
+    losing, or task_specific when its runs show a loss under every aggregated paradigm."""
+    candidates = [r for r in rows if not _observed_loss(r)]
+    if not candidates:
+        return "task_specific"
+    return max(candidates, key=lambda r: r["ci_lo"])["paradigm"]
+
+
 def _recommend(rows: list[dict]) -> tuple[str, str, str, str]:
-    safer = max(rows, key=lambda r: r["ci_lo"])["paradigm"]
+    safer = _safer(rows)
     gains = [r for r in rows if r["verdict"] == "gain"]
     if gains:
         best = max(gains, key=lambda r: r["ci_lo"])
