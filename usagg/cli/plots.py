@@ -11,6 +11,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from usagg.cli.tables import output_console
 from usagg.errors import ConfigError
 
 console = Console()
@@ -97,7 +98,7 @@ def reproduce(
         table.add_column(column, justify="right" if column == "seconds" else "left", overflow="fold")
     for record in result.stages:
         table.add_row(escape(record.name), escape(record.status), f"{record.seconds:.1f}", escape(record.detail))
-    console.print(table)
+    output_console(console).print(table)
     console.print(f"figures: {escape(str(result.figures_dir))}", highlight=False)
     console.print(f"report:  {escape(str(result.report_html))}", highlight=False)
 
