@@ -14,6 +14,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from usagg.cli.tables import output_console
 from usagg.errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -118,7 +119,7 @@ def register(app: typer.Typer) -> None:
 
             torch.set_num_threads(threads)
         report = run_benchmarks(only, quick)
-        print_report(report, Console())
+        print_report(report, output_console(Console()))
         if json_path is not None:
             write_json_atomic(json_path, report)
             logger.info("wrote %s", json_path)
