@@ -189,6 +189,9 @@ def test_training_two_axes_per_task(drawn):
     assert len(plot.figure.axes) == 2 * 27
     legend = plot.figure.legends[0]
     assert [t.get_text() for t in legend.get_texts()] == ["task-specific", "grouped", "unified"]
+    fraction = plot.data["data_fraction"].max()
+    seed = plot.data["seed"].min()
+    assert plot.figure.get_suptitle().endswith(f"(data fraction {fraction:g}, seed {seed})")
 
 
 def test_option_parsing_rejects_unknown_key():

@@ -184,7 +184,13 @@ def training(inputs: FigureInputs, *, runs: list[str] | None = None, max_columns
             metric_ax.tick_params(labelbottom=False)
 
     fig.legend(handles=_legend(run_styles), loc="outside lower center", ncols=min(4, len(run_styles)), handlelength=2.0)
-    fig.suptitle("Training loss (smoothed) and validation metric per task")
+    title = "Training loss (smoothed) and validation metric per task"
+    fractions = {run.data_fraction for run in chosen}
+    seeds = {run.seed for run in chosen}
+    if len(fractions) == 1 and len(seeds) == 1 and None not in fractions | seeds:
+        # The legend names fraction and seed only when runs differ in them, so the title names the shared ones.
+        title += f" (data fraction {fractions.pop():g}, seed {seeds.pop()})"
+    fig.suptitle(title)
     data = pl.concat(
         [
             train_all.select(pl.lit("train").alias("kind"), "run", "paradigm", "data_fraction", "seed", "task", "step", "epoch", pl.lit("loss").alias("metric"), pl.col("loss").alias("value")),
