@@ -84,3 +84,8 @@ def test_ddp_two_processes_match_one(shared_data, tmp_path):
     # Only rank 0 writes: one log line per step, not two.
     log = [json.loads(x) for x in (run_ddp / "train_log.jsonl").read_text().splitlines()]
     assert [line["step"] for line in log if "event" not in line] == [1, 2, 3, 4]
+    # The logged loss is the mean over the ranks' half batches, so it matches the single process's loss.
+    single_log = [json.loads(x) for x in (run_single / "train_log.jsonl").read_text().splitlines()]
+    losses_single = [line["loss"] for line in single_log if "loss" in line and "event" not in line]
+    losses_ddp = [line["loss"] for line in log if "loss" in line and "event" not in line]
+    assert losses_ddp == pytest.approx(losses_single, rel=1e-3)

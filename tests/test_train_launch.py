@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from typer.testing import CliRunner
 from train_fixtures import run_main, study_dict, write_study
 
 from usagg.cli import app
 from usagg.config import load_study
-from usagg.errors import ConfigError
+from usagg.errors import ConfigError, TrainingError
 from usagg.results import read_results
 from usagg.train.launch import SlurmOptions, launch
 from usagg.train.loop import TrainOptions
@@ -40,6 +42,38 @@ def test_submitit_local_launcher_trains_each_run(shared_data, tmp_path):
     assert "from 2 runs" in result.output
     collected = read_results(tmp_path / "runs" / "tiny" / "results.parquet")
     assert collected.height == table.height
+
+
+@pytest.mark.slow
+def test_submitit_local_reports_every_failed_run(shared_data, tmp_path):
+    study_file = write_study(
+        tmp_path / "study.yaml",
+        study_dict(shared_data, tmp_path / "runs", ["breast_2cls", "fetal_head_axis"], train={"steps": 2}),
+    )
+    first = runner.invoke(app, ["train", str(study_file), "-p", "task_specific", "-t", "breast_2cls", "--launcher",
+                                "submitit-local", "--device", "cpu", "--no-progress"])
+    assert first.exit_code == 0, first.output
+    assert "job logs:" in first.output
+    assert "results:" in first.output
+
+    # The finished run now has other settings and fails; the other run still trains and is waited for.
+    study = load_study(study_file, {"train.lr_head": 0.5})
+    specs = plan_runs(study, paradigms=["task_specific"])
+    options = TrainOptions(output=tmp_path / "runs", device="cpu", progress=False)
+    with pytest.raises(TrainingError) as info:
+        launch(study, specs, options, launcher="submitit-local", slurm=SlurmOptions(time_min=10))
+    message = str(info.value)
+    assert message.startswith("1 of 2 submitted run(s) failed: task_specific/breast_2cls/frac-1/seed-0 (job ")
+    assert "train.lr_head: 0.001 -> 0.5" in message
+    assert "submitit/<job id>/" in message
+    other = tmp_path / "runs" / "tiny" / "task_specific" / "fetal_head_axis" / "frac-1" / "seed-0"
+    assert json.loads((other / "run.json").read_text())["status"] == "finished"
+
+
+def test_launcher_refused_under_torchrun(tmp_path, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ConfigError, match="--launcher submitit-local submits jobs; run it as one process"):
+        launch(None, [], TrainOptions(output=tmp_path), launcher="submitit-local")
 
 
 def test_launch_rejects_unknown_launcher(tmp_path):

@@ -168,3 +168,20 @@ def test_truncate_train_log_keeps_history_up_to_step(tmp_path):
     assert truncate_train_log(tmp_path, 0) == 5
     assert [json.loads(x) for x in log.read_text().splitlines()] == [{"event": "note"}]
     assert truncate_train_log(tmp_path / "missing", 3) == 0
+
+
+def test_config_changes_compare_task_sets(tmp_path):
+    study = StudyConfig.model_validate({
+        "name": "s", "output": str(tmp_path),
+        "tasks": [{"name": t, "type": "classification", "num_classes": 2, "organ": "breast",
+                   "source": {"format": "fmc_uia", "root": str(tmp_path / "data")}} for t in ("a", "b")],
+    })
+    before = RunSpec("s", "grouped", "breast", ("a", "b"), 1.0, 0)
+    run_dir = before.run_dir(tmp_path)
+    run_dir.mkdir(parents=True)
+    write_config(run_dir, study, before)
+    update_run_json(run_dir, spec=before.to_dict(), status="finished")
+
+    after = RunSpec("s", "grouped", "breast", ("b",), 1.0, 0)  # the same group under a new partition
+    assert config_changes(run_dir, study, after) == ['tasks of the run: ["a", "b"] -> ["b"]']
+    assert config_changes(run_dir, study, before) == []

@@ -122,8 +122,26 @@ def train(
         output_console(console).print(table)
         console.print(escape(f"results: {os.path.normpath(Path(study.output) / study.name / 'results.parquet')}"))
     else:
+        study_folder = os.path.normpath(Path(study.output) / study.name)
+        table = Table(title=escape(f"usagg train ({launcher}): {study.name}"))
+        for column in ("run", "job", "status"):
+            table.add_column(column)
         for submitted in outcome:
-            console.print(escape(f"{submitted.spec.run_id}: job {submitted.job_id}"))
+            if submitted.result is None:
+                status = "submitted"
+            elif submitted.result.get("status") == "skipped":
+                status = "skipped: finished earlier"
+            else:
+                status = str(submitted.result.get("status"))
+            table.add_row(escape(submitted.spec.run_id), escape(submitted.job_id), escape(status))
+        output_console(console).print(table)
+        console.print(escape(f"job logs: {study_folder}/submitit/<job id>/"), highlight=False)
+        if launcher == "submitit-local":
+            console.print(escape(f"results: {study_folder}/results.parquet"), highlight=False)
+        else:
+            console.print(
+                escape(f"when the jobs have finished: usagg results collect {study_folder}"), highlight=False
+            )
 
 
 def _print_plan(planned, study) -> None:

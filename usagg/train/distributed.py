@@ -77,6 +77,16 @@ def all_true(env: DistEnv, flag: bool) -> bool:
     return bool(value.item())
 
 
+def mean_across_ranks(env: DistEnv, value: float) -> float:
+    """Return the mean of ``value`` over the ranks; every rank must call it at the same step."""
+    if not (env.distributed and dist.is_initialized()):
+        return value
+    device = env.device if env.device.type == "cuda" else "cpu"
+    total = torch.tensor([value], dtype=torch.float32, device=device)
+    dist.all_reduce(total, op=dist.ReduceOp.SUM)
+    return float(total.item()) / env.world_size
+
+
 def broadcast_object(env: DistEnv, obj):
     """Send ``obj`` from rank 0 to every rank and return it."""
     if not (env.distributed and dist.is_initialized()):

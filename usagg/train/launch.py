@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import logging
+import os
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from usagg.config import StudyConfig
-from usagg.errors import ConfigError
+from usagg.errors import ConfigError, TrainingError
 from usagg.train.distributed import DistEnv, init_distributed
 from usagg.train.loop import TrainOptions, train_run
 from usagg.train.plan import RunSpec
@@ -42,8 +44,6 @@ class SubmittedRun:
 
 def run_job(study: StudyConfig, spec_data: dict[str, Any], options: TrainOptions) -> dict[str, Any]:
     """Entry point of one submitted job: join the job's process group (if any), train the run, summarise it."""
-    import os
-
     if int(os.environ.get("SLURM_NTASKS", "1")) > 1 and "WORLD_SIZE" not in os.environ:
         import submitit
 
@@ -99,9 +99,34 @@ def submit_runs(
         submitted.append((spec, job))
     runs = [SubmittedRun(spec, str(job.job_id)) for spec, job in submitted]
     if wait:
-        for run, (_, job) in zip(runs, submitted):
-            run.result = job.result()
+        _wait_for_all(runs, [job for _, job in submitted], folder.parent)
     return runs
+
+
+def _wait_for_all(runs: list[SubmittedRun], jobs: list[Any], log_folder: Path) -> None:
+    """Wait for every job, then raise one error naming each failed run, so no job is left unreported."""
+    failures = []
+    for run, job in zip(runs, jobs):
+        try:
+            run.result = job.result()
+        except Exception as exc:  # submitit re-raises a job's error with its traceback as text
+            failures.append(f"{run.spec.run_id} (job {run.job_id}): {_job_error(exc)}")
+            logger.error("%s (job %s) failed; its log is in %s", run.spec.run_id, run.job_id, log_folder / run.job_id)
+    if failures:
+        raise TrainingError(
+            f"{len(failures)} of {len(runs)} submitted run(s) failed: {'; '.join(failures)}. The job logs are in "
+            f"{log_folder}/<job id>/; fix the cause and rerun the same command (finished runs are skipped)"
+        )
+
+
+def _job_error(exc: Exception) -> str:
+    """Return the job's own error line (``TrainingError: ...``) from the traceback text submitit re-raises."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    errors = [line for line in lines if re.match(r"^[\w.]+(Error|Exception): ", line)]
+    if errors:
+        name, _, message = errors[-1].partition(": ")
+        return f"{name.rsplit('.', 1)[-1]}: {message}"
+    return lines[-1] if lines else type(exc).__name__
 
 
 def launch(
@@ -117,7 +142,8 @@ def launch(
         raise ConfigError(f"--launcher {launcher}: unknown launcher; choose one of {', '.join(LAUNCHERS)}")
     if launcher == "local":
         return execute_plan(study, specs, options, env or init_distributed(options.device))
-    if env is not None and env.distributed:
-        raise ConfigError("--launcher slurm submits jobs; run it as one process, not under torchrun")
+    # torchrun sets WORLD_SIZE in every process it starts; each would submit the same jobs.
+    if (env is not None and env.distributed) or int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ConfigError(f"--launcher {launcher} submits jobs; run it as one process, not under torchrun")
     cluster = "local" if launcher == "submitit-local" else "slurm"
     return submit_runs(study, specs, options, slurm or SlurmOptions(), cluster=cluster, wait=cluster == "local")

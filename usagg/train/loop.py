@@ -22,7 +22,7 @@ from usagg.evaluate.inference import autocast_context
 from usagg.io import append_jsonl
 from usagg.train import checkpoint as ckpt
 from usagg.train.affinity import AffinityRecorder
-from usagg.train.distributed import DistEnv, all_true, barrier
+from usagg.train.distributed import DistEnv, all_true, barrier, mean_across_ranks
 from usagg.train.optim import LossWeighting, build_optimizer, build_scheduler
 from usagg.train.plan import RunSize, RunSpec, size_run
 from usagg.train.progress import TrainProgress
@@ -390,11 +390,15 @@ class _Trainer:
 
                 if self.affinity is not None and not self.benchmark and self.env.is_main:
                     self.affinity.maybe_record(self.step, self.optimizer, self.cfg.grad_clip)
-                if self.writes and (self.step % self.cfg.log_every == 0 or self.step == total_steps):
-                    ips = window_images / max(time.perf_counter() - window_start, 1e-9)
-                    self._log_step(log_file, tb, task, float(task_loss), parts, float(aux), ips)
-                    window_images = 0
-                    window_start = time.perf_counter()
+                if self.step % self.cfg.log_every == 0 or self.step == total_steps:
+                    # Under DDP each rank holds the loss of its share of the batch; the log shows the batch mean,
+                    # as a single process would. Every rank takes part in the reduction.
+                    logged_loss = mean_across_ranks(self.env, float(task_loss))
+                    if self.writes:
+                        ips = window_images / max(time.perf_counter() - window_start, 1e-9)
+                        self._log_step(log_file, tb, task, logged_loss, parts, float(aux), ips)
+                        window_images = 0
+                        window_start = time.perf_counter()
                 if self.benchmark:
                     continue
                 if self.step % self.eval_every == 0 or self.step == total_steps:

@@ -12,7 +12,7 @@ from usagg.train.distributed import DistEnv
 from usagg.train.loop import RunOutcome, TrainOptions, train_run
 from usagg.train.plan import RunSpec, check_budget_sampling, size_run
 from usagg.train.rundata import RecordCache
-from usagg.train.rundir import config_changes, is_finished
+from usagg.train.rundir import check_finished_config, config_changes, is_finished
 
 logger = logging.getLogger(__name__)
 
@@ -63,6 +63,7 @@ def execute_plan(
     outcomes = []
     for number, spec in enumerate(specs, start=1):
         if env.is_main and options.benchmark_steps is None and is_finished(spec.run_dir(options.output)):
+            check_finished_config(spec.run_dir(options.output), study, spec)  # before saying it is skipped
             logger.info("run %d of %d: %s finished earlier, skipped", number, len(specs), spec.run_id)
         elif env.is_main:
             logger.info("run %d of %d: %s (%s)", number, len(specs), spec.run_id, ", ".join(spec.tasks))

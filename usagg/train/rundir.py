@@ -72,7 +72,7 @@ def check_finished_config(run_dir: Path, study: StudyConfig, spec: RunSpec) -> N
 
 
 def config_changes(run_dir: Path, study: StudyConfig, spec: RunSpec) -> list[str]:
-    """Return the training settings (``data``, ``model``, ``train``, the run's task cards) that differ from the run's.
+    """Return the training settings (the run's tasks and their cards, ``data``, ``model``, ``train``) that differ.
 
     Each entry reads ``key: old -> new`` with a dotted key. A card's ``source`` may move (another data folder)
     without changing what the run learns, so it is not compared.
@@ -83,6 +83,10 @@ def config_changes(run_dir: Path, study: StudyConfig, spec: RunSpec) -> list[str
     old = yaml.safe_load(file.read_text(encoding="utf-8")) or {}
     new = study.model_dump(mode="json")
     changes: list[str] = []
+    # A group keeps its run directory when a new partition gives it other tasks, so compare the task sets.
+    recorded = ((read_run_json(run_dir) or {}).get("spec") or {}).get("tasks")
+    if recorded is not None and list(recorded) != list(spec.tasks):
+        changes.append(f"tasks of the run: {json.dumps(list(recorded))} -> {json.dumps(list(spec.tasks))}")
     for key in _TRAINING_KEYS:
         changes += _differences(old.get(key), new.get(key), key)
     old_cards = {c["name"]: _without_source(c) for c in old.get("tasks", [])}
