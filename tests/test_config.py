@@ -314,3 +314,8 @@ def test_list_item_override_names_command_line(tmp_path):
     message = str(info.value)
     assert "tasks[1] (lesion_cls).num_classes" in message
     assert "comes from the command line (--set tasks.1.num_classes=...)" in message
+
+
+def test_group_name_with_slash_rejected(tmp_path):
+    message = error_of(write(tmp_path, VALID_STUDY + "groups: {b/c: [lesion], rest: [lesion_cls, head_axis, head_circumference]}\n"))
+    assert "groups.b/c: group name 'b/c' must start with a letter or digit" in message

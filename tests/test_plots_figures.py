@@ -434,3 +434,15 @@ def test_transfer_matrix_per_image_flags(tmp_path):
     assert marked == flags
     assert any(marked.values())
     assert set(plot.data["ci_method"]) == {"bootstrap_images"}
+
+
+def test_training_rejects_same_run_id_twice(study_dir_27, tmp_path):
+    import shutil
+
+    unified = next(p for p in (study_dir_27 / "unified").rglob("train_log.jsonl")).parent
+    copy = tmp_path / "other_output" / "study" / unified.relative_to(study_dir_27)
+    shutil.copytree(unified, copy)
+    inputs = FigureInputs.from_paths([unified, copy])
+
+    with pytest.raises(DataError, match="have the same run id .* draw each folder in its own figure"):
+        draw_figure("training", inputs)

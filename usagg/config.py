@@ -15,7 +15,7 @@ import yaml
 from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
 from usagg.errors import ConfigError
-from usagg.tasks import ConfigPath, StrictModel, TaskCard
+from usagg.tasks import NAME_RE, ConfigPath, StrictModel, TaskCard
 
 
 class Paradigm(str, Enum):
@@ -288,9 +288,15 @@ def read_yaml(path: str | os.PathLike) -> Any:
 
 
 def partition_problem(groups: Mapping[str, Sequence[str]], task_names: Sequence[str], study_name: str) -> str | None:
-    """Return the first problem of a ``groups:`` partition (an unknown task, a task in two groups), or None."""
+    """Return the first problem of a ``groups:`` partition (an invalid name, an unknown task, a task in two groups)."""
     seen: dict[str, str] = {}
     for group, members in groups.items():
+        # A group name is a folder of the run directory and a part of the run id, as a task name is.
+        if not NAME_RE.match(str(group)):
+            return (
+                f"groups.{group}: group name {str(group)!r} must start with a letter or digit and contain only "
+                "letters, digits, '_', '-' or '.'"
+            )
         for member in members:
             if member not in task_names:
                 return (

@@ -199,7 +199,8 @@ SourceConfig = Annotated[
 
 SOURCE_FORMATS = ("fmc_uia", "mask_folder", "class_csv", "class_folders", "coco", "keypoint_csv", "scalar_csv")
 
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+# Task and group names become folders of run directories and parts of run ids.
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
 class TaskCard(StrictModel):
@@ -225,9 +226,18 @@ class TaskCard(StrictModel):
     @field_validator("name")
     @classmethod
     def _check_name(cls, value: str) -> str:
-        if not _NAME_RE.match(value):
+        if not NAME_RE.match(value):
             raise ValueError(
                 f"task name {value!r} must start with a letter or digit and contain only letters, digits, '_', '-' or '.'"
+            )
+        return value
+
+    @field_validator("group")
+    @classmethod
+    def _check_group(cls, value: str) -> str:
+        if value and not NAME_RE.match(value):
+            raise ValueError(
+                f"group name {value!r} must start with a letter or digit and contain only letters, digits, '_', '-' or '.'"
             )
         return value
 

@@ -145,7 +145,8 @@ def train(
 
 
 def _print_plan(planned, study) -> None:
-    table = Table(title=escape(f"plan for study {study.name} ({len(planned)} runs)"))
+    count = f"{len(planned)} run" if len(planned) == 1 else f"{len(planned)} runs"
+    table = Table(title=escape(f"plan for study {study.name} ({count})"))
     for column in ("run", "tasks", "train images", "steps", "images seen", "state"):
         table.add_column(column, justify="right" if column in ("train images", "steps", "images seen") else "left")
     for run in planned:

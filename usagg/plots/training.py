@@ -85,6 +85,22 @@ def _select_runs(runs: list[RunInfo], requested: list[str] | None) -> list[RunIn
     ]
 
 
+def _reject_same_run_id(chosen: list[RunInfo]) -> None:
+    """Raise when two chosen runs have the same run id (one study trained into two output folders).
+
+    Lines and styles are keyed by paradigm, group, fraction and seed, so such runs would be drawn as one line.
+    """
+    seen: dict[str, RunInfo] = {}
+    for run in chosen:
+        if run.label in seen:
+            raise DataError(
+                f"runs {seen[run.label].path} and {run.path} have the same run id ({run.label}), so the figure would "
+                "draw them as one line; draw each folder in its own figure, or choose runs by path with "
+                "-O runs=PART_OF_PATH"
+            )
+        seen[run.label] = run
+
+
 def _smooth(values: np.ndarray) -> np.ndarray:
     """Moving average over about a tenth of the points, so that noisy per-step losses show their trend."""
     window = max(1, values.size // 10)
@@ -102,6 +118,7 @@ def _smooth(values: np.ndarray) -> np.ndarray:
 def training(inputs: FigureInputs, *, runs: list[str] | None = None, max_columns: int = 4) -> FigurePlot:
     """Draw one loss panel over one validation panel per task, for the chosen runs (default: see ``_select_runs``)."""
     chosen = _select_runs(inputs.require_runs("training", "train_log.jsonl"), runs)
+    _reject_same_run_id(chosen)
     frames_train, frames_eval = [], []
     for run in chosen:
         train, evals = read_train_log(run.path / "train_log.jsonl")
