@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import random
@@ -286,7 +287,7 @@ class _Trainer:
                 world_size=self.env.world_size,
                 device=str(self.device),
             )
-        try:
+        with self._recording_failure():
             self._build()
             state = self._resume()
             from usagg.data.loader import build_multitask_loader
@@ -297,14 +298,6 @@ class _Trainer:
             if state is not None:
                 ckpt.restore_rng_state(state["rng"])
             self._loop(batches)
-        except KeyboardInterrupt:  # Ctrl-C, or SIGTERM through the handler of the usagg command
-            if self.writes:
-                update_run_json(self.run_dir, status="interrupted", step=self.step)
-            raise
-        except Exception as exc:  # recorded in run.json, then re-raised
-            if self.writes:
-                update_run_json(self.run_dir, status="failed", error=str(exc), step=self.step)
-            raise
         if self.benchmark:
             return RunOutcome(
                 self.spec, self.run_dir, "benchmark", steps=self.step, seconds=self.train_seconds,
@@ -318,16 +311,9 @@ class _Trainer:
             )
         results = None
         if self.env.is_main:
-            try:
+            # Training is complete and checkpointed, so a rerun after a failure here goes straight to the evaluation.
+            with self._recording_failure(f"evaluation after training (step {self.step}) failed: "):
                 results = self._final_evaluation()
-            except KeyboardInterrupt:
-                update_run_json(self.run_dir, status="interrupted", step=self.step)
-                raise
-            except Exception as exc:
-                # Training is complete and checkpointed, so a rerun goes straight to the evaluation again.
-                error = f"evaluation after training (step {self.step}) failed: {exc}"
-                update_run_json(self.run_dir, status="failed", error=error, step=self.step)
-                raise
             update_run_json(
                 self.run_dir,
                 status="finished",
@@ -347,6 +333,20 @@ class _Trainer:
             images_per_s=self.images_seen / max(self.train_seconds, 1e-9),
             results=results,
         )
+
+    @contextlib.contextmanager
+    def _recording_failure(self, context: str = "") -> Iterator[None]:
+        """Record an interruption or an error in run.json (the error after ``context``), then re-raise it."""
+        try:
+            yield
+        except KeyboardInterrupt:  # Ctrl-C, or SIGTERM through the handler of the usagg command
+            if self.writes:
+                update_run_json(self.run_dir, status="interrupted", step=self.step)
+            raise
+        except Exception as exc:
+            if self.writes:
+                update_run_json(self.run_dir, status="failed", error=f"{context}{exc}", step=self.step)
+            raise
 
     def _loop(self, batches: Iterator) -> None:
         total_steps = self.options.benchmark_steps or self.size.steps
@@ -391,7 +391,7 @@ class _Trainer:
                 if self.affinity is not None and not self.benchmark and self.env.is_main:
                     self.affinity.maybe_record(self.step, self.optimizer, self.cfg.grad_clip)
                 if self.step % self.cfg.log_every == 0 or self.step == total_steps:
-                    # Under DDP each rank holds the loss of its share of the batch; the log shows the batch mean,
+                    # Under DDP each rank has the loss of its share of the batch, so the log shows the batch mean,
                     # as a single process would. Every rank takes part in the reduction.
                     logged_loss = mean_across_ranks(self.env, float(task_loss))
                     if self.writes:

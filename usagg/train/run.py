@@ -36,16 +36,16 @@ def describe_plan(study: StudyConfig, specs: Sequence[RunSpec], options: TrainOp
         records = cache.run_records(spec)
         size = size_run(study, spec, records.n_train())
         run_dir = spec.run_dir(options.output)
-        if is_finished(run_dir) and config_changes(run_dir, study, spec):
-            state = "finished with other settings"
-        elif is_finished(run_dir):
-            state = "finished"
+        changed = bool(config_changes(run_dir, study, spec))
+        pointer = ckpt.read_pointer(run_dir, "latest")
+        if is_finished(run_dir):
+            state = "finished with other settings" if changed else "finished"
+        elif pointer is None:
+            state = "new"
+        elif changed:
+            state = f"settings changed since step {pointer['step']}"
         else:
-            pointer = ckpt.read_pointer(run_dir, "latest")
-            if pointer and config_changes(run_dir, study, spec):
-                state = f"settings changed since step {pointer['step']}"
-            else:
-                state = f"resume at step {pointer['step']}" if pointer else "new"
+            state = f"resume at step {pointer['step']}"
         planned.append(PlannedRun(spec, size.n_train, size.steps, size.images, state))
     return planned
 
@@ -62,10 +62,14 @@ def execute_plan(
     cache = cache or RecordCache(study)
     outcomes = []
     for number, spec in enumerate(specs, start=1):
-        if env.is_main and options.benchmark_steps is None and is_finished(spec.run_dir(options.output)):
-            check_finished_config(spec.run_dir(options.output), study, spec)  # before saying it is skipped
-            logger.info("run %d of %d: %s finished earlier, skipped", number, len(specs), spec.run_id)
-        elif env.is_main:
+        run_dir = spec.run_dir(options.output)
+        if options.benchmark_steps is None and is_finished(run_dir):
+            check_finished_config(run_dir, study, spec)  # before saying it is skipped
+            if env.is_main:
+                logger.info("run %d of %d: %s finished earlier, skipped", number, len(specs), spec.run_id)
+            outcomes.append(RunOutcome(spec, run_dir, "skipped"))
+            continue
+        if env.is_main:
             logger.info("run %d of %d: %s (%s)", number, len(specs), spec.run_id, ", ".join(spec.tasks))
         outcomes.append(train_run(study, spec, options, env, cache))
     return outcomes
