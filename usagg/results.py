@@ -143,9 +143,9 @@ def _column_hint(present: list[str], missing: list[str]) -> str:
     if len(present) == 1:
         for delimiter in (";", "\t", "|"):
             if delimiter in present[0]:
-                shown = "a tab" if delimiter == "\t" else repr(delimiter)
+                delimiter_name = "a tab" if delimiter == "\t" else repr(delimiter)
                 return (
-                    f" (the header was read as one column, so the file seems to separate columns with {shown}; "
+                    f" (the header was read as one column, so the file seems to separate columns with {delimiter_name}; "
                     "write it comma-separated)"
                 )
     unknown = [c for c in present if c not in RESULTS_SCHEMA]

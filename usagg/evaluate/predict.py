@@ -201,7 +201,7 @@ def _merge_into(file: Path, new_entries: list[dict[str, Any]], task_ids: set[str
     """
     import json
 
-    kept: list[dict[str, Any]] = []
+    other_tasks: list[dict[str, Any]] = []
     if file.exists():
         try:
             existing = json.loads(file.read_text(encoding="utf-8"))
@@ -214,10 +214,10 @@ def _merge_into(file: Path, new_entries: list[dict[str, Any]], task_ids: set[str
                 f"{file}: existing predictions are not a JSON list of objects; move the file aside or write to "
                 "another --out"
             )
-        kept = [e for e in existing if e.get("task_id") not in task_ids]
-        if kept:
-            logger.info("%s: kept %d prediction(s) of other tasks", file, len(kept))
-    write_json_atomic(file, kept + new_entries)
+        other_tasks = [e for e in existing if e.get("task_id") not in task_ids]
+        if other_tasks:
+            logger.info("%s: kept %d prediction(s) of other tasks", file, len(other_tasks))
+    write_json_atomic(file, other_tasks + new_entries)
 
 
 # --- reading back -------------------------------------------------------------------------------------

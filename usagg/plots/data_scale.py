@@ -277,9 +277,9 @@ def _limit_y(
         spread = q3 - q1
         fence_low = min(q1 - OUTLIER_IQR * spread, -OUTLIER_PERCENT)
         fence_high = max(q3 + OUTLIER_IQR * spread, OUTLIER_PERCENT)
-        shown = np.concatenate([values, [0.0]])
-        shown = shown[(shown >= fence_low) & (shown <= fence_high)]
-        low, high = float(shown.min()), float(shown.max())
+        in_range = np.concatenate([values, [0.0]])
+        in_range = in_range[(in_range >= fence_low) & (in_range <= fence_high)]
+        low, high = float(in_range.min()), float(in_range.max())
         pad = Y_MARGIN * (high - low or 1.0)
         low, high = low - pad, high + pad
         if room_below_zero:
@@ -315,13 +315,13 @@ def _limit_y(
             n_lines = max(n_lines, len(lines))
         if fits.height:
             fit = fits.filter(pl.col("paradigm") == paradigm)
-            for what, beyond in (
+            for element, beyond in (
                 ("fitted line", (pl.col("rel_change") * 100 < low) | (pl.col("rel_change") * 100 > high)),
                 ("95 % band", (pl.col("ci_lo") * 100 < low) | (pl.col("ci_hi") * 100 > high)),
             ):
                 cut = fit.filter(beyond)["task_type"].unique(maintain_order=True).to_list()
                 if cut:
-                    notes.append(f"{paradigm_label(paradigm)}: the {what} of {', '.join(cut)} reaches beyond the y range and is cut at the axis")
+                    notes.append(f"{paradigm_label(paradigm)}: the {element} of {', '.join(cut)} reaches beyond the y range and is cut at the axis")
     if n_lines:
         # The same gap above every panel keeps the panel titles on one line.
         for ax in axes:

@@ -109,8 +109,8 @@ def _differences(old: Any, new: Any, key: str) -> list[str]:
         return found
     if old == new:
         return []
-    shown = ["(not set)" if value is _NOT_SET else json.dumps(value) for value in (old, new)]
-    return [f"{key}: {shown[0]} -> {shown[1]}"]
+    old_text, new_text = ("(not set)" if value is _NOT_SET else json.dumps(value) for value in (old, new))
+    return [f"{key}: {old_text} -> {new_text}"]
 
 
 def _list_changes(changes: list[str], limit: int = 5) -> str:
