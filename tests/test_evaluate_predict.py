@@ -157,12 +157,25 @@ def test_merge_rejects_broken_file(tmp_path):
 
     file = tmp_path / "detection_predictions.json"
     file.write_text("[{")
-    with pytest.raises(DataError, match="existing predictions are not valid JSON .*move the file aside"):
+    with pytest.raises(DataError, match="cannot read the existing predictions: .*; move the file aside"):
+        _merge_into(file, [], set())
+    file.write_bytes(b"[\xff]")
+    with pytest.raises(DataError, match="cannot read the existing predictions: 'utf-8' codec"):
         _merge_into(file, [], set())
     file.write_text('{"task_id": "x"}')
     with pytest.raises(DataError, match="not a JSON list of objects"):
         _merge_into(file, [], set())
     assert file.read_text() == '{"task_id": "x"}'
+
+
+def test_read_predictions_rejects_broken_files(tmp_path):
+    file = tmp_path / "classification_predictions.json"
+    file.write_text("[{")
+    with pytest.raises(DataError, match=r"classification_predictions.json: cannot read the predictions: Expecting"):
+        read_fmc_uia_predictions(tmp_path)
+    file.write_text('[{"task_id": "t1"}]')
+    with pytest.raises(DataError, match="each with task_id and image_path"):
+        read_fmc_uia_predictions(tmp_path)
 
 
 def _fail_on_model_build(monkeypatch):

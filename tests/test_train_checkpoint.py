@@ -87,7 +87,10 @@ def test_checkpoint_corrupt_pointer(tmp_path):
     folder = tmp_path / "checkpoints"
     folder.mkdir()
     (folder / "latest.json").write_text("{not json", encoding="utf-8")
-    with pytest.raises(TrainingError, match="unreadable checkpoint pointer"):
+    with pytest.raises(TrainingError, match="cannot read the checkpoint pointer: .*; delete it to start over"):
+        ckpt.read_pointer(tmp_path, "latest")
+    (folder / "latest.json").write_text("[]", encoding="utf-8")
+    with pytest.raises(TrainingError, match="lacks 'step'"):
         ckpt.read_pointer(tmp_path, "latest")
     (folder / "latest.json").write_text(json.dumps({"step": 1}), encoding="utf-8")
     with pytest.raises(TrainingError, match="lacks 'weights'"):

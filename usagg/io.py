@@ -1,4 +1,4 @@
-"""Atomic file writes: write to a temporary file in the same folder, then rename.
+"""Atomic file writes (write to a temporary file in the same folder, then rename) and checked JSON reads.
 
 A killed process therefore leaves either the old file or the new one, never half a file.
 """
@@ -12,6 +12,8 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+from usagg.errors import DataError, UsaggError
 
 
 @contextlib.contextmanager
@@ -58,6 +60,19 @@ def _json_default(obj: Any) -> Any:
     if hasattr(obj, "tolist"):
         return obj.tolist()
     raise TypeError(f"object of type {type(obj).__name__} is not JSON serialisable")
+
+
+def read_json_file(file: str | os.PathLike, what: str = "it as JSON", fix: str = "", error: type[UsaggError] = DataError) -> Any:
+    """Return the parsed JSON of ``file``.
+
+    Raises ``error`` naming the file, ``what`` it holds, the parser's message and ``fix`` when the file cannot be
+    read, is not UTF-8 or is not valid JSON.
+    """
+    path = Path(file)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise error(f"{path}: cannot read {what}: {exc}" + (f"; {fix}" if fix else "")) from None
 
 
 def append_jsonl(path: str | os.PathLike, record: dict[str, Any]) -> None:

@@ -26,7 +26,6 @@ import contextlib
 import csv
 import io
 import itertools
-import json
 import logging
 import math
 import os
@@ -42,7 +41,7 @@ from scipy import stats
 from scipy.spatial.distance import jensenshannon
 
 from usagg.errors import AnalysisError, DataError
-from usagg.io import write_text_atomic
+from usagg.io import read_json_file, write_text_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -220,14 +219,6 @@ def find_run_files(source: str | os.PathLike, name: str) -> list[Path]:
         largest = max(f for f in fractions if math.isfinite(f))
         found = [f for f, fr in zip(found, fractions) if fr == largest or not math.isfinite(fr)]
     return found
-
-
-def read_json_file(file: Path, fix: str = "") -> Any:
-    """Return the parsed JSON of ``file``; raise DataError naming the file, the parser's message and ``fix``."""
-    try:
-        return json.loads(file.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
-        raise DataError(f"{file}: cannot read as JSON: {exc}" + (f"; {fix}" if fix else "")) from None
 
 
 def read_affinity_json(file: str | os.PathLike, key: str) -> tuple[list[str], np.ndarray, dict[str, Any]]:

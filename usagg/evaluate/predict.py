@@ -35,7 +35,7 @@ from usagg.evaluate.metrics import (
     segmentation_image_scores,
     single_box_iou,
 )
-from usagg.io import atomic_path, write_json_atomic
+from usagg.io import atomic_path, read_json_file, write_json_atomic
 from usagg.tasks import TaskCard
 
 logger = logging.getLogger(__name__)
@@ -199,21 +199,12 @@ def _merge_into(file: Path, new_entries: list[dict[str, Any]], task_ids: set[str
     Task-specific runs each predict one task, so several ``usagg predict`` calls fill one submission folder.
     Entries of ``task_ids`` are replaced, so predicting a task again does not duplicate it.
     """
-    import json
-
     other_tasks: list[dict[str, Any]] = []
     if file.exists():
-        try:
-            existing = json.loads(file.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise DataError(
-                f"{file}: existing predictions are not valid JSON ({exc}); move the file aside or write to another --out"
-            ) from None
+        move = "move the file aside or write to another --out"
+        existing = read_json_file(file, "the existing predictions", fix=move)
         if not isinstance(existing, list) or not all(isinstance(e, dict) for e in existing):
-            raise DataError(
-                f"{file}: existing predictions are not a JSON list of objects; move the file aside or write to "
-                "another --out"
-            )
+            raise DataError(f"{file}: existing predictions are not a JSON list of objects; {move}")
         other_tasks = [e for e in existing if e.get("task_id") not in task_ids]
         if other_tasks:
             logger.info("%s: kept %d prediction(s) of other tasks", file, len(other_tasks))
@@ -225,15 +216,14 @@ def _merge_into(file: Path, new_entries: list[dict[str, Any]], task_ids: set[str
 
 def read_fmc_uia_predictions(pred_dir: str | os.PathLike) -> dict[str, dict[tuple[str, str], dict[str, Any]]]:
     """Read the three JSON files into ``{kind: {(task_id, image_path): entry}}``; missing files give empty maps."""
-    import json
-
     folder = Path(pred_dir)
     out: dict[str, dict[tuple[str, str], dict[str, Any]]] = {}
     for kind, name in JSON_FILES.items():
         file = folder / name
-        entries = json.loads(file.read_text(encoding="utf-8")) if file.exists() else []
-        if not isinstance(entries, list):
-            raise DataError(f"{file}: expected a JSON list of prediction objects")
+        entries = read_json_file(file, "the predictions") if file.exists() else []
+        keyed = isinstance(entries, list) and all(isinstance(e, dict) and "task_id" in e and "image_path" in e for e in entries)
+        if not keyed:
+            raise DataError(f"{file}: expected a JSON list of prediction objects, each with task_id and image_path")
         out[kind] = {(e["task_id"], e["image_path"]): e for e in entries}
     return out
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from pathlib import Path
@@ -12,6 +11,7 @@ import numpy as np
 import polars as pl
 
 from usagg.errors import DataError
+from usagg.io import read_json_file
 from usagg.plots.common import order_tasks
 from usagg.plots.inputs import FigureInputs, RunInfo
 from usagg.plots.registry import FigurePlot, register_figure
@@ -32,10 +32,9 @@ MAX_COLUMNS = 3
 
 def read_routing_stats(path: Path) -> dict:
     """Read and check a routing_stats.json file (tokens per expert per task per MoE block)."""
-    try:
-        stats = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
-        raise DataError(f"{path}: cannot read routing statistics: {exc}") from None
+    stats = read_json_file(path, "the routing statistics")
+    if not isinstance(stats, dict):
+        raise DataError(f"{path}: routing statistics must be a JSON object with num_experts, layers and tasks")
     for key in ("num_experts", "tasks"):
         if key not in stats:
             raise DataError(f"{path}: routing statistics have no {key!r} key; expected num_experts, layers and tasks")
@@ -80,7 +79,7 @@ def _choose_run(runs: list[RunInfo], requested: str | None) -> RunInfo:
         return matches[0]
     # The run with the most tasks (the unified run when there is one), then the largest fraction.
     def key(run: RunInfo):
-        stats = json.loads((run.path / "routing_stats.json").read_text(encoding="utf-8"))
+        stats = read_routing_stats(run.path / "routing_stats.json")
         return (-len(stats.get("tasks", {})), -(run.data_fraction or 0.0), run.seed or 0, str(run.path))
 
     return sorted(runs, key=key)[0]

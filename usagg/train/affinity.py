@@ -18,7 +18,7 @@ import torch
 
 from usagg.config import StudyConfig
 from usagg.errors import ConfigError, DataError
-from usagg.io import write_json_atomic
+from usagg.io import read_json_file, write_json_atomic
 from usagg.train.plan import RunSpec
 from usagg.train.rundata import RunRecords
 from usagg.train.rundir import AFFINITY_FILE
@@ -219,12 +219,10 @@ def read_existing_affinity(path: Path, tasks: list[str]) -> dict[str, Any] | Non
 
     Raises when it cannot be read or lists other tasks, so that entries are never dropped silently.
     """
-    from usagg.analysis.affinity import read_json_file
-
     if not path.is_file():
         return None
     move = "move it aside to write a new one"
-    data = read_json_file(path, fix=move)
+    data = read_json_file(path, "the affinity record", fix=move)
     if not isinstance(data, dict):
         raise DataError(f"{path}: expected a JSON object with 'tasks' and one entry per estimator; {move}")
     if data.get("tasks") != tasks:

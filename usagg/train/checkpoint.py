@@ -9,7 +9,6 @@ are removed by the next save.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import random
@@ -21,7 +20,7 @@ import torch
 from safetensors.torch import load_model, save_model
 
 from usagg.errors import TrainingError
-from usagg.io import atomic_path, write_json_atomic
+from usagg.io import atomic_path, read_json_file, write_json_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -105,12 +104,9 @@ def read_pointer(run_dir: str | os.PathLike, kind: str) -> dict[str, Any] | None
     pointer = checkpoint_dir(run_dir) / f"{kind}.json"
     if not pointer.exists():
         return None
-    try:
-        data = json.loads(pointer.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise TrainingError(f"{pointer}: unreadable checkpoint pointer ({exc}); delete it to start over") from None
+    data = read_json_file(pointer, "the checkpoint pointer", fix="delete it to start over", error=TrainingError)
     for key in ("step", "weights", "state"):
-        if key not in data:
+        if not isinstance(data, dict) or key not in data:
             raise TrainingError(f"{pointer}: checkpoint pointer lacks {key!r}; delete it to start over")
     return data
 

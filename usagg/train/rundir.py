@@ -17,7 +17,7 @@ import yaml
 
 from usagg.config import StudyConfig, load_study, study_to_yaml
 from usagg.errors import DataError, TrainingError
-from usagg.io import atomic_path, write_json_atomic, write_text_atomic
+from usagg.io import atomic_path, read_json_file, write_json_atomic, write_text_atomic
 from usagg.results import PER_IMAGE_FILE, append_results, read_results, write_results
 from usagg.train.plan import RunSpec
 
@@ -130,10 +130,7 @@ def read_run_json(run_dir: Path) -> dict[str, Any] | None:
     file = run_dir / RUN_FILE
     if not file.exists():
         return None
-    try:
-        return json.loads(file.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise DataError(f"{file}: unreadable run status ({exc}); delete it and rerun training") from None
+    return read_json_file(file, "the run status", fix="delete it and rerun training")
 
 
 def update_run_json(run_dir: Path, **fields: Any) -> dict[str, Any]:
@@ -226,7 +223,7 @@ def write_evaluation(
     append_results(results, run_dir / RESULTS_FILE, key=("run_id", "task", "metric", "split"))
     _replace_split_rows(run_dir / PER_IMAGE_FILE, per_image, split)
     meta_file = run_dir / RESULTS_META_FILE
-    all_meta = json.loads(meta_file.read_text(encoding="utf-8")) if meta_file.exists() else {}
+    all_meta = read_json_file(meta_file, "the results metadata", fix="delete it and evaluate again") if meta_file.exists() else {}
     all_meta[split] = meta
     write_json_atomic(meta_file, all_meta)
     with locked(study_folder / ".results.lock"):

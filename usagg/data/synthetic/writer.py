@@ -51,7 +51,7 @@ from usagg.data.synthetic.tasks import (
     relation_matrix,
 )
 from usagg.errors import ConfigError, DataError
-from usagg.io import write_json_atomic, write_text_atomic
+from usagg.io import read_json_file, write_json_atomic, write_text_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -383,10 +383,7 @@ def _prepare_output(out: Path, config: SynthConfig, overwrite: bool) -> SynthSum
         raise DataError(f"{out}: is a file, not a folder; choose a folder for --out")
     manifest_path = out / MANIFEST
     if manifest_path.is_file():
-        try:
-            manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError) as exc:
-            raise DataError(f"{manifest_path}: unreadable manifest ({exc}); delete the folder and generate again") from None
+        manifest = read_json_file(manifest_path, "the manifest", fix="delete the folder and generate again")
         same = manifest.get("generator_version") == GENERATOR_VERSION and manifest.get("config") == config.to_json()
         if same and not overwrite:
             counts = {name: facts["counts"] for name, facts in manifest["tasks"].items()}
