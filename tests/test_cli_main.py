@@ -26,10 +26,11 @@ runner = CliRunner()
 HEADER = "image_path,task_id,task_name,num_classes,point_1_xy,point_2_xy"
 
 
-def _keypoint_folder(root: Path, first_point: str = "[10.5, 20.25]") -> Path:
+def _keypoint_folder(root: Path, first_point: str = "[10.5, 20.25]", rows_with_first_point: int = 1) -> Path:
     """Write a dataset folder in the FMC_UIA layout with one two-point task 'axis' of four 48x64 images.
 
-    ``first_point`` is the ``point_1_xy`` cell of the first row. The other rows contain valid JSON points.
+    ``first_point`` is the ``point_1_xy`` cell of the first ``rows_with_first_point`` rows. The other rows contain
+    valid JSON points.
     """
     images = root / "Regression" / "IMAGES"
     images.mkdir(parents=True)
@@ -37,7 +38,7 @@ def _keypoint_folder(root: Path, first_point: str = "[10.5, 20.25]") -> Path:
     for i in range(4):
         pixels = (np.random.default_rng(i).random((48, 64)) * 255).astype(np.uint8)
         Image.fromarray(pixels).save(images / f"{i}.png")
-        point = first_point if i == 0 else "[10.5, 20.25]"
+        point = first_point if i < rows_with_first_point else "[10.5, 20.25]"
         rows.append(f'../Regression/IMAGES/{i}.png,axis,Regression,2,"{point}","[30.0, 40.0]"')
     (root / "csv_files").mkdir()
     (root / "csv_files" / "axis.csv").write_text("\n".join([HEADER, *rows]) + "\n")
@@ -116,11 +117,12 @@ def test_usage_error_is_short(tmp_path, args, message):
 
 def test_data_error_keeps_brackets(tmp_path):
     """Check that ``main()`` prints a ``UsaggError`` message as plain text, not as rich markup."""
-    root = _keypoint_folder(tmp_path / "bad", first_point="(34.76, 54.98)")
+    root = _keypoint_folder(tmp_path / "bad", first_point="(34.76, 54.98)", rows_with_first_point=4)
     result = _usagg("data", "show", root, "--task", "axis", "--out", tmp_path / "axis.png", cwd=tmp_path)
     assert result.returncode == 2, result.stderr
     assert "Traceback" not in result.stderr
     assert 'is not a JSON point "[x, y]"' in _flat(result.stderr)
+    assert "task axis: no sample could be read; first problem: task axis: " in _flat(result.stderr)
 
 
 def test_data_check_table_keeps_brackets(tmp_path):
@@ -178,3 +180,25 @@ def test_sigterm_raises_keyboard_interrupt(monkeypatch):
             cli.main()
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def test_ranks_other_than_zero_show_only_errors(tmp_path, monkeypatch):
+    """Under torchrun, rank 1 runs the same set-up as rank 0: its warnings are hidden, its errors name the rank."""
+    import logging
+
+    from usagg.log import configure_logging
+
+    env = {**os.environ, "COLUMNS": "300", "NO_COLOR": "1", "RANK": "1"}
+    result = subprocess.run(
+        [sys.executable, "-m", "usagg", "data", "check", "missing"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 2
+    assert result.stderr.startswith(f"error: rank 1: {tmp_path / 'missing'}: dataset folder not found")
+
+    configure_logging(verbosity=1)
+    assert logging.getLogger("usagg").level == logging.DEBUG
+    monkeypatch.setenv("RANK", "1")
+    configure_logging(verbosity=1)
+    assert logging.getLogger("usagg").level == logging.ERROR
+    monkeypatch.delenv("RANK")
+    configure_logging()

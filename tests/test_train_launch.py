@@ -34,6 +34,7 @@ def test_submitit_local_launcher_trains_each_run(shared_data, tmp_path):
     table = read_results(tmp_path / "runs" / "tiny" / "results.parquet")
     assert set(table["run_id"]) == {spec.run_id for spec in specs}
     assert (tmp_path / "runs" / "tiny" / "submitit").is_dir()
+    assert not (tmp_path / "runs" / "tiny" / "submitit" / "%j").exists()
 
     # Collecting rebuilds the same study table from the run folders.
     (tmp_path / "runs" / "tiny" / "results.parquet").unlink()

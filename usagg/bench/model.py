@@ -285,8 +285,12 @@ def _run(setting: BenchSetting, device: torch.device) -> dict:
         "target_moe_vs_dense": TARGET_MOE_VS_DENSE,
         "target_moe_vs_every_expert": TARGET_MOE_VS_EVERY_EXPERT,
     }
-    results["meets_moe_vs_dense"] = results["moe_vs_dense_ratio"] >= TARGET_MOE_VS_DENSE
-    results["meets_moe_vs_every_expert"] = results["moe_vs_every_expert_speedup"] >= TARGET_MOE_VS_EVERY_EXPERT
+    # The targets are set for the full setting (224 px, batch 16); smaller batches report no verdict.
+    full = setting == FULL
+    results["meets_moe_vs_dense"] = results["moe_vs_dense_ratio"] >= TARGET_MOE_VS_DENSE if full else None
+    results["meets_moe_vs_every_expert"] = (
+        results["moe_vs_every_expert_speedup"] >= TARGET_MOE_VS_EVERY_EXPERT if full else None
+    )
     return results
 
 

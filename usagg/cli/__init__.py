@@ -16,7 +16,7 @@ from rich.markup import escape
 
 from usagg import __version__
 from usagg.errors import UsaggError
-from usagg.log import configure_logging
+from usagg.log import configure_logging, process_rank
 
 app = typer.Typer(
     name="usagg",
@@ -80,7 +80,10 @@ def main() -> None:
         app()
     except UsaggError as exc:
         # One unbroken line, so that a log file keeps the whole message on one line for grep.
-        err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
+        # Under torchrun each process raises the same error; name the rank so that repeats read as such.
+        rank = process_rank()
+        where = f"rank {rank}: " if rank else ""
+        err_console.print(f"[bold red]error:[/] {where}{escape(str(exc))}", highlight=False, soft_wrap=True)
         sys.exit(2)
     except SystemExit as exc:
         if exc.code == 130:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
@@ -98,8 +99,13 @@ def submit_runs(
         logger.info("submitted %s as job %s", spec.run_id, job.job_id)
         submitted.append((spec, job))
     runs = [SubmittedRun(spec, str(job.job_id)) for spec, job in submitted]
-    if wait:
-        _wait_for_all(runs, [job for _, job in submitted], folder.parent)
+    try:
+        if wait:
+            _wait_for_all(runs, [job for _, job in submitted], folder.parent)
+    finally:
+        # submitit also creates the folder pattern itself, a literal "%j" beside the job folders; drop it if empty.
+        with contextlib.suppress(OSError):
+            folder.rmdir()
     return runs
 
 
