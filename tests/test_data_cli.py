@@ -236,3 +236,21 @@ def test_show_fails_without_drawable_sample(shared_data, tmp_path):
     with pytest.raises(DataError, match=r"none of the 2 samples tried can be drawn: .*breast_2cls.csv, row 1: .*cannot decode image"):
         render_samples(card, records, tmp_path / "none.png", n=2)
     assert not (tmp_path / "none.png").exists()
+
+
+def test_show_leaves_out_bad_label_rows(shared_data, tmp_path):
+    """A bad cell in the label CSV costs its row, not the whole figure; the note points at `data check`."""
+    from test_data_helpers import copy_fmc_task, read_csv_rows, write_csv
+
+    root = copy_fmc_task(shared_data, tmp_path / "fmc", "breast_2cls", rows=4)
+    file = root / "csv_files" / "breast_2cls.csv"
+    header, rows = read_csv_rows(file)
+    rows[2][header.index("mask")] = "seven"
+    write_csv(file, header, rows)
+    out = tmp_path / "s.png"
+    result = runner.invoke(app, ["data", "show", str(root), "--task", "breast_2cls", "--out", str(out), "--n", "4"], env={"COLUMNS": "300"})
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.output.split())
+    assert "warning: task breast_2cls: " in text and "breast_2cls.csv, row 3:" in text and "'seven'" in text
+    assert "(3 sample(s); 1 label-file error(s), run `usagg data check" in text
+    assert out.is_file()

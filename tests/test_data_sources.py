@@ -46,6 +46,21 @@ def test_discover_fmc_uia_sample(shared_data):
         assert len(load_task_records(card)) == rows
 
 
+def test_discover_fmc_uia_names_the_root_not_a_task(tmp_path):
+    """Problems of the dataset root itself carry no task name and say which folder to point at."""
+    from usagg.errors import DataError
+
+    with pytest.raises(DataError) as info:
+        discover_fmc_uia(tmp_path)
+    assert str(info.value).startswith(f"{tmp_path}: has no csv_files/ folder, so it is not an FMC_UIA root; fix: ")
+    (tmp_path / "csv_files").mkdir()
+    log = ProblemLog(strict=False)
+    assert discover_fmc_uia(tmp_path, log=log) == []
+    [problem] = log.problems
+    assert problem.task == ""
+    assert str(problem) == f"{tmp_path / 'csv_files'}: contains no CSV files; fix: put one CSV per task in csv_files/"
+
+
 def test_real_demo_study_reads_train_and_val(shared_data):
     study = load_study(REPO / "analysis" / "real_demo.yaml")
     assert {t.name for t in study.tasks} == set(SAMPLE_TASKS)

@@ -94,7 +94,7 @@ def _problem_table(problems, limit: int) -> Table:
     for problem in shown:
         table.add_row(
             "[red]error[/]" if problem.fatal else "[yellow]warning[/]",
-            escape(problem.task),
+            escape(problem.task or "(all)"),
             escape(problem.location),
             escape(problem.message),
             escape(problem.fix),
@@ -183,12 +183,12 @@ def show(
     transformed: Annotated[bool, typer.Option("--transformed", help="Draw samples after the training transform (augmentation, resize).")] = False,
 ) -> None:
     """Draw a grid of samples with their masks, boxes, keypoints or labels over the image. Samples that cannot be
-    decoded, or whose labels do not fit the image, are left out with a warning naming the file and row. A problem in
-    a label file (a bad cell, a missing file) stops the command, as it stops training."""
+    decoded, or whose labels do not fit the image, are left out with a warning naming the file and row. So are rows
+    of a label file with a bad cell or a missing image (training stops on those; `usagg data check` lists them all)."""
     from usagg.data.check import cards_for_path
     from usagg.data.problems import ProblemLog
     from usagg.data.show import render_samples
-    from usagg.data.sources import load_task_records
+    from usagg.data.sources import read_source
     from usagg.data.splits import SPLITS, split_records
 
     if split is not None and split not in SPLITS:
@@ -201,12 +201,17 @@ def show(
     if not chosen:
         raise UsaggError(f"{path}: unknown task {task!r}; tasks here: {', '.join(c.name for c in cards)}")
     card = chosen[0]
-    records = load_task_records(card)
+    # A bad row in a label file leaves that sample out and is listed below, like an image that cannot be decoded.
+    source_log = ProblemLog(strict=False)
+    records = read_source(card, source_log)
+    if not records:
+        first = next((f"; first problem: {p}" for p in source_log.problems if p.fatal), "")
+        raise UsaggError(f"task {card.name}: no sample could be read{first}")
     if split is not None:
         records = split_records(records, card, data_cfg)[split]
     drawing = render_samples(card, records, out, n=n, data_cfg=data_cfg, transformed=transformed,
                            title=f"{card.name} ({card.kind})" + (f", {split} split" if split else "") + (", transformed" if transformed else ""))
-    problems = list(drawing.skipped)
+    problems = list(source_log.problems) + list(drawing.skipped)
     seen = {p.message for p in problems}
     # Layout detection decodes masks of every task; keep this task's problems that no skipped sample repeats.
     problems += [p for p in log.problems if p.task == card.name and p.message not in seen]
@@ -214,9 +219,11 @@ def show(
         console.print(f"[yellow]warning:[/] {escape(str(problem))}", highlight=False, soft_wrap=True)
     if len(problems) > MAX_WARNINGS:
         console.print(f"... and {len(problems) - MAX_WARNINGS} more", highlight=False)
-    note = ""
-    if drawing.skipped:
-        note = f"; {len(drawing.skipped)} left out, run `usagg data check {path}` to list every problem"
+    parts = [f"{len(drawing.skipped)} left out"] if drawing.skipped else []
+    label_errors = sum(p.fatal for p in source_log.problems)
+    if label_errors:
+        parts.append(f"{label_errors} label-file error(s)")
+    note = f"; {', '.join(parts)}, run `usagg data check {path}` to list every problem" if parts else ""
     console.print(f"wrote {escape(str(drawing.path))} ({drawing.drawn} sample(s){escape(note)})", highlight=False, soft_wrap=True)
 
 

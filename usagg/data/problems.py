@@ -18,7 +18,7 @@ class DataProblem:
     ``fatal`` problems would break or silently corrupt training; the others are warnings.
     """
 
-    task: str
+    task: str  # "" for a problem of the whole dataset root rather than of one task
     message: str
     fix: str = ""
     file: Path | None = None
@@ -35,7 +35,7 @@ class DataProblem:
         where = self.location
         if self.row is None and self.message.startswith(f"{self.file}: "):
             where = ""  # the message starts with the file already (decoding errors)
-        text = f"task {self.task}: " + (f"{where}: " if where else "") + self.message
+        text = (f"task {self.task}: " if self.task else "") + (f"{where}: " if where else "") + self.message
         if self.fix:
             text += f"; fix: {self.fix}"
         return text

@@ -91,14 +91,15 @@ def _read_task_tables(root: Path, task_id: str | None, log: ProblemLog, task_lab
     if not folder.is_dir():
         log.error(
             task_label,
-            f"FMC_UIA root {root} has no csv_files/ folder",
-            "point source.root at the folder that contains csv_files/ (for example data/train)",
+            "has no csv_files/ folder, so it is not an FMC_UIA root",
+            "point source.root, or the folder given to `usagg data check`, at the folder that contains csv_files/ "
+            "(for example data/train)",
             file=root,
         )
         return []
     files = sorted(folder.glob("*.csv"))
     if not files:
-        log.error(task_label, f"{folder} contains no CSV files", "put one CSV per task in csv_files/", file=folder)
+        log.error(task_label, "contains no CSV files", "put one CSV per task in csv_files/", file=folder)
         return []
     tables: list[tuple[Path, pl.DataFrame]] = []
     for file in files:
@@ -379,7 +380,7 @@ def discover_fmc_uia(root: str | os.PathLike, log: ProblemLog | None = None, val
     """
     root = Path(root).resolve()
     log = log if log is not None else ProblemLog(strict=True)
-    tables = _read_task_tables(root, None, log, root.name)
+    tables = _read_task_tables(root, None, log, "")
     by_task: dict[str, list[tuple[Path, dict]]] = {}
     for file, frame in tables:
         for cells in frame.select(["_row", "task_id", "task_name", "num_classes"]).to_dicts():
