@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import re
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import polars as pl
@@ -55,6 +55,20 @@ def read_csv_strings(path: Path, task: str, log: ProblemLog, required: Iterable[
         log.error(task, "CSV has a header but no rows", "add one row per image or remove the task", file=path)
         return None
     return frame
+
+
+def iter_path_value_rows(path: Path, task: str, log: ProblemLog, path_column: str, value_column: str) -> Iterator[tuple[int, str, str | None]]:
+    """Yield ``(row, path text, value text)`` for each row of a per-image side table (splits, pixel spacings).
+
+    Rows without a path are skipped; a missing or unreadable file is logged by :func:`read_csv_strings` and yields
+    nothing. Rows are 1-based, counted from the first line after the header.
+    """
+    frame = read_csv_strings(path, task, log, (path_column, value_column))
+    if frame is None:
+        return
+    for row, (path_text, value_text) in enumerate(zip(frame[path_column].to_list(), frame[value_column].to_list()), start=1):
+        if path_text and path_text.strip():
+            yield row, path_text.strip(), value_text
 
 
 def parse_float(text: str | None) -> float | None:

@@ -23,6 +23,7 @@ from usagg.data.problems import ProblemLog
 from usagg.data.record import SampleRecord
 from usagg.data.sources._common import (
     case_from_path,
+    iter_path_value_rows,
     parse_float,
     parse_int,
     read_csv_strings,
@@ -124,21 +125,16 @@ def _load_spacings(source: FmcUiaSource, root: Path, task: str, log: ProblemLog)
     if source.spacing_csv is None:
         return {}
     file = root / source.spacing_csv
-    frame = read_csv_strings(file, task, log, (source.spacing_path_column, source.spacing_column))
-    if frame is None:
-        return {}
     spacings: dict[str, float] = {}
     base = csv_folder(root)
-    for row, (path_text, spacing_text) in enumerate(
-        zip(frame[source.spacing_path_column].to_list(), frame[source.spacing_column].to_list()), start=1
-    ):
-        if path_text is None or spacing_text is None or not spacing_text.strip():
+    for row, path_text, spacing_text in iter_path_value_rows(file, task, log, source.spacing_path_column, source.spacing_column):
+        if spacing_text is None or not spacing_text.strip():
             continue  # images without a spacing keep the source default
         value = parse_float(spacing_text)
         if value is None or value <= 0:
             log.error(task, f"pixel spacing {spacing_text!r} is not a positive number", "write mm per pixel, e.g. 0.12", file=file, row=row)
             continue
-        spacings[os.path.normpath(base / path_text.strip())] = value
+        spacings[os.path.normpath(base / path_text)] = value
     return spacings
 
 

@@ -10,7 +10,7 @@ from usagg.data.problems import ProblemLog
 from usagg.data.record import SampleRecord
 from usagg.data.sources._common import (
     case_from_path,
-    read_csv_strings,
+    iter_path_value_rows,
     split_column_value,
 )
 from usagg.tasks import MaskFolderSource, TaskCard
@@ -52,18 +52,11 @@ def _load_split_csv(source: MaskFolderSource, root: Path, task: str, log: Proble
     if source.split_csv is None:
         return {}
     file = root / source.split_csv
-    frame = read_csv_strings(file, task, log, (source.split_path_column, source.split_column))
-    if frame is None:
-        return {}
     splits: dict[str, str] = {}
-    for row, (path_text, split_text) in enumerate(
-        zip(frame[source.split_path_column].to_list(), frame[source.split_column].to_list()), start=1
-    ):
-        if not path_text:
-            continue
+    for row, path_text, split_text in iter_path_value_rows(file, task, log, source.split_path_column, source.split_column):
         ok, split = split_column_value(split_text, task, log, file, row, source.split_column)
         if ok and split is not None:
-            splits[Path(path_text.strip()).name] = split
+            splits[Path(path_text).name] = split
     return splits
 
 
