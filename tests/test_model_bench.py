@@ -49,3 +49,10 @@ def test_bench_cli_rejects_unknown_name():
     result = CliRunner().invoke(app, ["bench", "--only", "nope"])
     assert result.exit_code != 0
     assert "unknown benchmark 'nope'" in str(result.exception) + result.output
+
+
+def test_bench_help_lists_every_registered_benchmark():
+    from usagg.bench import load_all
+    from usagg.cli.bench import BENCHMARK_NAMES
+
+    assert tuple(sorted(load_all())) == BENCHMARK_NAMES

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import timm
 import torch
 
 from usagg.config import ModelConfig, TrainConfig
@@ -123,6 +124,26 @@ def test_block_indices_are_validated():
         _model(moe_blocks=[2, 4])
     with pytest.raises(ConfigError, match="feature_blocks"):
         _model(feature_blocks=[1, 1])
+
+
+def test_model_settings_checked_without_building(tmp_path):
+    from usagg.model.backbone import BACKBONE_DEPTHS, check_model_config
+
+    with pytest.raises(ConfigError, match=r"model.depth: 20 is more than the 12 blocks of vit_tiny_patch16_dinov3_qkvb; .* 1..12"):
+        check_model_config(ModelConfig(backbone="vit_tiny_patch16_dinov3_qkvb", depth=20))
+    with pytest.raises(ConfigError, match="model.depth: 20 is more than the 12 blocks"):
+        _model(depth=20)
+    with pytest.raises(ConfigError, match="model.feature_blocks: the heads need at least one block; .* 0..1"):
+        check_model_config(ModelConfig(backbone="vit_tiny_patch16_dinov3_qkvb", depth=2, feature_blocks=[]))
+    with pytest.raises(ConfigError, match="model.moe_blocks: block 7 is out of range for vit_large_patch16_dinov3 with 6 blocks"):
+        check_model_config(ModelConfig(backbone="vit_large_patch16_dinov3", depth=6, moe_blocks=[7]))
+    with pytest.raises(ConfigError, match="model.pretrained: file .*absent.pth not found"):
+        check_model_config(ModelConfig(pretrained=tmp_path / "absent.pth"))
+    check_model_config(ModelConfig(backbone="vit_large_patch16_dinov3", moe_blocks=[23]))
+    # The table agrees with the depth timm builds (on the meta device: no memory, no weights).
+    for name, depth in BACKBONE_DEPTHS.items():
+        with torch.device("meta"):
+            assert len(timm.create_model(name, pretrained=False, num_classes=0).blocks) == depth
 
 
 def test_default_blocks_are_second_half():

@@ -158,9 +158,41 @@ def test_missing_keys_are_reported(tmp_path):
     state["extra.weight"] = torch.zeros(2)
     file = tmp_path / "partial.pth"
     torch.save(state, file)
-    report = load_pretrained(_model(moe_blocks=[]), file)
+    with pytest.raises(ConfigError, match=r"partial.pth lacks 1 tensor\(s\) .*: blocks.0.norm1.weight; .*pretrained_allow_missing"):
+        load_pretrained(_model(moe_blocks=[]), file)
+    report = load_pretrained(_model(moe_blocks=[], pretrained_allow_missing=True), file)
     assert report.missing == ["blocks.0.norm1.weight"]
     assert report.unexpected == ["extra.weight"]
+    summary = report.summary()
+    assert summary["missing"] == ["blocks.0.norm1.weight"] and summary["unexpected"] == 1
+    assert summary["format"] == "timm" and summary["bytes"] == file.stat().st_size
+
+
+def test_plain_vit_file_is_refused(tmp_path):
+    """A timm ViT without register tokens and layer scale has the same widths but is another architecture."""
+    vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0, depth=DEPTH, img_size=IMAGE_HW)
+    file = tmp_path / "plain_vit.safetensors"
+    save_file({k: v.contiguous() for k, v in vit.state_dict().items()}, file)
+    with pytest.raises(ConfigError, match=r"lacks \d+ tensor\(s\) .*reg_token"):
+        load_pretrained(_model(moe_blocks=[]), file)
+
+
+def test_moe_shape_mismatch_names_moe_settings(tmp_path):
+    """An M2DINO checkpoint with other expert counts points at the MoE settings, not the backbone."""
+    file = tmp_path / "m2dino.safetensors"
+    save_file({k: v.contiguous() for k, v in _model(moe_blocks=[1]).state_dict().items()}, file)
+    with pytest.raises(ConfigError, match=r"\(4, 384\) in the file but \(8, 384\) in the model; .*model.num_experts"):
+        load_pretrained(M2DINO(ModelConfig(backbone=TINY, depth=DEPTH, decoder_dim=16, num_experts=8, moe_blocks=[1]), [CARD], IMAGE_HW), file)
+
+
+def test_dense_width_mismatch_names_model_width(tmp_path):
+    small = timm.create_model("vit_small_patch16_dinov3_qkvb", pretrained=False, num_classes=0, depth=DEPTH, img_size=IMAGE_HW)
+    state = {k: v for k, v in _source_vit().state_dict().items()}
+    state["blocks.1.mlp.fc1.weight"] = small.state_dict()["blocks.1.mlp.fc1.weight"][:, :192]
+    file = tmp_path / "w.pth"
+    torch.save(state, file)
+    with pytest.raises(ConfigError, match=r"has shape \(1536, 192\) in the file but the model's dense MLP, .* has \(768, 192\)"):
+        load_pretrained(_model(moe_blocks=[1]), file)
 
 
 def test_bad_files_raise_config_error(tmp_path):
@@ -173,8 +205,18 @@ def test_bad_files_raise_config_error(tmp_path):
         load_pretrained(model, text)
     broken = tmp_path / "broken.pth"
     broken.write_bytes(b"\x00garbage")
-    with pytest.raises(ConfigError, match="cannot read"):
+    with pytest.raises(ConfigError, match="cannot read .*broken.pth as a weights file: [^\n]*; give an unmodified"):
         load_pretrained(model, broken)
+    with pytest.raises(ConfigError, match=f"{tmp_path} is a folder; give the path of the .pth or .safetensors file in it"):
+        load_pretrained(model, tmp_path)
+
+
+def test_safetensors_saved_as_bin_loads(tmp_path):
+    source = _source_vit()
+    file = tmp_path / "weights.bin"
+    save_file({k: v.contiguous() for k, v in source.state_dict().items()}, file)
+    report = load_pretrained(_model(moe_blocks=[]), file)
+    assert report.missing == [] and report.source_format == "timm"
 
 
 def test_build_model_loads_configured_file(tmp_path):

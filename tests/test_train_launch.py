@@ -93,6 +93,20 @@ def test_train_dry_run_prints_plan(shared_data, tmp_path):
     assert not (tmp_path / "runs").exists()
 
 
+def test_train_dry_run_checks_model_settings(shared_data, tmp_path, monkeypatch):
+    """A missing weights file or an impossible block list stops the dry run, before any job is submitted."""
+    study_file = write_study(tmp_path / "study.yaml", study_dict(shared_data, tmp_path / "runs", ["breast_2cls"]))
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    code, stderr = run_main(["train", str(study_file), "--dry-run", "--set", "model.pretrained=w.pth"], monkeypatch)
+    assert code == 2
+    # A relative path on the command line is taken from the current folder, not from the study's.
+    assert f"model.pretrained: file {tmp_path / 'elsewhere' / 'w.pth'} not found" in stderr
+    code, stderr = run_main(["train", str(study_file), "--dry-run", "--set", "model.feature_blocks=[]"], monkeypatch)
+    assert code == 2
+    assert "model.feature_blocks: the heads need at least one block" in stderr
+
+
 def test_train_cli_reports_bad_option(shared_data, tmp_path, monkeypatch):
     study_file = write_study(tmp_path / "study.yaml", study_dict(shared_data, tmp_path / "runs", ["breast_2cls"]))
     code, stderr = run_main(["train", str(study_file), "--dry-run", "--task", "lung"], monkeypatch)

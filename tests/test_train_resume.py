@@ -104,6 +104,18 @@ def _train_once(study_file, output):
     return execute_plan(study, plan_runs(study), options, DistEnv())
 
 
+def _interrupted_four_step_run(shared_data, tmp_path, monkeypatch, model=None):
+    """Train a 4-step task-specific run that checkpoints every 2 steps and is interrupted at step 4."""
+    train = {"steps": 4, "checkpoint_every": 2, "eval_every": 2, "log_every": 1, "batch_size": 2}
+    study = study_dict(shared_data, tmp_path / "runs", ["breast_2cls"], train=train, paradigms=["task_specific"], model=model)
+    study_file = write_study(tmp_path / "study.yaml", study)
+    with monkeypatch.context() as patch:
+        _interrupt_at_latest_checkpoint(patch, 4)
+        with pytest.raises(KeyboardInterrupt):
+            _train_once(study_file, tmp_path / "runs")
+    return study_file, tmp_path / "runs" / "tiny" / RUN
+
+
 def _log(run_dir):
     return [json.loads(x) for x in (run_dir / "train_log.jsonl").read_text().splitlines()]
 
@@ -148,14 +160,7 @@ def test_resume_drops_log_lines_after_checkpoint(shared_data, tmp_path, monkeypa
 
 def test_resume_keeps_later_best_checkpoint(shared_data, tmp_path, monkeypatch):
     """A best checkpoint saved after the resumed one stays the best to beat, and run.json names its step."""
-    train = {"steps": 4, "checkpoint_every": 2, "eval_every": 2, "log_every": 1, "batch_size": 2}
-    study = study_dict(shared_data, tmp_path / "runs", ["breast_2cls"], train=train, paradigms=["task_specific"])
-    study_file = write_study(tmp_path / "study.yaml", study)
-    run_dir = tmp_path / "runs" / "tiny" / RUN
-    with monkeypatch.context() as patch:
-        _interrupt_at_latest_checkpoint(patch, 4)
-        with pytest.raises(KeyboardInterrupt):
-            _train_once(study_file, tmp_path / "runs")
+    study_file, run_dir = _interrupted_four_step_run(shared_data, tmp_path, monkeypatch)
     pointer_file = run_dir / "checkpoints" / "best.json"
     pointer = json.loads(pointer_file.read_text())
     assert pointer["step"] == 4  # validated and saved as best before the latest checkpoint of step 4
@@ -166,3 +171,37 @@ def test_resume_keeps_later_best_checkpoint(shared_data, tmp_path, monkeypatch):
 
     assert json.loads(pointer_file.read_text())["score"] == 99.0
     assert json.loads((run_dir / "run.json").read_text())["best_step"] == 4
+
+
+def test_resume_does_not_need_the_pretrained_file(shared_data, tmp_path, monkeypatch):
+    """The checkpoint replaces every weight, so a resumed run trains on after the pretrained file is gone."""
+    import timm
+    from safetensors.torch import save_file
+
+    vit = timm.create_model("vit_tiny_patch16_dinov3_qkvb", pretrained=False, num_classes=0, depth=2, img_size=32)
+    weights = tmp_path / "dinov3_tiny.safetensors"
+    save_file({k: v.contiguous() for k, v in vit.state_dict().items()}, weights)
+    study_file, run_dir = _interrupted_four_step_run(shared_data, tmp_path, monkeypatch, model={"pretrained": str(weights)})
+    status = json.loads((run_dir / "run.json").read_text())
+    assert status["status"] == "interrupted" and status["step"] == 4
+    assert status["pretrained"]["path"] == str(weights.resolve())
+    assert status["pretrained"]["format"] == "timm" and status["pretrained"]["missing"] == []
+    assert status["pretrained"]["loaded"] > 0
+
+    weights.unlink()
+    with monkeypatch.context() as patch:
+        # A failure before the resumed run restores its step leaves the recorded step alone.
+        from usagg.train import loop
+
+        def broken(self):
+            raise RuntimeError("disk full")
+
+        patch.setattr(loop._Trainer, "_resume", broken)
+        with pytest.raises(RuntimeError, match="disk full"):
+            _train_once(study_file, tmp_path / "runs")
+    status = json.loads((run_dir / "run.json").read_text())
+    assert status["status"] == "failed" and status["step"] == 4
+
+    outcomes = _train_once(study_file, tmp_path / "runs")
+    assert outcomes[0].status == "finished"
+    assert [line["step"] for line in _log(run_dir) if line.get("event") == "resume"] == [2]

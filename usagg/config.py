@@ -84,6 +84,8 @@ class ModelConfig(StrictModel):
         "vit_large_patch16_dinov3_qkvb",
     ] = "vit_small_patch16_dinov3"
     pretrained: ConfigPath | None = None  # local .pth / .safetensors file; nothing is downloaded
+    # Backbone tensors the pretrained file lacks stop the run unless this is true (they then keep random values).
+    pretrained_allow_missing: bool = False
     depth: int | None = Field(default=None, ge=1)  # truncate the backbone to this many blocks (tests, tiny runs)
     moe_blocks: list[int] | None = None  # 0-based block indices; default the second half
     num_experts: int = Field(default=8, ge=1)
@@ -576,11 +578,31 @@ def load_study(path: str | os.PathLike, overrides: dict[str, Any] | None = None)
                 resolved.append(item)
         raw["tasks"] = resolved
     try:
-        return StudyConfig.model_validate(raw, context={"base_dir": file.parent})
+        study = StudyConfig.model_validate(raw, context={"base_dir": file.parent})
     except ValidationError as exc:
         raise ConfigError(
             format_validation_error(exc, file, StudyConfig, overridden=list(overrides or {}), data=raw)
         ) from None
+    for dotted, value in (overrides or {}).items():
+        _resolve_override_path(study, dotted, value)
+    return study
+
+
+def _resolve_override_path(study: StudyConfig, dotted: str, value: Any) -> None:
+    """Take a relative path given as an override from the current folder, as a shell user expects.
+
+    Validation resolved it against the study file's folder, like the paths written in the YAML.
+    """
+    if not isinstance(value, str) or Path(value).expanduser().is_absolute():
+        return
+    *parents, last = dotted.split(".")
+    node: Any = study
+    for part in parents:
+        node = node[int(part)] if isinstance(node, list) else getattr(node, part, None)
+        if node is None:
+            return
+    if isinstance(node, BaseModel) and isinstance(getattr(node, last, None), Path):
+        setattr(node, last, Path.cwd() / Path(value).expanduser())
 
 
 def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:

@@ -41,7 +41,7 @@ def _version_callback(value: bool) -> None:
 
 @app.callback()
 def _root(
-    verbose: Annotated[int, typer.Option("--verbose", "-v", count=True, help="Show debug logging (-vv adds source locations).")] = 0,
+    verbose: Annotated[int, typer.Option("--verbose", "-v", count=True, show_default=False, help="Show debug logging (-vv adds source locations).")] = 0,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Show only warnings and errors.")] = False,
     version: Annotated[
         Optional[bool],

@@ -186,7 +186,7 @@ def _parse_k(value: str | None) -> int | str | None:
 
 
 def transfer_matrix(
-    results: Annotated[Path, typer.Argument(help=RESULTS_HELP)],
+    results: Annotated[Path, typer.Argument(help=RESULTS_HELP, metavar="RESULTS")],
     out: Annotated[Optional[Path], typer.Option("--out", help="Folder to write the tables (CSV, parquet, JSON) into.")] = None,
     metric: Annotated[Optional[list[str]], typer.Option("--metric", help=METRIC_HELP)] = None,
     all_metrics: Annotated[bool, typer.Option("--all-metrics", help="Analyse every metric in the table, not only the primary one.")] = False,
@@ -264,7 +264,7 @@ def _data_scale_report(results: Path, metric: Optional[list[str]], bootstrap: in
 
 
 def data_scale(
-    results: Annotated[Path, typer.Argument(help=RESULTS_HELP)],
+    results: Annotated[Path, typer.Argument(help=RESULTS_HELP, metavar="RESULTS")],
     out: Annotated[Optional[Path], typer.Option("--out", help="Folder to write the tables (CSV, JSON) into.")] = None,
     metric: Annotated[Optional[list[str]], typer.Option("--metric", help=METRIC_HELP)] = None,
     bootstrap: Annotated[int, typer.Option("--bootstrap", min=0, help="Bootstrap replicates for the zero-crossing intervals.")] = 1000,
@@ -295,7 +295,7 @@ def data_scale(
 
 
 def advise_command(
-    results: Annotated[Path, typer.Argument(help=RESULTS_HELP)],
+    results: Annotated[Path, typer.Argument(help=RESULTS_HELP, metavar="RESULTS")],
     task: Annotated[Optional[str], typer.Option("--task", help="Advise on this task only.")] = None,
     out: Annotated[Optional[Path], typer.Option("--out", help="Folder to write the advice tables (CSV) into.")] = None,
     metric: Annotated[Optional[list[str]], typer.Option("--metric", help=METRIC_HELP)] = None,

@@ -21,7 +21,7 @@ def plot(
     figure: Annotated[Optional[str], typer.Option("--figure", "-f", help="Figure name; see --list.")] = None,
     inputs: Annotated[
         Optional[list[Path]],
-        typer.Argument(help="Results table (.parquet/.csv), run directories or a study output folder.", metavar="[RESULTS]..."),
+        typer.Argument(help="Results table (.parquet/.csv), run directories or a study output folder.", metavar="RESULTS"),
     ] = None,
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder the figure files are written to.")] = Path("figures"),
     formats: Annotated[str, typer.Option("--format", help="Comma-separated output formats: pdf, png, svg.")] = "pdf,png",
@@ -57,15 +57,15 @@ def plot(
 
 
 def reproduce(
-    study: Annotated[Optional[Path], typer.Argument(help="Study YAML; omit with --quick for the synthetic benchmark.", metavar="[STUDY.yaml]")] = None,
-    quick: Annotated[bool, typer.Option("--quick", help="Without a study: generate the small synthetic benchmark and train tiny models (5-6 minutes on 2 idle CPU cores).")] = False,
+    study: Annotated[Optional[Path], typer.Argument(help="Study YAML; omit with --quick for the synthetic benchmark.", metavar="STUDY.yaml")] = None,
+    quick: Annotated[bool, typer.Option("--quick", help="Without a study: generate the small synthetic benchmark and train tiny models (5-7 minutes on 2 idle CPU cores).")] = False,
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Root of the run directories; default the study's output (usagg-output/runs for --quick).")] = None,
     figures_dir: Annotated[Optional[Path], typer.Option("--figures", help="Folder for the figures; default figures/ with --quick, else <output>/<study>/figures.")] = None,
     formats: Annotated[str, typer.Option("--format", help="Comma-separated figure formats: pdf, png, svg.")] = "pdf,png",
     device: Annotated[str, typer.Option(help="auto (GPU when available), cpu or cuda.")] = "auto",
     train: Annotated[bool, typer.Option("--train/--no-train", help="--no-train analyses the results already on disk.")] = True,
     progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show training progress bars.")] = True,
-    overrides: Annotated[Optional[list[str]], typer.Option("--set", help="Override a study key, e.g. --set train.epochs=2; repeatable.")] = None,
+    overrides: Annotated[Optional[list[str]], typer.Option("--set", help="Override a study key, e.g. --set train.epochs=2; repeatable. A relative path is taken from the current folder.")] = None,
 ) -> None:
     """Run a study end to end: data check, training, evaluation, analyses, figures and a report.
 

@@ -44,7 +44,7 @@ def train(
     device: Annotated[str, typer.Option(help="auto (GPU when available), cpu or cuda.")] = "auto",
     skip_nonfinite: Annotated[bool, typer.Option("--skip-nonfinite", help="Skip batches whose loss or gradient is NaN/infinite instead of stopping.")] = False,
     progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show a progress bar.")] = True,
-    overrides: Annotated[Optional[list[str]], typer.Option("--set", help="Override a study key, e.g. --set train.epochs=2; repeatable.")] = None,
+    overrides: Annotated[Optional[list[str]], typer.Option("--set", help="Override a study key, e.g. --set train.epochs=2; repeatable. A relative path is taken from the current folder.")] = None,
     slurm_partition: Annotated[Optional[str], typer.Option(help="Slurm partition.")] = None,
     slurm_time: Annotated[int, typer.Option(help="Slurm time limit per run, minutes.")] = 240,
     slurm_gpus: Annotated[int, typer.Option(help="GPUs per Slurm job (more than 1 trains the run with DDP).")] = 1,
@@ -65,6 +65,9 @@ def train(
     from usagg.train.run import describe_plan
 
     study = load_study(study_file, _parse_overrides(overrides))
+    from usagg.model.backbone import check_model_config
+
+    check_model_config(study.model)  # before any run starts, so a mistake does not first show up in a Slurm job
     if output is not None:
         study = study.model_copy(update={"output": output.resolve()})
     partition = load_groups_file(groups_file, study) if groups_file is not None else None
@@ -230,7 +233,7 @@ def predict(
 
 @results_app.command("collect")
 def results_collect(
-    output_dir: Annotated[Path, typer.Argument(help="Study output directory (<output>/<study>) or the output root.")],
+    output_dir: Annotated[Path, typer.Argument(help="Study output directory (<output>/<study>) or the output root.", metavar="OUTPUT_DIR")],
 ) -> None:
     """Merge the results of every run below OUTPUT_DIR into OUTPUT_DIR/results.parquet (+ .csv)."""
     from usagg.train.rundir import collect_results

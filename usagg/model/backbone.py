@@ -36,6 +36,49 @@ class BackboneFeatures:
         return torch.cat([self.cls[-1], deepest.mean(dim=(2, 3))], dim=1)
 
 
+# Blocks of each backbone that ModelConfig accepts, as timm builds them; model.depth may only cut them short.
+BACKBONE_DEPTHS = {
+    "vit_tiny_patch16_dinov3_qkvb": 12,
+    "vit_small_patch16_dinov3": 12,
+    "vit_small_patch16_dinov3_qkvb": 12,
+    "vit_base_patch16_dinov3": 12,
+    "vit_base_patch16_dinov3_qkvb": 12,
+    "vit_large_patch16_dinov3": 24,
+    "vit_large_patch16_dinov3_qkvb": 24,
+}
+
+
+def model_depth(cfg: ModelConfig) -> int:
+    """Return the number of blocks the model will have; raise ConfigError when model.depth exceeds the backbone's."""
+    full = BACKBONE_DEPTHS.get(cfg.backbone)
+    if full is None:  # a backbone added to ModelConfig but not here: build it on the meta device to count its blocks
+        with torch.device("meta"):
+            full = len(timm.create_model(cfg.backbone, pretrained=False, num_classes=0).blocks)
+    if cfg.depth is not None and cfg.depth > full:
+        raise ConfigError(
+            f"model.depth: {cfg.depth} is more than the {full} blocks of {cfg.backbone}; model.depth can only "
+            f"truncate the backbone, so use 1..{full} or leave it unset"
+        )
+    return cfg.depth or full
+
+
+def check_model_config(cfg: ModelConfig) -> None:
+    """Check the model settings that need the backbone's depth or the disk, without building the model.
+
+    Called before any run starts (also by ``usagg train --dry-run``), so that a mistake does not first show up
+    in a Slurm job.
+    """
+    depth = model_depth(cfg)
+    if cfg.feature_blocks is not None:
+        _check_blocks("feature_blocks", cfg.feature_blocks, depth, cfg.backbone)
+    if cfg.moe_blocks is not None:
+        _check_blocks("moe_blocks", cfg.moe_blocks, depth, cfg.backbone)
+    if cfg.pretrained is not None:
+        from usagg.model.pretrained import check_weights_file
+
+        check_weights_file(cfg.pretrained)
+
+
 def default_moe_blocks(depth: int) -> list[int]:
     """Return the second half of the blocks (0-based), e.g. 6..11 of 12."""
     return list(range(depth // 2, depth))
@@ -48,6 +91,8 @@ def default_feature_blocks(depth: int) -> list[int]:
 
 
 def _check_blocks(name: str, blocks: Sequence[int], depth: int, backbone: str) -> list[int]:
+    if name == "feature_blocks" and not blocks:
+        raise ConfigError(f"model.feature_blocks: the heads need at least one block; list 0-based indices 0..{depth - 1} or leave it unset")
     for index in blocks:
         if not 0 <= index < depth:
             raise ConfigError(
@@ -79,6 +124,7 @@ class DinoBackbone(nn.Module):
     def __init__(self, cfg: ModelConfig, img_size_hw: tuple[int, int]):
         super().__init__()
         check_image_size(*img_size_hw)
+        model_depth(cfg)
         kwargs = {
             "pretrained": False,  # weights only ever come from a local file, see usagg.model.pretrained
             "num_classes": 0,

@@ -220,13 +220,21 @@ class M2DINO(nn.Module):
         return out
 
 
-def build_model(model_cfg: ModelConfig, tasks: Sequence[TaskCard], img_size_hw: tuple[int, int]) -> M2DINO:
-    """Build M2DINO for ``tasks`` and load ``model_cfg.pretrained`` if set (random initialisation otherwise)."""
-    model = M2DINO(model_cfg, tasks, img_size_hw)
-    if model_cfg.pretrained is not None:
-        from usagg.model.pretrained import load_pretrained
+def build_model(
+    model_cfg: ModelConfig, tasks: Sequence[TaskCard], img_size_hw: tuple[int, int], load_pretrained_file: bool = True
+) -> M2DINO:
+    """Build M2DINO for ``tasks`` and load ``model_cfg.pretrained`` if set (random initialisation otherwise).
 
-        load_pretrained(model, model_cfg.pretrained)
+    What the file gave is kept as ``model.pretrained_report`` (a ``LoadReport``, None when nothing was loaded).
+    ``load_pretrained_file=False`` skips the file, for a model whose every weight a checkpoint will replace.
+    """
+    model = M2DINO(model_cfg, tasks, img_size_hw)
+    model.pretrained_report = None
+    if model_cfg.pretrained is not None:
+        if load_pretrained_file:
+            from usagg.model.pretrained import load_pretrained
+
+            model.pretrained_report = load_pretrained(model, model_cfg.pretrained)
     elif model_cfg.backbone not in _WARNED_RANDOM:
         # Once per backbone and process: a study builds one model per run, and the warning does not change.
         _WARNED_RANDOM.add(model_cfg.backbone)

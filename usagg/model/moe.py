@@ -301,6 +301,7 @@ class MoEMlp(nn.Module):
             )
         layer = cls(fc1.in_features, hidden, num_experts, top_k, router, act_layer=type(mlp.act), **kwargs)
         layer.load_dense(fc1.weight, fc1.bias, fc2.weight, fc2.bias)
+        layer.dense_hidden = fc1.out_features  # the width a pretrained file's MLP of this block must have
         return layer
 
     @torch.no_grad()

@@ -180,7 +180,12 @@ class _Trainer:
 
         seed_everything(self.spec.seed, self.cfg.deterministic)
         cards = [self.records.cards[t] for t in self.spec.tasks]
-        self.model = build_model(self.study.model, cards, self.study.data.size_hw)
+        # A run that resumes takes every weight from its checkpoint, so the pretrained file need not be there.
+        resuming = ckpt.read_pointer(self.run_dir, "latest") is not None
+        self.model = build_model(self.study.model, cards, self.study.data.size_hw, load_pretrained_file=not resuming)
+        report = self.model.pretrained_report
+        if report is not None and self.writes:
+            update_run_json(self.run_dir, pretrained=report.summary())
         for card in cards:
             if card.kind == "scalar":
                 values = torch.tensor([r.value for r in self.records.split(card.name, "train")], dtype=torch.float64)
@@ -341,12 +346,16 @@ class _Trainer:
             yield
         except KeyboardInterrupt:  # Ctrl-C, or SIGTERM through the handler of the usagg command
             if self.writes:
-                update_run_json(self.run_dir, status="interrupted", step=self.step)
+                update_run_json(self.run_dir, status="interrupted", **self._step_field())
             raise
         except Exception as exc:
             if self.writes:
-                update_run_json(self.run_dir, status="failed", error=f"{context}{exc}", step=self.step)
+                update_run_json(self.run_dir, status="failed", error=f"{context}{exc}", **self._step_field())
             raise
+
+    def _step_field(self) -> dict[str, int]:
+        """Return the step to record with a failure; none before a resumed run has restored its step."""
+        return {"step": self.step} if self.step else {}
 
     def _loop(self, batches: Iterator) -> None:
         total_steps = self.options.benchmark_steps or self.size.steps
