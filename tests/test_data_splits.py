@@ -112,3 +112,63 @@ def test_fraction_keeps_cases_whole():
 def test_fraction_rejects_out_of_range():
     with pytest.raises(ValueError, match="outside"):
         select_fraction(_records(10), CLS, 0.0, seed=0)
+
+
+def _paths(records) -> set[str]:
+    return {str(r.image_path) for r in records}
+
+
+def test_study_split_keeps_shared_images_together():
+    """A segmentation and a classification task over the same 200 images put each image in one split."""
+    from usagg.data.splits import cross_task_conflicts, split_study_records
+
+    cls = _records(200)
+    seg = [SampleRecord(task="seg", image_path=r.image_path) for r in reversed(cls)]
+    splits = split_study_records([SEG, CLS], {"seg": seg, "cls": cls}, small_config())
+    assert cross_task_conflicts(splits) == []
+    for split in ("train", "val", "test"):
+        assert _paths(splits["seg"][split]) == _paths(splits["cls"][split])
+    assert {k: len(v) for k, v in splits["seg"].items()} == {"train": 140, "val": 30, "test": 30}
+    # Alone, each task carves its own split from its own random stream, and test images leak into train.
+    alone = split_records(cls, CLS, small_config())
+    assert _paths(alone["test"]) & _paths(splits["seg"]["train"])
+
+
+def test_study_split_inherits_fixed_splits_and_cases():
+    """A task with a val folder goes first; the other task's copies of those images, and their cases, follow it."""
+    from usagg.data.splits import split_study_records
+
+    fixed = _records(40, split="train") + [
+        SampleRecord(task="cls", image_path=Path(f"/data/val_{i}.png"), label=i % 3, case_id=f"v{i}", split="val")
+        for i in range(10)
+    ]
+    # The second task has the val images, another image of each val case, and 50 images of its own.
+    other = [SampleRecord(task="seg", image_path=Path(f"/data/val_{i}.png")) for i in range(10)]
+    other += [SampleRecord(task="seg", image_path=Path(f"/data/val_{i}_b.png"), case_id=f"v{i}") for i in range(10)]
+    other += [SampleRecord(task="seg", image_path=Path(f"/data/own_{i}.png")) for i in range(50)]
+    other += [SampleRecord(task="seg", image_path=r.image_path) for r in fixed[:40]]
+    splits = split_study_records([SEG, CLS], {"seg": other, "cls": fixed}, small_config())
+    seg = splits["seg"]
+    assert {f"/data/val_{i}.png" for i in range(10)} | {f"/data/val_{i}_b.png" for i in range(10)} <= _paths(seg["val"])
+    # The fixed task carves its test split from its training images; the other task's copies follow it.
+    for split in ("train", "val", "test"):
+        assert _paths(fixed[:40]) & _paths(seg[split]) == _paths(fixed[:40]) & _paths(splits["cls"][split])
+    assert _paths(fixed[:40]) & _paths(seg["test"])
+    own = {f"/data/own_{i}.png" for i in range(50)}
+    assert len(own & _paths(seg["test"])) == 8  # test_fraction 0.15 of the 50 images the task alone has
+    assert len(own & _paths(seg["val"])) == 8
+
+
+def test_study_split_reports_conflicting_fixed_splits(tmp_path):
+    from usagg.data.check import _cross_task_problems
+    from usagg.data.splits import cross_task_conflicts, split_study_records
+
+    one = [SampleRecord(task="cls", image_path=Path("/data/a.png"), label=0, split="test")] + _records(20, split="train")
+    two = [SampleRecord(task="seg", image_path=Path("/data/a.png"), split="train")] + [
+        SampleRecord(task="seg", image_path=Path(f"/data/b{i}.png")) for i in range(20)
+    ]
+    splits = split_study_records([CLS, SEG], {"cls": one, "seg": two}, small_config())
+    assert cross_task_conflicts(splits) == [("image:/data/a.png", {"cls": "test", "seg": "train"})]
+    [problem] = _cross_task_problems(splits)
+    assert problem.task == "" and not problem.fatal
+    assert str(problem).startswith("image /data/a.png is in different splits in different tasks (cls: test, seg: train)")

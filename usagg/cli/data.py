@@ -104,14 +104,14 @@ def _problem_table(problems, limit: int) -> Table:
 
 @data_app.command("check")
 def check(
-    path: Annotated[Path, typer.Argument(help="A study YAML, or a dataset folder whose layout is detected.")],
+    path: Annotated[Path, typer.Argument(help="A study YAML, or a dataset folder whose layout is detected.", metavar="PATH")],
     task: Annotated[list[str] | None, typer.Option("--task", "-t", help="Check only this task (repeatable).")] = None,
     max_problems: Annotated[int, typer.Option(help="Rows of the problem table to print (0 prints all).")] = 200,
     json_out: Annotated[Path | None, typer.Option("--json", help="Also write the full report to this JSON file.")] = None,
 ) -> None:
     """Read every sample and report per task the type, labels, counts per split and class, image sizes and every
     problem found. Exits with status 1 if any problem would break training."""
-    from usagg.data.check import DataCheckReport, inspect_task, select_cards
+    from usagg.data.check import inspect_cards, select_cards
     from usagg.data.problems import ProblemLog
 
     _widen_for_files()
@@ -123,12 +123,12 @@ def check(
         SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
         console=console, transient=True, disable=not console.is_terminal,
     )
+    def on_task(card, _):
+        handle = progress.add_task(f"checking {card.name}", total=None)
+        return lambda k: progress.advance(handle, k)
+
     with progress:
-        reports = []
-        for card in cards:
-            handle = progress.add_task(f"checking {card.name}", total=None)
-            reports.append(inspect_task(card, data_cfg, on_progress=lambda k, h=handle: progress.advance(h, k)))
-    result = DataCheckReport(path=path, kind=kind, tasks=reports, problems=list(log.problems))
+        result = inspect_cards(path, cards, data_cfg, kind, log.problems, on_task)
     console.print(_summary_table(result))
     problems = sorted(result.all_problems, key=lambda p: (not p.fatal, p.task))
     if problems:
@@ -175,7 +175,7 @@ def _write_json(result, out: Path) -> None:
 
 @data_app.command("show")
 def show(
-    path: Annotated[Path, typer.Argument(help="A study YAML, or a dataset folder whose layout is detected.")],
+    path: Annotated[Path, typer.Argument(help="A study YAML, or a dataset folder whose layout is detected.", metavar="PATH")],
     task: Annotated[str, typer.Option("--task", "-t", help="Task to draw.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="PNG file to write.")],
     n: Annotated[int, typer.Option("--n", help="Number of samples to draw.", min=1)] = 8,
@@ -189,7 +189,7 @@ def show(
     from usagg.data.problems import ProblemLog
     from usagg.data.show import render_samples
     from usagg.data.sources import read_source
-    from usagg.data.splits import SPLITS, split_records
+    from usagg.data.splits import SPLITS, split_study_records
 
     if split is not None and split not in SPLITS:
         raise UsaggError(f"--split {split!r} is invalid; use train, val or test")
@@ -208,7 +208,9 @@ def show(
         first = next((f"; first problem: {p}" for p in source_log.problems if p.fatal), "")
         raise UsaggError(f"task {card.name}: no sample could be read{first}")
     if split is not None:
-        records = split_records(records, card, data_cfg)[split]
+        # Split with the other tasks, as training does: an image they share lands in one split for all of them.
+        others = {c.name: read_source(c, ProblemLog(strict=False)) for c in cards if c.name != card.name}
+        records = split_study_records(cards, {**others, card.name: records}, data_cfg)[card.name][split]
     drawing = render_samples(card, records, out, n=n, data_cfg=data_cfg, transformed=transformed,
                            title=f"{card.name} ({card.kind})" + (f", {split} split" if split else "") + (", transformed" if transformed else ""))
     problems = list(source_log.problems) + list(drawing.skipped)

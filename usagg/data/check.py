@@ -16,7 +16,7 @@ from usagg.data.problems import DataProblem, ProblemLog
 from usagg.data.record import SampleRecord
 from usagg.data.sources import read_source
 from usagg.data.sources._common import format_ranges
-from usagg.data.splits import SPLITS, case_key, split_records
+from usagg.data.splits import SPLITS, case_key, cross_task_conflicts, split_records, split_study_records
 from usagg.data.validate import load_sample
 from usagg.errors import DataError
 from usagg.tasks import TaskCard
@@ -42,6 +42,8 @@ class TaskReport:
     with_spacing: int = 0
     value_range: tuple[float, float] | None = None
     boxes_per_image: tuple[int, int] | None = None
+    # id(record) -> classes its mask contains, from decoding; used to count classes once splits are known
+    present_by_record: dict[int, tuple[int, ...]] = field(default_factory=dict, repr=False)
 
     @property
     def errors(self) -> list[DataProblem]:
@@ -95,6 +97,14 @@ def inspect_task(
     from usagg.config import DataConfig
 
     data_cfg = data_cfg or DataConfig()
+    report = _read_and_decode(card, threads, on_progress)
+    report.splits = split_records(report.records, card, data_cfg) if report.records else {s: [] for s in SPLITS}
+    _summarise_splits(report)
+    return report
+
+
+def _read_and_decode(card: TaskCard, threads: int | None, on_progress: Callable[[int], None] | None) -> TaskReport:
+    """Read the task's source and decode every sample; the report has no splits yet."""
     log = ProblemLog(strict=False)
     listed = read_source(card, log)
     threads = threads or min(8, os.cpu_count() or 1)
@@ -124,11 +134,15 @@ def inspect_task(
         report.size_max_hw = (max(heights), max(widths))
     if not listed and not report.errors:
         report.problems.append(DataProblem(card.name, "the source lists no images", "check source.root and the label files"))
-    report.splits = split_records(report.records, card, data_cfg) if report.records else {s: [] for s in SPLITS}
-    _count_classes(report, present_by_record)
-    gaps = _check_label_gaps(report, present_by_record)
-    _check_splits(report, skip=gaps)
+    report.present_by_record = present_by_record
     return report
+
+
+def _summarise_splits(report: TaskReport) -> None:
+    """Count classes per split and report label gaps and split problems, once ``report.splits`` is set."""
+    _count_classes(report, report.present_by_record)
+    gaps = _check_label_gaps(report, report.present_by_record)
+    _check_splits(report, skip=gaps)
 
 
 def _class_name(card: TaskCard, index: int) -> str:
@@ -345,8 +359,48 @@ def inspect_path(
     """Check a study YAML or a dataset root; ``tasks`` limits the check to some task names."""
     log = ProblemLog(strict=False)
     cards, data_cfg, kind = select_cards(path, tasks, log)
+    return inspect_cards(path, cards, data_cfg, kind, log.problems, on_task)
+
+
+def inspect_cards(
+    path: str | os.PathLike,
+    cards: list[TaskCard],
+    data_cfg,
+    kind: str,
+    problems: list[DataProblem] | None = None,
+    on_task: Callable[[TaskCard, int], Callable[[int], None] | None] | None = None,
+) -> DataCheckReport:
+    """Check the tasks of ``cards`` (from :func:`select_cards`); ``problems`` are those found while selecting them.
+
+    The tasks are split together, as training splits them, so the report shows the splits training will use.
+    NOTE: with a subset of a study's tasks (``--task``), images shared with the other tasks are not seen.
+    """
     reports = []
     for card in cards:
         progress = on_task(card, 0) if on_task is not None else None
-        reports.append(inspect_task(card, data_cfg, on_progress=progress))
-    return DataCheckReport(path=Path(path), kind=kind, tasks=reports, problems=list(log.problems))
+        reports.append(_read_and_decode(card, None, progress))
+    splits = split_study_records(cards, {r.card.name: r.records for r in reports}, data_cfg)
+    for report in reports:
+        report.splits = splits[report.card.name]
+        _summarise_splits(report)
+    found = list(problems or []) + _cross_task_problems(splits)
+    return DataCheckReport(path=Path(path), kind=kind, tasks=reports, problems=found)
+
+
+def _cross_task_problems(splits: dict[str, dict[str, list[SampleRecord]]]) -> list[DataProblem]:
+    """Return one warning per image or case that the tasks' own sources put in different splits (up to 20)."""
+    conflicts = cross_task_conflicts(splits)
+    problems = [
+        DataProblem(
+            "",
+            f"{key.replace(':', ' ', 1)} is in different splits in different tasks "
+            f"({', '.join(f'{task}: {split}' for task, split in by_task.items())}), so a joint model trains on "
+            "test or validation images of another task",
+            "give the tasks the same split for the images they share (split column, split folders, val_root, test_root)",
+            fatal=False,
+        )
+        for key, by_task in conflicts[:20]
+    ]
+    if len(conflicts) > 20:
+        problems.append(DataProblem("", f"... and {len(conflicts) - 20} more images or cases in different splits", fatal=False))
+    return problems

@@ -1,9 +1,15 @@
-"""Deterministic train/val/test splits per task, and nested stratified data fractions.
+"""Deterministic train/val/test splits per task, consistent across the tasks of a study, and nested data fractions.
 
 Splits: a split fixed by the source (a split column, split sub-folders, ``val_root`` / ``test_root``) wins; the
 remaining images are divided at random from ``data.split_seed``. Images that share a case (patient) id stay in one
 split, and classification tasks are stratified by class. A val (test) split is carved only when the source gives
 none, from the images without a split and those the source puts in train.
+
+Across a study (``split_study_records``), an image file or a case id that several tasks share lands in one split
+for all of them: otherwise a grouped or unified model would train, under one task, on the test images of another,
+and the transfer it is meant to measure would be biased. Tasks whose source fixes some splits are split first, and
+an image or case that an earlier task placed keeps that split in the later ones. Only the remaining images are
+carved at random.
 
 Fractions: for each stratum the training cases are put in one seeded random order, and a fraction takes the
 shortest prefix of that order that contains at least ``ceil(fraction * n)`` images. Prefixes of one order are nested,
@@ -16,7 +22,7 @@ import logging
 import math
 import zlib
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
@@ -55,8 +61,23 @@ def _group_units(card: TaskCard, records: Sequence[tuple[int, SampleRecord]]) ->
     return dict(sorted(strata.items()))
 
 
-def split_records(records: Sequence[SampleRecord], card: TaskCard, data_cfg) -> dict[str, list[SampleRecord]]:
-    """Split a task's records into train/val/test (see the module rules); each list keeps the input order."""
+def shared_keys(record: SampleRecord) -> list[str]:
+    """Return the keys by which tasks share a sample: its image file and, when the source gives one, its case."""
+    keys = [f"image:{record.image_path}"]
+    if record.case_id is not None:
+        keys.append(case_key(record))
+    return keys
+
+
+def split_records(
+    records: Sequence[SampleRecord], card: TaskCard, data_cfg, placed: Mapping[str, str] | None = None
+) -> dict[str, list[SampleRecord]]:
+    """Split a task's records into train/val/test (see the module rules); each list keeps the input order.
+
+    ``placed`` maps :func:`shared_keys` of images and cases that other tasks of the study have already put in a
+    split. A record without a split of its own that matches one joins that split and is not carved.
+    """
+    placed = placed or {}
     assigned: dict[int, str] = {}
     case_split: dict[str, str] = {}
     for index, record in enumerate(records):
@@ -64,23 +85,40 @@ def split_records(records: Sequence[SampleRecord], card: TaskCard, data_cfg) -> 
             assigned[index] = record.split
             if record.case_id is not None:
                 case_split.setdefault(case_key(record), record.split)
+    present = set(assigned.values())  # the splits this task's own source fixes
 
     free: list[tuple[int, SampleRecord]] = []
+    inherited: set[int] = set()  # placed by another task: never carved again
+    inherited_cases: set[str] = set()
     for index, record in enumerate(records):
         if index in assigned:
             continue
-        fixed = case_split.get(case_key(record)) if record.case_id is not None else None
-        if fixed is not None:  # an unsplit image of a case whose other images have a fixed split joins them
+        key = case_key(record)
+        fixed = case_split.get(key) if record.case_id is not None else None
+        from_other_task = key in inherited_cases
+        if fixed is None:
+            fixed = next((placed[k] for k in shared_keys(record) if k in placed), None)
+            from_other_task = fixed is not None
+            if from_other_task and record.case_id is not None:
+                case_split[key] = fixed
+                inherited_cases.add(key)
+        if fixed is not None:  # an unsplit image of a case, or of an image, that already has a split joins it
             assigned[index] = fixed
+            if from_other_task:
+                inherited.add(index)
         else:
             free.append((index, record))
 
-    present = set(assigned.values())
     val_fraction = data_cfg.val_fraction if "val" not in present else 0.0
     test_fraction = data_cfg.test_fraction if "test" not in present else 0.0
     if val_fraction or test_fraction:
-        # Missing splits are carved from the images without a split and from those the source puts in train.
-        free += [(index, records[index]) for index in sorted(assigned) if assigned[index] == "train"]
+        # Missing splits are carved from the images without a split and from those the source puts in train,
+        # except images that another task has already placed.
+        free += [
+            (index, records[index])
+            for index in sorted(assigned)
+            if assigned[index] == "train" and index not in inherited and not any(k in placed for k in shared_keys(records[index]))
+        ]
         free.sort(key=lambda item: item[0])
 
     rng = np.random.default_rng([int(data_cfg.split_seed), _stable_hash(card.name)])
@@ -111,6 +149,42 @@ def split_records(records: Sequence[SampleRecord], card: TaskCard, data_cfg) -> 
         result[assigned[index]].append(record)
     logger.debug("task %s split: %s", card.name, {k: len(v) for k, v in result.items()})
     return result
+
+
+def split_study_records(
+    cards: Sequence[TaskCard], records: Mapping[str, Sequence[SampleRecord]], data_cfg
+) -> dict[str, dict[str, list[SampleRecord]]]:
+    """Split every task of a study so that an image or case shared by tasks lands in one split for all of them.
+
+    ``records`` maps task names to their records; tasks missing from it are left out of the result.
+    """
+    present = [card for card in cards if card.name in records]
+    # A task whose source fixes splits goes first, so that the fixed splits are what the other tasks inherit.
+    ordered = sorted(present, key=lambda card: not any(r.split is not None for r in records[card.name]))
+    placed: dict[str, str] = {}
+    result: dict[str, dict[str, list[SampleRecord]]] = {}
+    for card in ordered:
+        splits = split_records(records[card.name], card, data_cfg, placed)
+        for split, members in splits.items():
+            for record in members:
+                for key in shared_keys(record):
+                    placed.setdefault(key, split)
+        result[card.name] = splits
+    return {card.name: result[card.name] for card in present}
+
+
+def cross_task_conflicts(splits: Mapping[str, Mapping[str, Sequence[SampleRecord]]]) -> list[tuple[str, dict[str, str]]]:
+    """Return the images and cases that tasks put in different splits, as ``(key, {task: split})``.
+
+    After :func:`split_study_records` these come only from sources that fix different splits for one image.
+    """
+    seen: dict[str, dict[str, str]] = defaultdict(dict)
+    for task, task_splits in splits.items():
+        for split, members in task_splits.items():
+            for record in members:
+                for key in shared_keys(record):
+                    seen[key].setdefault(task, split)
+    return [(key, by_task) for key, by_task in seen.items() if len(set(by_task.values())) > 1]
 
 
 def select_fraction(train_records: Sequence[SampleRecord], card: TaskCard, fraction: float, seed: int) -> list[SampleRecord]:

@@ -38,15 +38,29 @@ class RecordCache:
         self._split: dict[str, dict[str, list[SampleRecord]]] = {}
 
     def full_splits(self, task: str) -> dict[str, list[SampleRecord]]:
-        if task not in self._split:
-            from usagg.data.sources import load_task_records
-            from usagg.data.splits import split_records
+        """Return the task's full train/val/test split; the first call reads and splits every task of the study.
 
-            card = self.study.task(task)
-            if card.source is None:
-                raise DataError(f"study {self.study.name!r}: task {task!r} has no source; add a source: block to its card")
-            records = load_task_records(card)
-            self._split[task] = split_records(records, card, self.study.data)
+        Tasks are split together so that an image or case they share lands in one split for all of them.
+        """
+        if not self._split:
+            from usagg.data.sources import load_task_records
+            from usagg.data.splits import cross_task_conflicts, split_study_records
+
+            records = {}
+            for card in self.study.tasks:
+                if card.source is None:
+                    raise DataError(f"study {self.study.name!r}: task {card.name!r} has no source; add a source: block to its card")
+                records[card.name] = load_task_records(card)
+            self._split = split_study_records(self.study.tasks, records, self.study.data)
+            conflicts = cross_task_conflicts(self._split)
+            if conflicts:
+                key, by_task = conflicts[0]
+                logger.warning(
+                    "%d image(s) or case(s) are in different splits in different tasks, because their sources fix "
+                    "them so (first: %s, %s); a joint model then trains on test images of another task. Run "
+                    "`usagg data check` on the study to list them",
+                    len(conflicts), key, ", ".join(f"{t}: {s}" for t, s in by_task.items()),
+                )
         return self._split[task]
 
     def run_records(self, spec: RunSpec) -> RunRecords:
