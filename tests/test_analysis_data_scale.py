@@ -409,8 +409,9 @@ def test_advice_notes_contradicting_observation():
     lo, hi = stats.t.interval(0.95, 2, loc=-0.048, scale=0.01 / math.sqrt(3))
     assert (pred["observed_ci_lo"], pred["observed_ci_hi"]) == pytest.approx((lo, hi))
     rec = advice.recommendations.filter(pl.col("task") == "cls_d").row(0, named=True)
-    assert rec["recommendation"] == "grouped"
-    assert rec["confidence"] == "clear"
+    # The task's own grouped runs lose, so the predicted gain under grouped is passed over.
+    assert rec["recommendation"] == "unified"
+    assert "; grouped is not recommended, because this task's own runs lose under it" in rec["reason"]
     assert rec["reason"].endswith(
         "; observed change contradicts the prediction: under grouped this task's own results changed by -4.8 % "
         f"(95 % t interval over seeds {100 * lo:+.1f} to {100 * hi:+.1f} %) where the model predicts "
@@ -468,3 +469,8 @@ def test_safer_paradigm_skips_observed_loss():
     expected = max(kept, key=lambda r: r["ci_lo"])["paradigm"] if kept else "task_specific"
     assert rec["safer_paradigm"] == expected
     assert rec["safer_paradigm"] != "grouped"
+    # The recommendation passes over grouped too, and says why before the observed numbers.
+    assert grouped["predicted"] > 0
+    assert rec["recommendation"] != "grouped"
+    assert "grouped is not recommended, because this task's own runs lose under it" in rec["reason"]
+    assert "under grouped this task's own results changed by" in rec["reason"]

@@ -322,3 +322,56 @@ def test_key_findings_count_and_crossing_caveat():
         "crossing is not reliable: slope sign uncertain: the interval is not bounded."
     )
     assert lines[2] == "unified / segmentation: the fitted relative change crosses 0 at about 80 training images (95 % CI 60–120)."
+
+
+@pytest.mark.parametrize("n_classes", [2, 3])
+def test_auc_per_row_matches_evaluate(n_classes):
+    """The bootstrap's rank AUC equals the AUC that usagg evaluate computes with torchmetrics, ties included."""
+    from usagg.analysis.inference import _auc_per_row
+    from usagg.evaluate.metrics import classification_metrics
+
+    rng = np.random.default_rng(n_classes)
+    labels = rng.integers(0, n_classes, size=(5, 40))
+    probs = rng.dirichlet(np.ones(n_classes), size=(5, 40)).round(1)  # rounding makes ties
+    ours = _auc_per_row(labels, probs)
+    for row in range(5):
+        expected = classification_metrics(probs[row], labels[row]).values["auc"]
+        assert ours[row] == pytest.approx(expected, abs=1e-6)  # torchmetrics returns float32
+    assert math.isnan(_auc_per_row(np.zeros((1, 10), dtype=int), probs[:1, :10])[0])
+
+
+def _classification_per_image(runs: dict[str, float], n_images: int = 60, seed: int = 0) -> pl.DataFrame:
+    """Per-image labels and two-class probabilities; ``runs`` maps run ids to how well the run separates classes."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 2, size=n_images)
+    noise = rng.normal(size=n_images)
+    rows = []
+    for run, separation in runs.items():
+        p1 = 1 / (1 + np.exp(-(separation * (2 * labels - 1) + noise)))
+        for i in range(n_images):
+            for metric, value in (("label", labels[i]), ("prob_0", 1 - p1[i]), ("prob_1", p1[i])):
+                rows.append({"run_id": run, "task": "c", "split": "test", "image": f"img{i}", "metric": metric, "value": float(value)})
+    return pl.DataFrame(rows)
+
+
+def test_seed_summary_bootstraps_auc_from_probabilities():
+    """One seed of AUC gets an image-bootstrap interval from the stored labels and probabilities."""
+    from usagg.evaluate.metrics import classification_metrics
+
+    per_image = _classification_per_image({"task_specific-c-0": 3.0, "unified-c-0": 0.3})
+    auc = {}
+    for run in ("task_specific-c-0", "unified-c-0"):
+        part = per_image.filter(pl.col("run_id") == run).pivot("metric", index="image", values="value").sort("image")
+        auc[run] = classification_metrics(part.select("prob_0", "prob_1").to_numpy(), part["label"].to_numpy().astype(int)).values["auc"]
+    rel = relative_change(pl.DataFrame(
+        rows_for("c", [auc["task_specific-c-0"]], [auc["unified-c-0"]], metric="auc", task_type="classification"),
+        schema=RESULTS_SCHEMA,
+    ))
+    summary, _ = seed_summary(rel, per_image, n_boot=500)
+    row = summary.row(0, named=True)
+    assert row["ci_method"] == "bootstrap_images"
+    assert row["ci_lo"] < row["mean_rel_change"] < row["ci_hi"] < 0
+    assert row["negative_transfer"] is True
+    # Without the probabilities there is nothing to resample: one seed has no interval.
+    summary, _ = seed_summary(rel, per_image.filter(pl.col("metric") != "prob_1"), n_boot=500)
+    assert summary["ci_method"][0] == "none"

@@ -15,7 +15,7 @@ from usagg.plots.inputs import FigureInputs
 from usagg.plots.layout import layout_problems
 from usagg.plots.registry import FIGURE_MODULES, draw_figure, get_figure, load_figures, parse_options
 from usagg.plots.style import save_figure
-from usagg.plots.transfer_matrix import cell_text
+from usagg.plots.transfer_matrix import cell_text, colour_limit
 
 FIGURE_NAMES = ["data-scale", "transfer-matrix", "group-paradigm", "task-type", "affinity", "expert-usage", "grouping", "training"]
 GROUPS_27 = sorted({t[2] for t in TASKS_27})
@@ -446,3 +446,14 @@ def test_training_rejects_same_run_id_twice(study_dir_27, tmp_path):
 
     with pytest.raises(DataError, match="have the same run id .* draw each folder in its own figure"):
         draw_figure("training", inputs)
+
+
+def test_transfer_matrix_colour_limit_ignores_one_outlier():
+    """One +494 % cell does not set the scale for cells between -80 and +30 %; a plain spread keeps its maximum."""
+    values = np.array([[-80.0, 12.0], [30.0, -5.0], [494.0, np.nan], [3.0, -20.0], [8.0, 1.0], [-2.0, 25.0]])
+    limit, clipped = colour_limit(values)
+    assert clipped
+    assert 30.0 <= limit < 120.0
+    assert colour_limit(np.array([-27.5, 15.0, 3.0, -1.0])) == (27.5, False)
+    assert colour_limit(np.array([np.nan, 0.2])) == (1.0, False)
+    assert colour_limit(np.full(3, np.nan)) == (1.0, False)

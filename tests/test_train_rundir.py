@@ -129,6 +129,22 @@ def test_config_changes_name_key_and_values(tmp_path):
     ]
 
 
+def test_config_changes_ignore_settings_added_later_at_default(tmp_path):
+    """A run trained before a setting existed is unchanged while the study leaves that setting at its default."""
+    import yaml
+
+    spec = RunSpec("s", "task_specific", "a", ("a",), 1.0, 0)
+    run_dir = spec.run_dir(tmp_path)
+    run_dir.mkdir(parents=True)
+    write_config(run_dir, _study(tmp_path, epochs=3), spec)
+    config = run_dir / "config.yaml"
+    old = yaml.safe_load(config.read_text())
+    del old["model"]["pretrained_allow_missing"], old["train"]["fisher_images"], old["tasks"][0]["allow_vflip"]
+    config.write_text(yaml.safe_dump(old))
+    assert config_changes(run_dir, _study(tmp_path, epochs=3), spec) == []
+    assert config_changes(run_dir, _study(tmp_path, epochs=3, fisher_images=8), spec) == ["train.fisher_images: (not set) -> 8"]
+
+
 def test_finished_run_with_other_settings_raises(tmp_path):
     spec = RunSpec("s", "task_specific", "a", ("a",), 1.0, 0)
     run_dir = spec.run_dir(tmp_path)

@@ -18,7 +18,8 @@ confidence stay as the rule gives them.
 
 The safer paradigm is the one with the highest lower bound: its worst plausible change is the least bad. A
 paradigm under which the task's own runs show a loss (observed interval below 0) is never the safer one, and
-when that holds for every aggregated paradigm the safer choice is task_specific.
+when that holds for every aggregated paradigm the safer choice is task_specific. Such a paradigm is not
+recommended either: rules 1 and 3 choose among the others, and the reason names what was passed over.
 """
 
 from __future__ import annotations
@@ -41,7 +42,8 @@ ADVICE_RULE = (
     f"freedom or the task's type gives fewer than {MIN_DISTINCT_RESAMPLES} distinct bootstrap resamples of tasks; "
     "the reason notes every paradigm whose observed change for the task has the opposite sign to its prediction "
     "(when the observed change has a 95 % interval, only if that interval excludes 0); the safer paradigm has the "
-    "highest lower bound among those under which the task's own runs show no loss, else task_specific"
+    "highest lower bound among those under which the task's own runs show no loss, else task_specific; a paradigm "
+    "under which the task's own runs show a loss (observed interval below 0) is never recommended"
 )
 
 INSUFFICIENT = "insufficient evidence"
@@ -111,23 +113,30 @@ def _safer(rows: list[dict]) -> str:
 
 def _recommend(rows: list[dict]) -> tuple[str, str, str, str]:
     safer = _safer(rows)
-    gains = [r for r in rows if r["verdict"] == "gain"]
+    # The task's own runs are direct evidence: a paradigm they lose under is not recommended, whatever the model.
+    passed_over = [r for r in rows if _observed_loss(r) and (r["verdict"] == "gain" or r["predicted"] > 0)]
+    # The observed numbers follow in the contradiction note, since a predicted gain with an observed loss is one.
+    note = "".join(f"; {r['paradigm']} is not recommended, because this task's own runs lose under it" for r in passed_over)
+    eligible = [r for r in rows if not _observed_loss(r)]
+    gains = [r for r in eligible if r["verdict"] == "gain"]
     if gains:
         best = max(gains, key=lambda r: r["ci_lo"])
         reason = f"{best['paradigm']} is predicted to gain {100 * best['predicted']:+.1f} % (95 % CI {100 * best['ci_lo']:+.1f} to {100 * best['ci_hi']:+.1f} %)"
-        return best["paradigm"], "clear", safer, reason
+        return best["paradigm"], "clear", safer, reason + note
     if all(r["verdict"] == "loss" for r in rows):
         worst = max(rows, key=lambda r: r["ci_hi"])
         reason = f"every aggregated paradigm is predicted to lose (best upper bound {100 * worst['ci_hi']:+.1f} % under {worst['paradigm']})"
         return "task_specific", "clear", safer, reason
-    positive = [r for r in rows if r["predicted"] > 0]
+    positive = [r for r in eligible if r["predicted"] > 0]
     if positive:
         best = max(positive, key=lambda r: r["predicted"])
         reason = (
             f"{best['paradigm']} has a positive predicted change ({100 * best['predicted']:+.1f} %) but its interval "
             f"includes 0 ({100 * best['ci_lo']:+.1f} to {100 * best['ci_hi']:+.1f} %)"
         )
-        return best["paradigm"], "uncertain", safer, reason
+        return best["paradigm"], "uncertain", safer, reason + note
+    if passed_over:
+        return "task_specific", "uncertain", safer, "no other aggregated paradigm has a positive predicted change" + note
     reason = "no aggregated paradigm has a positive predicted change, and no interval excludes 0"
     return "task_specific", "uncertain", safer, reason
 

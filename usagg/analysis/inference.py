@@ -6,7 +6,10 @@ Per task, aggregated paradigm, metric and data fraction:
   of aggregated against task-specific values (``scipy.stats.wilcoxon``, ``scipy.stats.ttest_rel``);
 - a 95 % interval of the relative change, from the first source available:
   1. ``bootstrap_images``: a paired bootstrap over test images from per-image scores (seeds resampled too when
-     there are several, so the interval covers both sources of variation);
+     there are several, so the interval covers both sources of variation). AUC is not a mean over images, so
+     each replicate recomputes it from the stored per-image labels and class probabilities (``label``,
+     ``prob_<c>``), as the Mann–Whitney statistic: binary AUC of class 1 for two classes, else the macro
+     one-vs-rest mean over the classes present in the replicate, as ``usagg evaluate`` scores AUC;
   2. ``t_seeds``: a Student t interval of the mean over seeds (two or more seeds);
   3. none: a single seed without per-image scores has no interval, and the task is not flagged;
   0 bootstrap replicates skip the image bootstrap: the t interval is used where there are two or more seeds,
@@ -131,12 +134,79 @@ def paired_bootstrap_interval(
             mean_agg = np.nanmean(np.take_along_axis(agg[rows], images, axis=1), axis=1)
             mean_ts = np.nanmean(np.take_along_axis(ts[rows], images, axis=1), axis=1)
             rel += sign * (mean_agg - mean_ts) / np.abs(mean_ts)
-    rel /= n_seeds
-    rel = rel[np.isfinite(rel)]
-    if rel.size == 0 or rel.size < n_boot // 2:
+    return _percentile_interval(rel / n_seeds, n_boot, level)
+
+
+def _percentile_interval(replicates: np.ndarray, n_boot: int, level: float) -> tuple[float, float]:
+    """Return the percentile interval of the finite replicates; NaN bounds when fewer than half are finite."""
+    finite = replicates[np.isfinite(replicates)]
+    if finite.size == 0 or finite.size < n_boot // 2:
         return math.nan, math.nan
-    lo, hi = np.percentile(rel, [50 * (1 - level), 50 * (1 + level)])
+    lo, hi = np.percentile(finite, [50 * (1 - level), 50 * (1 + level)])
     return float(lo), float(hi)
+
+
+def paired_bootstrap_auc_interval(
+    labels: np.ndarray,
+    probs_agg: np.ndarray,
+    probs_ts: np.ndarray,
+    n_boot: int = 2000,
+    level: float = 0.95,
+    seed: int = 0,
+) -> tuple[float, float]:
+    """Return a percentile interval of the relative change of AUC, resampling seeds and test images.
+
+    ``labels`` has shape (seeds, images) and the probabilities (seeds, images, classes), image k the same test
+    image in both runs. Each replicate draws images (the same for both runs) and seeds with replacement,
+    recomputes both AUCs and takes (AUC_agg − AUC_ts) / AUC_ts averaged over the drawn seeds. NaN bounds as in
+    :func:`paired_bootstrap_interval`; a replicate with a single class has no AUC and is dropped.
+    """
+    labels = np.atleast_2d(np.asarray(labels, dtype=np.int64))
+    agg = np.asarray(probs_agg, dtype=float)
+    ts = np.asarray(probs_ts, dtype=float)
+    if agg.shape != ts.shape or agg.shape[:2] != labels.shape:
+        raise AnalysisError(f"paired AUC bootstrap: shapes differ: labels {labels.shape}, {agg.shape} vs {ts.shape}")
+    n_seeds, n_images = labels.shape
+    if n_images < 2 or n_boot < 1:
+        return math.nan, math.nan
+    rng = np.random.default_rng(seed)
+    images = rng.integers(0, n_images, size=(n_boot, n_images))
+    seeds = rng.integers(0, n_seeds, size=(n_boot, n_seeds))
+    rel = np.zeros(n_boot)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        for k in range(n_seeds):
+            rows = seeds[:, k]
+            drawn_labels = np.take_along_axis(labels[rows], images, axis=1)
+            auc_agg = _auc_per_row(drawn_labels, np.take_along_axis(agg[rows], images[..., None], axis=1))
+            auc_ts = _auc_per_row(drawn_labels, np.take_along_axis(ts[rows], images[..., None], axis=1))
+            rel += (auc_agg - auc_ts) / np.abs(auc_ts)
+    return _percentile_interval(rel / n_seeds, n_boot, level)
+
+
+def _auc_per_row(labels_BN: np.ndarray, probs_BNC: np.ndarray) -> np.ndarray:
+    """Return the ROC AUC of each row: binary AUC of class 1 for two classes, else the one-vs-rest macro mean.
+
+    Hand-written because the bootstrap needs thousands of AUCs at once. Each is the Mann–Whitney statistic
+    (U of the positives' mid-ranks, divided by n_pos · n_neg), which equals the area under the ROC curve with
+    ties counted half. Classes absent from a row are left out of its mean; a row with one class gives NaN.
+    """
+    n_classes = probs_BNC.shape[2]
+    classes = [1] if n_classes == 2 else range(n_classes)
+    per_class = []
+    for c in classes:
+        positive = labels_BN == c
+        n_pos = positive.sum(axis=1)
+        n_neg = labels_BN.shape[1] - n_pos
+        ranks = stats.rankdata(probs_BNC[..., c], axis=1)
+        u = np.where(positive, ranks, 0.0).sum(axis=1) - n_pos * (n_pos + 1) / 2
+        per_class.append(np.where((n_pos > 0) & (n_neg > 0), u / np.maximum(n_pos * n_neg, 1), np.nan))
+    stacked = np.vstack(per_class)
+    if n_classes == 2:
+        return stacked[0]
+    # Rows whose labels hold one class give NaN for every class: the mean of an all-NaN column stays NaN.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return np.nanmean(stacked, axis=0)
 
 
 @dataclass
@@ -302,11 +372,19 @@ def seed_summary(
         higher = bool(part["higher_is_better"][0])
         ci_lo = ci_hi = math.nan
         method = "none"
-        matrices = _score_matrices(scores, part, info) if scores else None
+        # AUC is resampled from per-image labels and probabilities. A table that gives per-image values under
+        # the metric's own name, as for Dice, is bootstrapped like any other mean.
+        matrices = _auc_inputs(scores, part, info) if scores and info["metric"] == "auc" else None
+        from_probabilities = matrices is not None
+        if matrices is None and scores:
+            matrices = _score_matrices(scores, part, info)
         if matrices is not None and n_boot < 1:
             method = "no_bootstrap"
         elif matrices is not None:
-            ci_lo, ci_hi = paired_bootstrap_interval(matrices[0], matrices[1], higher, n_boot, level, seed)
+            if from_probabilities:
+                ci_lo, ci_hi = paired_bootstrap_auc_interval(*matrices, n_boot=n_boot, level=level, seed=seed)
+            else:
+                ci_lo, ci_hi = paired_bootstrap_interval(matrices[0], matrices[1], higher, n_boot, level, seed)
             method = "bootstrap_images" if math.isfinite(ci_lo) else "none"
         if method in ("none", "no_bootstrap") and finite.size >= 2:
             ci_lo, ci_hi = t_interval(finite, level)
@@ -369,6 +447,43 @@ def _score_matrices(
         agg_rows.append(_aligned(a, order))
         ts_rows.append(_aligned(b, order))
     return np.vstack(agg_rows), np.vstack(ts_rows)
+
+
+def _auc_inputs(
+    scores: dict[tuple[str, str, str, str], pl.DataFrame], part: pl.DataFrame, info: dict
+) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """Return labels (seeds, images) and class probabilities (seeds, images, classes) of both runs for an AUC
+    comparison, on the images every run scored; None when a run lacks its per-image labels or probabilities."""
+    first_run = str(part["run_id_ts"][0])
+    prob_metrics = []
+    while (first_run, info["task"], info["split"], f"prob_{len(prob_metrics)}") in scores:
+        prob_metrics.append(f"prob_{len(prob_metrics)}")
+    if len(prob_metrics) < 2:
+        return None
+
+    runs = []
+    common: set[str] | None = None
+    for run_id, run_id_ts in part.select("run_id", "run_id_ts").iter_rows():
+        frames = {}
+        for role, run in (("agg", run_id), ("ts", run_id_ts)):
+            for metric in ["label", *prob_metrics]:
+                frame = scores.get((str(run), info["task"], info["split"], metric))
+                if frame is None:
+                    return None
+                frames[role, metric] = frame
+                images = set(frame["image"].to_list())
+                common = images if common is None else common & images
+        runs.append(frames)
+    if not common or len(common) < 2:
+        return None
+
+    order = sorted(common)
+    labels, probs_agg, probs_ts = [], [], []
+    for frames in runs:
+        labels.append(_aligned(frames["ts", "label"], order))
+        probs_agg.append(np.stack([_aligned(frames["agg", m], order) for m in prob_metrics], axis=-1))
+        probs_ts.append(np.stack([_aligned(frames["ts", m], order) for m in prob_metrics], axis=-1))
+    return np.vstack(labels).astype(np.int64), np.stack(probs_agg), np.stack(probs_ts)
 
 
 def _aligned(frame: pl.DataFrame, order: Sequence[str]) -> np.ndarray:

@@ -125,6 +125,23 @@ def _per_image_scores(inputs: FigureInputs) -> pl.DataFrame | None:
     return read_per_image_scores(inputs.study_dir)
 
 
+def colour_limit(values: np.ndarray) -> tuple[float, bool]:
+    """Return the symmetric colour limit in percent and whether some cells lie beyond it.
+
+    The limit is the largest |value| unless that is more than 3 times the 90th percentile of |value|. Then an
+    outlier (a +500 % change of a task that scored near 0) would wash out every other cell, so the scale ends at
+    the percentile and the outliers take the end colour. The limit is at least 1 %.
+    """
+    magnitudes = np.abs(values[np.isfinite(values)])
+    if magnitudes.size == 0:
+        return 1.0, False
+    largest = float(magnitudes.max())
+    bulk = float(np.percentile(magnitudes, 90))
+    if largest <= 3 * bulk or largest <= 1.0:
+        return max(largest, 1.0), False
+    return max(bulk, 1.0), True
+
+
 def cell_text(percent: float) -> str:
     """Format a relative change in percent with a sign and one decimal; values that round to 0 show 0.0."""
     if abs(percent) < 0.05:
@@ -151,8 +168,7 @@ def _draw(
     ax = fig.add_subplot(grid[0, 1], sharey=strip)
     cbar_ax = fig.add_subplot(grid[1, 1])
 
-    limit = np.nanmax(np.abs(values)) if np.isfinite(values).any() else 1.0
-    limit = max(float(limit), 1.0)
+    limit, clipped = colour_limit(values)
     norm = TwoSlopeNorm(vcenter=0.0, vmin=-limit, vmax=limit)
     cmap = matplotlib.colormaps[DIVERGING_CMAP]
     image = ax.imshow(np.ma.masked_invalid(values), cmap=cmap, norm=norm, aspect="auto", interpolation="nearest")
@@ -206,7 +222,7 @@ def _draw(
             rotation=0,
         )
 
-    colorbar = fig.colorbar(image, cax=cbar_ax, orientation="horizontal")
+    colorbar = fig.colorbar(image, cax=cbar_ax, orientation="horizontal", extend="both" if clipped else "neither")
     colorbar.set_label("relative change to task-specific (%)")
     colorbar.ax.tick_params(labelsize=SMALL_FONT_SIZE)
 
@@ -216,6 +232,8 @@ def _draw(
         caption.append("Cells without a CI (one seed, reported value) are not outlined.")
     if not np.isfinite(values).all():
         caption.append("n/a: no finite value (task-specific score 0 or missing).")
+    if clipped:
+        caption.append(f"Colours end at ±{limit:.0f} %; cells beyond take the end colour.")
     caption.append("Strip: task type")
     fig.legend(
         handles=task_type_handles(types),

@@ -19,6 +19,7 @@ from usagg.config import StudyConfig, load_study, study_to_yaml
 from usagg.errors import DataError, TrainingError
 from usagg.io import atomic_path, read_json_file, write_json_atomic, write_text_atomic
 from usagg.results import PER_IMAGE_FILE, append_results, read_results, write_results
+from usagg.tasks import TaskCard
 from usagg.train.plan import RunSpec
 
 logger = logging.getLogger(__name__)
@@ -88,24 +89,36 @@ def config_changes(run_dir: Path, study: StudyConfig, spec: RunSpec) -> list[str
     if recorded is not None and list(recorded) != list(spec.tasks):
         changes.append(f"tasks of the run: {json.dumps(list(recorded))} -> {json.dumps(list(spec.tasks))}")
     for key in _TRAINING_KEYS:
-        changes += _differences(old.get(key), new.get(key), key)
+        # A setting that usagg added after the run was trained is no change while the study leaves it at its default.
+        defaults = type(getattr(study, key))().model_dump(mode="json")
+        changes += _differences(old.get(key), new.get(key), key, defaults)
+    card_defaults = {
+        name: field.get_default(call_default_factory=True)
+        for name, field in TaskCard.model_fields.items()
+        if not field.is_required() and name != "source"
+    }
     old_cards = {c["name"]: _without_source(c) for c in old.get("tasks", [])}
     for task in spec.tasks:
         new_card = _without_source(new["tasks"][_task_index(study, task)])
-        changes += _differences(old_cards.get(task), new_card, f"tasks.{task}")
+        changes += _differences(old_cards.get(task), new_card, f"tasks.{task}", card_defaults)
     return changes
 
 
 _NOT_SET = object()
 
 
-def _differences(old: Any, new: Any, key: str) -> list[str]:
+def _differences(old: Any, new: Any, key: str, defaults: Any = _NOT_SET) -> list[str]:
+    """Return ``key: old -> new`` for each leaf that differs; a leaf missing from ``old`` whose new value equals
+    its value in ``defaults`` is not listed."""
     if key in _UNCOMPARED_KEYS:
+        return []
+    if old is _NOT_SET and defaults is not _NOT_SET and new == defaults:
         return []
     if isinstance(old, dict) and isinstance(new, dict):
         found: list[str] = []
+        below = defaults if isinstance(defaults, dict) else {}
         for name in [*old, *(k for k in new if k not in old)]:
-            found += _differences(old.get(name, _NOT_SET), new.get(name, _NOT_SET), f"{key}.{name}")
+            found += _differences(old.get(name, _NOT_SET), new.get(name, _NOT_SET), f"{key}.{name}", below.get(name, _NOT_SET))
         return found
     if old == new:
         return []
