@@ -457,3 +457,39 @@ def test_transfer_matrix_colour_limit_ignores_one_outlier():
     assert colour_limit(np.array([-27.5, 15.0, 3.0, -1.0])) == (27.5, False)
     assert colour_limit(np.array([np.nan, 0.2])) == (1.0, False)
     assert colour_limit(np.full(3, np.nan)) == (1.0, False)
+
+
+def test_expert_usage_run_option_and_one_layer_title(tmp_path):
+    """--option run= picks, among matching runs, the largest fraction; a one-layer figure keeps its title inside."""
+    from test_plots_fixtures import write_run_dir
+
+    tasks = ["breast_lesion", "breast_2cls", "breast_lesion_det"]
+    for fraction in (0.5, 1.0):
+        write_run_dir(tmp_path, "grouped", "breast", tasks, fraction=fraction, moe_blocks=(3,), num_experts=4)
+    plot = draw_figure("expert-usage", FigureInputs.from_paths([tmp_path]), run="grouped/breast")
+    assert plot.data["run"].unique().to_list() == ["grouped / breast / frac 1 / seed 0"]
+    assert plot.figure._suptitle.get_text() == "Expert usage per MoE layer\ngrouped / breast / frac 1 / seed 0; 4 experts"
+    assert layout_problems(plot.figure) == []
+
+
+def test_data_scale_outlines_bands_wider_than_panel():
+    """A band that covers most of its panel is drawn as two dotted edges; a narrow one stays filled."""
+    import matplotlib.pyplot as plt
+
+    from usagg.plots.data_scale import _log_axis, _outline_wide_bands
+
+    fig, ax = plt.subplots()
+    grid = np.linspace(10, 40, 20)
+    ax.set_title("grouped")
+    wide = ax.fill_between(grid, -500, 500)
+    narrow = ax.fill_between(grid, -5, 5)
+    ax.set_ylim(-50, 50)
+    notes = _outline_wide_bands([(ax, grid, np.full(20, -500.0), np.full(20, 500.0), "C0", wide),
+                                 (ax, grid, np.full(20, -5.0), np.full(20, 5.0), "C1", narrow)])
+    assert wide not in ax.collections and narrow in ax.collections
+    assert [line.get_linestyle() for line in ax.lines] == [":", ":"]
+    assert notes == ["grouped: 95 % bands that cover more than 60% of the y range are drawn as dotted edges instead of filled"]
+    _log_axis(ax, 16.0, 45.0)
+    low, high = ax.get_xlim()
+    assert low < 16.0 and high > 45.0  # no point sits on the frame
+    plt.close(fig)

@@ -46,6 +46,10 @@ ZERO_ROOM = 0.12
 ARROW_SIZE = 7.0
 # Margin added above and below the y range, as a fraction of the range.
 Y_MARGIN = 0.06
+# Margin left and right of the sizes, as a fraction of their log range (at least 2 %).
+X_MARGIN_SHARE = 0.04
+# A band that covers more than this share of its panel's y range, on average, is outlined instead of filled.
+WIDE_BAND_SHARE = 0.6
 
 
 @register_figure(
@@ -86,6 +90,7 @@ def data_scale(
 
     fit_rows: list[dict] = []
     crossing_rows: list[dict] = []
+    bands: list[tuple] = []
     for ax, paradigm in zip(axes, paradigms):
         points = observations.filter(pl.col("paradigm") == paradigm)
         for (group,), part in points.group_by(["clinical_group"], maintain_order=True):
@@ -115,7 +120,8 @@ def data_scale(
             mean, lo, hi = fit.predict(grid, task_type, paradigm)
             color = task_type_color(task_type) if "task_type" in fit.uses else "black"
             ax.plot(grid, mean * 100, color=color, linewidth=1.2, zorder=4)
-            ax.fill_between(grid, lo * 100, hi * 100, color=color, alpha=BAND_ALPHA, linewidth=0, zorder=2)
+            band = ax.fill_between(grid, lo * 100, hi * 100, color=color, alpha=BAND_ALPHA, linewidth=0, zorder=2)
+            bands.append((ax, grid, lo * 100, hi * 100, color, band))
             label = task_type if "task_type" in fit.uses else "all"
             fit_rows += [
                 {"layer": "fit", "paradigm": paradigm, "task_type": label, "n_train": float(n), "rel_change": float(m), "ci_lo": float(a), "ci_hi": float(b)}
@@ -134,10 +140,14 @@ def data_scale(
     axes[0].set_ylabel("relative change to task-specific (%)")
     room = any(row["ci_drawn"] for row in crossing_rows)
     clip_notes = _limit_y(axes, paradigms, observations, _rows_frame(fit_rows), ylim, room_below_zero=room)
+    outline_notes = _outline_wide_bands(bands)
+    clip_notes += outline_notes
 
     handles = task_type_handles(task_types, marker="o") + clinical_group_handles(markers)
     if "task_type" not in fit.uses:
         handles.append(Line2D([], [], color="black", linewidth=1.2, label="fit (no task-type term)"))
+    if outline_notes:
+        handles.append(Line2D([], [], color="#555555", linewidth=0.7, linestyle=":", label="95 % band (wide: edges only)"))
     drawn_crossings = [row for row in crossing_rows if row["drawn"]]
     if drawn_crossings:
         handles.append(_crossing_handle(with_interval=any(row["ci_drawn"] for row in drawn_crossings)))
@@ -339,9 +349,38 @@ def _edge_arrows(ax, n_train: np.ndarray, task_types: list[str], edge: float, si
                 color=task_type_color(task_type), transform=inside, clip_on=False, zorder=6)
 
 
+def _outline_wide_bands(bands: list[tuple]) -> list[str]:
+    """Draw as dotted edges the bands that would cover most of their panel; return a note if any were.
+
+    With few tasks per type a 95 % band can span more than the whole y range, and filled it would hide the
+    points and the other types' bands under one coloured block.
+    """
+    outlined = []
+    for ax, grid, lo, hi, color, band in bands:
+        low, high = ax.get_ylim()
+        covered = np.clip(hi, low, high) - np.clip(lo, low, high)
+        if np.mean(covered) <= WIDE_BAND_SHARE * (high - low):
+            continue
+        band.remove()
+        for edge in (lo, hi):
+            ax.plot(grid, edge, color=color, linewidth=0.7, linestyle=":", zorder=2)
+        outlined.append(ax.get_title())
+    if not outlined:
+        return []
+    return [
+        f"{', '.join(dict.fromkeys(outlined))}: 95 % bands that cover more than {WIDE_BAND_SHARE:.0%} of the y range "
+        "are drawn as dotted edges instead of filled"
+    ]
+
+
 def _log_axis(ax, n_min: float, n_max: float) -> None:
-    """Put a log scale on x with at least three labelled ticks, also when the sizes span less than a decade."""
+    """Put a log scale on x with at least three labelled ticks, also when the sizes span less than a decade.
+
+    The axis reaches a little beyond the smallest and largest size, so that no point sits on the frame.
+    """
     ax.set_xscale("log")
+    margin = max((n_max / n_min) ** X_MARGIN_SHARE, 1.02) if n_min > 0 else 1.0
+    ax.set_xlim(n_min / margin, n_max * margin)
     for subs in ((1.0,), (1.0, 2.0, 5.0), tuple(range(1, 10))):
         ticks = [
             m * 10.0**e

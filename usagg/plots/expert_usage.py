@@ -71,13 +71,15 @@ def routing_table(stats: dict) -> pl.DataFrame:
 
 
 def _choose_run(runs: list[RunInfo], requested: str | None) -> RunInfo:
+    """Return the run to draw: among all runs, or those whose label or path contains ``requested``, the one with
+    the most tasks (the unified run when there is one), then the largest data fraction, then the lowest seed."""
     if requested:
         matches = [r for r in runs if requested in r.label or requested in str(r.path)]
         if not matches:
             listed = "; ".join(r.label for r in runs)
             raise DataError(f"no run with routing statistics matches {requested!r}; runs with routing statistics: {listed}")
-        return matches[0]
-    # The run with the most tasks (the unified run when there is one), then the largest fraction.
+        runs = matches
+
     def key(run: RunInfo):
         stats = read_routing_stats(run.path / "routing_stats.json")
         return (-len(stats.get("tasks", {})), -(run.data_fraction or 0.0), run.seed or 0, str(run.path))
@@ -143,6 +145,7 @@ def expert_usage(inputs: FigureInputs, *, run: str | None = None) -> FigurePlot:
 
     colorbar = fig.colorbar(image, ax=axes.ravel().tolist(), location="bottom", shrink=0.5, aspect=40, pad=0.02)
     colorbar.set_label("share of the task's tokens routed to the expert")
-    fig.suptitle(f"Expert usage per MoE layer ({chosen.label}; {experts} experts)")
+    # On two lines: a long run label beside the title would not fit a single-column figure.
+    fig.suptitle(f"Expert usage per MoE layer\n{chosen.label}; {experts} experts")
     data = table.with_columns(pl.lit(chosen.label).alias("run"))
     return FigurePlot(fig, data)
