@@ -254,3 +254,20 @@ def test_show_leaves_out_bad_label_rows(shared_data, tmp_path):
     assert "warning: task breast_2cls: " in text and "breast_2cls.csv, row 3:" in text and "'seven'" in text
     assert "(3 sample(s); 1 label-file error(s), run `usagg data check" in text
     assert out.is_file()
+
+
+def test_problem_table_merges_problem_shared_by_tasks():
+    """A data folder missing for six tasks is one row naming the six tasks, not six rows."""
+    from rich.console import Console
+
+    from usagg.cli.data import _problem_table
+    from usagg.data.problems import DataProblem
+
+    missing = [DataProblem(t, "source root not found", "correct source.root", file=Path("/data/x")) for t in ("a", "b", "c")]
+    other = DataProblem("a", "CSV file is empty", "write the header", file=Path("/data/a.csv"))
+    table = _problem_table([*missing, other], limit=0)
+    assert table.row_count == 2
+    console = Console(width=200, record=True)
+    console.print(table)
+    assert "a, b, c" in console.export_text()
+    assert _problem_table([*missing, other], limit=1).row_count == 1

@@ -87,17 +87,22 @@ def _summary_table(result) -> Table:
 
 
 def _problem_table(problems, limit: int) -> Table:
+    """Tabulate the problems, one row for each that several tasks share (a missing data folder of a study)."""
+    merged: dict[tuple, list[str]] = {}
+    for problem in problems:
+        key = (problem.fatal, problem.location, problem.message, problem.fix)
+        merged.setdefault(key, []).append(problem.task or "(all)")
     table = Table(title=f"problems ({len(problems)})", show_lines=False)
     for column in ("", "task", "where", "problem", "fix"):
         table.add_column(column, overflow="fold")
-    shown = problems if limit <= 0 else problems[:limit]
-    for problem in shown:
+    rows = list(merged.items())
+    for (fatal, location, message, fix), tasks in rows if limit <= 0 else rows[:limit]:
         table.add_row(
-            "[red]error[/]" if problem.fatal else "[yellow]warning[/]",
-            escape(problem.task or "(all)"),
-            escape(problem.location),
-            escape(problem.message),
-            escape(problem.fix),
+            "[red]error[/]" if fatal else "[yellow]warning[/]",
+            escape(", ".join(dict.fromkeys(tasks))),
+            escape(location),
+            escape(message),
+            escape(fix),
         )
     return table
 
@@ -132,8 +137,9 @@ def check(
     console.print(_summary_table(result))
     problems = sorted(result.all_problems, key=lambda p: (not p.fatal, p.task))
     if problems:
-        console.print(_problem_table(problems, max_problems))
-        if 0 < max_problems < len(problems):
+        table = _problem_table(problems, max_problems)
+        console.print(table)
+        if 0 < max_problems < len(problems) and table.row_count >= max_problems:
             console.print(f"... and {len(problems) - max_problems} more; rerun with --max-problems 0 or --json FILE to see all")
     if json_out is not None:
         _write_json(result, json_out)
