@@ -315,3 +315,24 @@ def test_train_summary_shows_skipped_runs(tiny_trained_run, monkeypatch, capsys)
     row = next(line for line in capsys.readouterr().out.splitlines() if tiny_trained_run["spec"].run_id in line)
     cells = [cell.strip() for cell in row.strip("│ ").split("│")]
     assert cells == [tiny_trained_run["spec"].run_id, "skipped: finished earlier", "–", "–", "–"]
+
+
+def test_affinity_mean_and_state_round_trip():
+    """The mean of each entry skips the records where it is NaN; a resumed recorder keeps every record."""
+    from usagg.train.affinity import AffinityRecorder, _Mean
+
+    recorder = AffinityRecorder.__new__(AffinityRecorder)
+    recorder.means = {"lookahead": _Mean(2)}
+    mean = recorder.means["lookahead"]
+    assert np.isnan(mean.mean()).all()
+    mean.add(np.array([[np.nan, 1.0], [2.0, np.nan]]), seconds=0.5, step=10)
+    mean.add(np.array([[np.nan, 3.0], [np.nan, np.nan]]), seconds=0.25, step=20)
+    np.testing.assert_array_equal(mean.mean(), np.array([[np.nan, 2.0], [2.0, np.nan]]))
+
+    resumed = AffinityRecorder.__new__(AffinityRecorder)
+    resumed.means = {"lookahead": _Mean(2)}
+    resumed.load_state_dict(recorder.state_dict())
+    again = resumed.means["lookahead"]
+    assert (again.records, again.seconds) == (2, 0.75)
+    assert [step for step, _ in again.history] == [10, 20]
+    np.testing.assert_array_equal(again.mean(), mean.mean())

@@ -29,26 +29,31 @@ _KEYS = ("lookahead", "gradient_cosine", "gradient_magnitude", "fisher")
 
 
 class _Mean:
-    """NaN-aware running mean of a task x task matrix, with every record and its step kept for the trajectory."""
+    """Every recorded task x task matrix with its step (the trajectory), their NaN-aware mean and their cost."""
 
     def __init__(self, n: int) -> None:
-        self.total = np.zeros((n, n))
-        self.count = np.zeros((n, n))
-        self.records = 0
+        self.n = n
         self.seconds = 0.0
         self.history: list[tuple[int, np.ndarray]] = []
 
+    @property
+    def records(self) -> int:
+        return len(self.history)
+
     def add(self, matrix: np.ndarray, seconds: float, step: int) -> None:
-        finite = np.isfinite(matrix)
-        self.total[finite] += matrix[finite]
-        self.count[finite] += 1
-        self.records += 1
         self.seconds += seconds
         self.history.append((step, matrix.copy()))
 
     def mean(self) -> np.ndarray:
+        """Return the mean of each entry over the records where it is finite (NaN where it never is)."""
+        if not self.history:
+            return np.full((self.n, self.n), np.nan)
+        stacked = np.stack([matrix for _, matrix in self.history])
+        finite = np.isfinite(stacked)
+        count = finite.sum(axis=0)
+        total = np.where(finite, stacked, 0.0).sum(axis=0)
         with np.errstate(invalid="ignore", divide="ignore"):
-            return np.where(self.count > 0, self.total / np.maximum(self.count, 1), np.nan)
+            return np.where(count > 0, total / np.maximum(count, 1), np.nan)
 
 
 class AffinityRecorder:
@@ -179,11 +184,18 @@ class AffinityRecorder:
         return {task: min(self.fisher_images or 0, len(dataset)) for task, dataset in self.datasets.items()}
 
     def state_dict(self) -> dict[str, Any]:
-        return {key: vars(mean).copy() for key, mean in self.means.items()}
+        return {key: {"seconds": mean.seconds, "history": list(mean.history)} for key, mean in self.means.items()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         for key, values in state.items():
-            vars(self.means[key]).update({"history": [], **values})  # older checkpoints have no history
+            mean = self.means[key]
+            if "history" not in values:
+                # A checkpoint from before the records were kept one by one holds only their running sum.
+                if values.get("records"):
+                    logger.warning("%s affinity: the checkpoint has no per-record history; its records start again", key)
+                continue
+            mean.seconds = float(values.get("seconds", 0.0))
+            mean.history = [(int(step), np.asarray(matrix)) for step, matrix in values["history"]]
 
     def write(self, run_dir: Path, merge: bool = False) -> None:
         """Write affinity.json: rows are source tasks, columns target tasks; unrecorded estimators are omitted.
