@@ -155,6 +155,14 @@ def test_group_view_sums_task_sizes():
     assert one["n_tasks"] == tasks["task"].n_unique()
     assert one["total_n_train"] == pytest.approx(tasks.group_by("task").agg(pl.col("n_train").mean())["n_train"].sum())
     assert one["size_source"] == "tasks"
+    # A task without a finite change still has its training images counted; it leaves the mean and n_tasks.
+    dropped = tasks["task"].unique().sort()[0]
+    nan_rel = rel.with_columns(
+        pl.when((pl.col("task") == dropped) & (pl.col("paradigm") == "grouped")).then(float("nan")).otherwise(pl.col("rel_change")).alias("rel_change")
+    )
+    two = group_view(nan_rel).filter((pl.col("paradigm") == "grouped") & (pl.col("clinical_group") == "obstetrics")).row(0, named=True)
+    assert two["total_n_train"] == pytest.approx(one["total_n_train"])
+    assert two["n_tasks"] == one["n_tasks"] - 1
 
 
 def test_advice_follows_the_rule(exact_rel):

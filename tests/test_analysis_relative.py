@@ -188,7 +188,7 @@ def test_near_zero_reference_warns():
     [warning] = [w for w in warnings if "100% or more" in w]
     assert warning.startswith("1 row(s) of 1 task(s) (a)")
     assert "+7400% for task 'a'" in warning
-    assert "dice 0.004 task-specific, 0.3 unified" in warning
+    assert "dice 0.004 task-specific, 0.3 unified, data fraction 1, seed 0, split test)" in warning
     assert "--metric TASK=METRIC" in warning
 
 

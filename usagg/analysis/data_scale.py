@@ -610,10 +610,12 @@ def fit_data_scale(
 def group_view(rel: pl.DataFrame, split: str | None = None, sizes: pl.DataFrame | None = None) -> pl.DataFrame:
     """Return each clinical group's Δm against its total training images, per paradigm and data fraction.
 
-    Each task counts once (mean over seeds first); ``total_n_train`` sums the tasks' mean training sizes. When a
-    task's size is unknown (numbers typed in from a publication), a matching row of ``sizes`` (metric
-    ``train_images``, same paradigm, clinical group and data fraction) supplies the group total instead, and
-    ``size_source`` names the source used.
+    Each task counts once (mean over seeds first); ``total_n_train`` sums the tasks' mean training sizes, so an
+    image that two tasks label counts twice (it is the number of labelled training examples). A task without a
+    finite relative change still counts in the total, but not in ``delta_m`` and ``n_tasks``. When a task's size
+    is unknown (numbers typed in from a publication), a matching row of ``sizes`` (metric ``train_images``, same
+    paradigm, clinical group and data fraction) supplies the group total instead, and ``size_source`` names the
+    source used.
     """
     data = rel
     splits = sorted(set(data["split"].drop_nulls().to_list()))
@@ -621,9 +623,9 @@ def group_view(rel: pl.DataFrame, split: str | None = None, sizes: pl.DataFrame 
         split = "test" if "test" in splits else splits[0]
     if split is not None:
         data = data.filter(pl.col("split") == split)
-    data = data.filter(pl.col("rel_change").is_not_null() & pl.col("rel_change").is_not_nan())
+    finite = pl.col("rel_change").is_not_null() & pl.col("rel_change").is_not_nan()
     per_task = data.group_by("paradigm", "clinical_group", "data_fraction", "task").agg(
-        pl.col("rel_change").mean().alias("task_mean"), pl.col("n_train").cast(pl.Float64).mean().alias("n_train")
+        pl.col("rel_change").filter(finite).mean().alias("task_mean"), pl.col("n_train").cast(pl.Float64).mean().alias("n_train")
     )
     view = (
         per_task.group_by("paradigm", "clinical_group", "data_fraction")
@@ -632,8 +634,9 @@ def group_view(rel: pl.DataFrame, split: str | None = None, sizes: pl.DataFrame 
             pl.when(pl.col("n_train").null_count() == 0).then(pl.col("n_train").sum()).otherwise(None).alias("total_n_train"),
             pl.col("task_mean").mean().alias("delta_m"),
             pl.col("task_mean").std().alias("sd_tasks"),
-            pl.len().cast(pl.Int64).alias("n_tasks"),
+            pl.col("task_mean").is_not_null().sum().cast(pl.Int64).alias("n_tasks"),
         )
+        .filter(pl.col("n_tasks") > 0)
         .with_columns(pl.when(pl.col("total_n_train").is_not_null()).then(pl.lit("tasks")).otherwise(None).alias("size_source"))
     )
     if sizes is not None and sizes.height:

@@ -209,10 +209,20 @@ def _large_change_warning(rel: pl.DataFrame) -> list[str]:
         f"{large.height} row(s) of {len(tasks)} task(s) ({', '.join(tasks[:5])}{' …' if len(tasks) > 5 else ''}) "
         f"change by {LARGE_REL_CHANGE:.0%} or more against the task-specific run, the largest "
         f"{worst['rel_change']:+.0%} for task {worst['task']!r} ({worst['metric']} {worst['value_ts']:.4g} task-specific, "
-        f"{worst['value']:.4g} {worst['paradigm']}). A value near 0 on either side (a run that did not learn the task) "
+        f"{worst['value']:.4g} {worst['paradigm']}{_where(worst)}). A value near 0 on either side (a run that did not learn the task) "
         f"makes such changes, and one such task can dominate Δm; check those runs, or compare the task with another "
         f"metric (--metric TASK=METRIC)"
     ]
+
+
+def _where(row: dict) -> str:
+    """Return ", data fraction F, seed S, split X" for the parts of a comparison's key the row has."""
+    parts = [
+        f"{label} {row[key]:g}" if isinstance(row.get(key), float) else f"{label} {row[key]}"
+        for key, label in (("data_fraction", "data fraction"), ("seed", "seed"), ("split", "split"))
+        if row.get(key) is not None
+    ]
+    return ", " + ", ".join(parts) if parts else ""
 
 
 def _constant_score_warnings(table: pl.DataFrame) -> list[str]:

@@ -24,16 +24,18 @@ def _console() -> Console:
 
 
 RESULTS_HELP = "Results table (CSV or parquet) or a study output directory holding run directories."
+SCALE_BOOTSTRAP_HELP = "Bootstrap replicates for the per-image intervals (as transfer-matrix) and the zero-crossing intervals."
 METRIC_HELP = (
     "Metric per task type or task, as TYPE=METRIC or TASK=METRIC (repeatable); defaults: segmentation=dice, "
     "classification=auc, detection=iou, regression=mre_mm, else mre_px, else mae."
 )
 
 
-def _pct(value: float | None, digits: int = 1) -> str:
+def _pct(value: float | None, digits: int = 1, signed: bool = True) -> str:
+    """Format a fraction as percent, with a sign for changes (``signed``) and without one for spreads."""
     if value is None or not math.isfinite(value):
         return "–"
-    return f"{100 * value:+.{digits}f}"
+    return f"{100 * value:{'+' if signed else ''}.{digits}f}"
 
 
 def _interval(lo: float | None, hi: float | None) -> str:
@@ -146,7 +148,7 @@ def _print_frame(title: str, frame: pl.DataFrame, percent: tuple[str, ...] = ())
         cells = []
         for column, value in row.items():
             if column in percent:
-                cells.append(_pct(value))
+                cells.append(_pct(value, signed=not column.startswith("sd_")))
             elif isinstance(value, float):
                 cells.append(_num(value, ".4g"))
             else:
@@ -267,7 +269,7 @@ def data_scale(
     results: Annotated[Path, typer.Argument(help=RESULTS_HELP, metavar="RESULTS")],
     out: Annotated[Optional[Path], typer.Option("--out", help="Folder to write the tables (CSV, JSON) into.")] = None,
     metric: Annotated[Optional[list[str]], typer.Option("--metric", help=METRIC_HELP)] = None,
-    bootstrap: Annotated[int, typer.Option("--bootstrap", min=0, help="Bootstrap replicates for the zero-crossing intervals.")] = 1000,
+    bootstrap: Annotated[int, typer.Option("--bootstrap", min=0, help=SCALE_BOOTSTRAP_HELP)] = 2000,
     seed: Annotated[int, typer.Option("--seed", help="Random seed of the bootstrap.")] = 0,
 ) -> None:
     """Regress relative change on log10(training images) with task type and paradigm; crossings and tests."""
@@ -299,7 +301,7 @@ def advise_command(
     task: Annotated[Optional[str], typer.Option("--task", help="Advise on this task only.")] = None,
     out: Annotated[Optional[Path], typer.Option("--out", help="Folder to write the advice tables (CSV) into.")] = None,
     metric: Annotated[Optional[list[str]], typer.Option("--metric", help=METRIC_HELP)] = None,
-    bootstrap: Annotated[int, typer.Option("--bootstrap", min=0, help="Bootstrap replicates for the zero-crossing intervals.")] = 1000,
+    bootstrap: Annotated[int, typer.Option("--bootstrap", min=0, help=SCALE_BOOTSTRAP_HELP)] = 2000,
     seed: Annotated[int, typer.Option("--seed", help="Random seed of the bootstrap.")] = 0,
 ) -> None:
     """Predict each task's change under grouped and unified training at its data scale, and recommend one."""

@@ -13,11 +13,13 @@ carved at random.
 
 Fractions: for each stratum the training cases are put in one seeded random order, and a fraction takes the
 shortest prefix of that order that contains at least ``ceil(fraction * n)`` images. Prefixes of one order are nested,
-so the 10 % subset lies inside the 25 % subset.
+so the 10 % subset lies inside the 25 % subset. The order is a hash of the seed and the case id (or image path), so
+tasks that share training images, and are stratified alike, take the same images at each fraction.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import zlib
@@ -187,6 +189,11 @@ def cross_task_conflicts(splits: Mapping[str, Mapping[str, Sequence[SampleRecord
     return [(key, by_task) for key, by_task in seen.items() if len(set(by_task.values())) > 1]
 
 
+def _unit_priority(unit: list[tuple[int, SampleRecord]], seed: int) -> bytes:
+    """Return a pseudo-random sort key of a case, fixed by the seed and the case id (or image path)."""
+    return hashlib.blake2b(f"{seed}:{case_key(unit[0][1])}".encode("utf-8"), digest_size=8).digest()
+
+
 def select_fraction(train_records: Sequence[SampleRecord], card: TaskCard, fraction: float, seed: int) -> list[SampleRecord]:
     """Return a stratified subset holding about ``fraction`` of the training images, nested across fractions.
 
@@ -198,9 +205,10 @@ def select_fraction(train_records: Sequence[SampleRecord], card: TaskCard, fract
         return list(train_records)
     chosen: set[int] = set()
     indexed = list(enumerate(train_records))
-    for stratum, units in _group_units(card, indexed).items():
-        rng = np.random.default_rng([int(seed), _stable_hash(card.name), _stable_hash(stratum)])
-        order = rng.permutation(len(units))
+    for units in _group_units(card, indexed).values():
+        # The order depends on the case (or image) and the seed, not on the task. Tasks that share training images
+        # then take the same ones, and a joint model is trained on no more images than each task's own run.
+        order = sorted(range(len(units)), key=lambda u: _unit_priority(units[u], seed))
         total = sum(len(u) for u in units)
         target = max(1, math.ceil(fraction * total))
         taken = 0
