@@ -299,7 +299,10 @@ def test_key_findings_count_and_crossing_caveat():
     from usagg.analysis.transfer import DELTA_M_SCHEMA, TransferAnalysis
     from usagg.reproduce.findings import key_findings
 
-    summary = pl.DataFrame({"negative_transfer": [True, False, None, None]}, schema={"negative_transfer": pl.Boolean})
+    summary = pl.DataFrame(
+        {"negative_transfer": [True, False, None, None, None], "mean_rel_change": [-0.2, 0.1, 0.05, -0.1, float("nan")]},
+        schema={"negative_transfer": pl.Boolean, "mean_rel_change": pl.Float64},
+    )
     task_type_row = {name: None for name in DELTA_M_SCHEMA} | {"level": "task_type"}  # no study-level Δm line
     delta_m = pl.DataFrame([task_type_row], schema=DELTA_M_SCHEMA)
     transfer = TransferAnalysis(rel=pl.DataFrame(), summary=summary, delta_m=delta_m)
@@ -315,7 +318,8 @@ def test_key_findings_count_and_crossing_caveat():
 
     assert lines[0] == (
         "Negative transfer (95 % interval below 0): 1 of the 2 task × paradigm × fraction comparisons with an "
-        "interval; 2 more have no interval (one seed without per-image scores) and cannot be flagged."
+        "interval; 2 more have no interval (one seed without per-image scores) and cannot be flagged; 1 more has "
+        "no finite relative change (a task-specific score of 0) and cannot be flagged."
     )
     assert lines[1] == (
         "grouped / segmentation: the fitted relative change crosses 0 at about 169 training images, but this "

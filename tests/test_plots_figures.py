@@ -493,3 +493,31 @@ def test_data_scale_outlines_bands_wider_than_panel():
     low, high = ax.get_xlim()
     assert low < 16.0 and high > 45.0  # no point sits on the frame
     plt.close(fig)
+
+
+def test_affinity_default_skips_estimators_a_run_did_not_record(tmp_path):
+    """An affinity.json with only the Fisher entry does not make lookahead the default: expert usage comes first."""
+    import json
+
+    from test_plots_fixtures import write_run_dir
+
+    from usagg.plots.affinity import available_methods
+
+    tasks = ["breast_lesion", "breast_2cls", "breast_lesion_det"]
+    run = write_run_dir(tmp_path, "unified", "all", tasks, num_experts=4)
+    fisher = np.full((3, 3), 0.5)
+    np.fill_diagonal(fisher, np.nan)
+    (run / "affinity.json").write_text(json.dumps({"tasks": tasks, "fisher": {"matrix": [[None if np.isnan(v) else v for v in row] for row in fisher]}}))
+    inputs = FigureInputs.from_paths([tmp_path])
+    assert available_methods(inputs) == ["experts", "fisher"]
+    plot = draw_figure("affinity", inputs)
+    assert set(plot.data["method"]) == {"experts"}
+
+
+def test_training_two_columns_fit_their_titles(study_dir_27):
+    """Two columns of long task names take the double-column width; short names keep one column and wrap the title."""
+    plot = draw_figure("training", FigureInputs.from_paths([study_dir_27]), max_columns=2)
+    assert layout_problems(plot.figure) == []
+    short = draw_figure("training", FigureInputs.from_paths([study_dir_27]), max_columns=2, runs=["grouped/breast"])
+    assert "\nand validation metric" in short.figure._suptitle.get_text()
+    assert layout_problems(short.figure) == []

@@ -168,3 +168,16 @@ def test_fmc_study_needs_data_root(monkeypatch):
     monkeypatch.delenv("FMC_UIA_ROOT", raising=False)
     with pytest.raises(ConfigError, match="FMC_UIA_ROOT is not set"):
         reproduce(ReproduceOptions(study=REPO / "analysis" / "fmc_uia_27.yaml"))
+
+
+def test_quick_writes_runs_to_the_current_folder(tmp_path, monkeypatch):
+    """--quick from any folder keeps its runs beside its data there, not inside the repository."""
+    from types import SimpleNamespace
+
+    from usagg.reproduce.pipeline import output_root
+
+    monkeypatch.chdir(tmp_path)
+    study = SimpleNamespace(output=REPO / "usagg-output" / "runs")
+    assert output_root(ReproduceOptions(quick=True), study) == tmp_path / "usagg-output" / "runs"
+    assert output_root(ReproduceOptions(quick=True, output=Path("elsewhere")), study) == tmp_path / "elsewhere"
+    assert output_root(ReproduceOptions(study=tmp_path / "s.yaml"), study) == REPO / "usagg-output" / "runs"

@@ -47,6 +47,8 @@ RUN_FILES = {
     "experts": "routing_stats.json",
     "fisher": "affinity.json",
 }
+# The entry of affinity.json each method reads: a run may record some estimators and not others.
+AFFINITY_KEYS = {"lookahead": "lookahead", "gradient": "gradient_cosine", "gradient_magnitude": "gradient_magnitude", "fisher": "fisher"}
 ANNOTATE_MAX_TASKS = 10
 
 Matrix = tuple[list[str], np.ndarray]
@@ -71,7 +73,7 @@ def available_methods(inputs: FigureInputs) -> list[str]:
         methods.append("measured")
     for method in METHODS[1:]:
         source = _run_source(inputs, RUN_FILES[method])
-        if source is not None and (method != "fisher" or affinity_json_has(source, "fisher")):
+        if source is not None and (method not in AFFINITY_KEYS or affinity_json_has(source, AFFINITY_KEYS[method])):
             methods.append(method)
     return methods
 

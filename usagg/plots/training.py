@@ -33,6 +33,7 @@ METRIC_HEIGHT_IN = 0.55
 FRAME_HEIGHT_IN = 1.0
 LINESTYLES = ("-", "--", ":", "-.")
 SHORT_LOG_POINTS = 5
+LONG_TASK_NAME = 20  # characters; longer panel titles do not fit half a single-column figure
 
 TRAIN_SCHEMA = {"step": pl.Int64, "epoch": pl.Float64, "task": pl.String, "loss": pl.Float64}
 EVAL_SCHEMA = {"step": pl.Int64, "task": pl.String, "metric": pl.String, "value": pl.Float64}
@@ -153,7 +154,9 @@ def training(inputs: FigureInputs, *, runs: list[str] | None = None, max_columns
     eval_all = _primary_metric_rows(eval_all)
     n_cols = max(1, min(max_columns, len(tasks)))
     n_rows = math.ceil(len(tasks) / n_cols)
-    width = SINGLE_COLUMN_IN if n_cols <= 2 else DOUBLE_COLUMN_IN
+    # Two panels of long task names (over LONG_TASK_NAME characters) need the double-column width for their titles.
+    narrow = n_cols == 1 or (n_cols == 2 and max(len(t) for t in tasks) <= LONG_TASK_NAME)
+    width = SINGLE_COLUMN_IN if narrow else DOUBLE_COLUMN_IN
     fig = new_figure(width, FRAME_HEIGHT_IN + n_rows * (LOSS_HEIGHT_IN + METRIC_HEIGHT_IN))
     grid = fig.add_gridspec(2 * n_rows, n_cols, height_ratios=[LOSS_HEIGHT_IN, METRIC_HEIGHT_IN] * n_rows)
     run_styles = _run_styles(chosen)
@@ -207,6 +210,9 @@ def training(inputs: FigureInputs, *, runs: list[str] | None = None, max_columns
     if len(fractions) == 1 and len(seeds) == 1 and None not in fractions | seeds:
         # The legend names fraction and seed only when runs differ in them, so the title names the shared ones.
         title += f" (data fraction {fractions.pop():g}, seed {seeds.pop()})"
+    if width == SINGLE_COLUMN_IN:
+        # A single-column figure is too narrow for the title on one line.
+        title = title.replace(" and validation metric", "\nand validation metric")
     fig.suptitle(title)
     data = pl.concat(
         [

@@ -43,14 +43,21 @@ def key_findings(report: Any) -> list[str]:
             )
         flagged = transfer.flagged()
         # Only comparisons with an interval can be flagged, so they are the denominator.
-        with_interval = transfer.summary.filter(pl.col("negative_transfer").is_not_null()).height
-        without = transfer.summary.height - with_interval
+        summary = transfer.summary
+        with_interval = summary.filter(pl.col("negative_transfer").is_not_null()).height
+        # A comparison has no interval either for lack of data (one seed, no per-image scores) or because its
+        # relative change is not finite (a task-specific score of 0).
+        no_change = summary.filter(pl.col("negative_transfer").is_null() & ~pl.col("mean_rel_change").is_finite()).height
+        no_data = summary.height - with_interval - no_change
         text = (
             f"Negative transfer (95 % interval below 0): {flagged.height} of the {with_interval} "
             "task × paradigm × fraction comparisons with an interval"
         )
-        if without:
-            text += f"; {without} more have no interval (one seed without per-image scores) and cannot be flagged"
+        if no_data:
+            text += f"; {no_data} more have no interval (one seed without per-image scores) and cannot be flagged"
+        if no_change:
+            verb = "has" if no_change == 1 else "have"
+            text += f"; {no_change} more {verb} no finite relative change (a task-specific score of 0) and cannot be flagged"
         lines.append(text + ".")
     for paradigm, test in sorted(getattr(report, "sensitivity", {}).items()):
         if math.isfinite(test.statistic):

@@ -45,6 +45,7 @@ SYNTHETIC_STUDY = "synthetic.yaml"
 SYNTHETIC_DATA_VARIABLE = "USAGG_SYNTH_ROOT"  # the data folder analysis/synthetic.yaml reads
 QUICK_DATA = Path("usagg-output") / "synthetic-small"  # the default of analysis/synthetic.yaml
 QUICK_FIGURES = Path("figures")
+QUICK_RUNS = Path("usagg-output") / "runs"  # beside QUICK_DATA in the current folder, wherever the study file is
 
 
 @dataclass
@@ -282,6 +283,19 @@ def _quick_overrides() -> dict[str, Any]:
     return {"data.num_workers": 0}
 
 
+def output_root(options: ReproduceOptions, study) -> Path:
+    """Return the root of the run directories: ``--output``, else the study's ``output``.
+
+    ``--quick`` without a study writes to ``usagg-output/runs`` of the current folder, beside its data, because
+    the bundled study's own ``output`` lies beside that file in the repository.
+    """
+    if options.output is not None:
+        return Path(options.output).resolve()
+    if options.quick and options.study is None:
+        return QUICK_RUNS.resolve()
+    return Path(study.output).resolve()
+
+
 def reproduce(options: ReproduceOptions) -> ReproduceResult:
     """Run the study of ``options`` end to end and return where everything was written."""
     saved = os.environ.get(SYNTHETIC_DATA_VARIABLE)
@@ -303,7 +317,7 @@ def _reproduce(options: ReproduceOptions) -> ReproduceResult:
     study_file = _resolve_study(options, stages)
     overrides = {**(_quick_overrides() if options.quick else {}), **options.overrides}
     study = load_study(study_file, overrides)
-    output = Path(options.output if options.output is not None else study.output).resolve()
+    output = output_root(options, study)
     study = study.model_copy(update={"output": output})
     study_dir = output / study.name
     study_dir.mkdir(parents=True, exist_ok=True)

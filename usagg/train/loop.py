@@ -229,7 +229,8 @@ class _Trainer:
             # process logged after that step are dropped, because those steps are trained and logged again.
             dropped = truncate_train_log(self.run_dir, state["step"] if state is not None else 0)
             if dropped:
-                logger.info("%s: dropped %d training-log line(s) logged after the checkpoint", self.spec.run_id, dropped)
+                since = f"after the checkpoint of step {state['step']}" if state is not None else "before the first checkpoint"
+                logger.info("%s: dropped %d training-log line(s) logged %s", self.spec.run_id, dropped, since)
         if state is None:
             return None
         ckpt.load_weights(self.model, self.run_dir, "latest")
