@@ -182,3 +182,10 @@ def test_fraction_same_images_for_tasks_sharing_them():
     half_second = _paths(select_fraction(second, TaskCard.model_validate({"name": "other", "type": "segmentation", "num_classes": 2}), 0.5, seed=3))
     assert len(half_first) == 40
     assert half_first == half_second
+
+
+def test_fraction_does_not_depend_on_where_data_lie():
+    here = _records(60, labels=None)
+    moved = [SampleRecord(task="cls", image_path=Path("/elsewhere/copy") / r.image_path.relative_to("/")) for r in here]
+    names = lambda records: [Path(r.image_path).name for r in records]  # noqa: E731
+    assert names(select_fraction(here, SEG, 0.25, seed=1)) == names(select_fraction(moved, SEG, 0.25, seed=1))

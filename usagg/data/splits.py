@@ -13,8 +13,9 @@ carved at random.
 
 Fractions: for each stratum the training cases are put in one seeded random order, and a fraction takes the
 shortest prefix of that order that contains at least ``ceil(fraction * n)`` images. Prefixes of one order are nested,
-so the 10 % subset lies inside the 25 % subset. The order is a hash of the seed and the case id (or image path), so
-tasks that share training images, and are stratified alike, take the same images at each fraction.
+so the 10 % subset lies inside the 25 % subset. The order is a hash of the seed and the case id (or the image's folder
+and file name), so tasks that share training images, and are stratified alike, take the same images at each
+fraction, wherever the data lie.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import math
 import zlib
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 
 import numpy as np
 
@@ -190,8 +192,14 @@ def cross_task_conflicts(splits: Mapping[str, Mapping[str, Sequence[SampleRecord
 
 
 def _unit_priority(unit: list[tuple[int, SampleRecord]], seed: int) -> bytes:
-    """Return a pseudo-random sort key of a case, fixed by the seed and the case id (or image path)."""
-    return hashlib.blake2b(f"{seed}:{case_key(unit[0][1])}".encode("utf-8"), digest_size=8).digest()
+    """Return a pseudo-random sort key of a case, fixed by the seed and the case id or the image's file name.
+
+    The image is named by its folder and file name, not its absolute path, so that a dataset moved to another
+    place keeps its subsets.
+    """
+    record = unit[0][1]
+    name = f"case:{record.case_id}" if record.case_id is not None else "/".join(Path(record.image_path).parts[-2:])
+    return hashlib.blake2b(f"{seed}:{name}".encode("utf-8"), digest_size=8).digest()
 
 
 def select_fraction(train_records: Sequence[SampleRecord], card: TaskCard, fraction: float, seed: int) -> list[SampleRecord]:
