@@ -477,7 +477,7 @@ def test_safer_paradigm_skips_observed_loss():
     expected = max(kept, key=lambda r: r["ci_lo"])["paradigm"] if kept else "task_specific"
     assert rec["safer_paradigm"] == expected
     assert rec["safer_paradigm"] != "grouped"
-    # The recommendation passes over grouped too, and says why before the observed numbers.
+    # The recommendation passes over grouped too, and gives the reason before the observed numbers.
     assert grouped["predicted"] > 0
     assert rec["recommendation"] != "grouped"
     assert "grouped is not recommended, because this task's own runs lose under it" in rec["reason"]

@@ -46,7 +46,7 @@ def test_discover_fmc_uia_sample(shared_data):
         assert len(load_task_records(card)) == rows
 
 
-def test_discover_fmc_uia_names_the_root_not_a_task(tmp_path):
+def test_discover_fmc_uia_root_problems(tmp_path):
     """Problems of the dataset root itself carry no task name and say which folder to point at."""
     from usagg.errors import DataError
 

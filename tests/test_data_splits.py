@@ -170,12 +170,13 @@ def test_study_split_reports_conflicting_fixed_splits(tmp_path):
     splits = split_study_records([CLS, SEG], {"cls": one, "seg": two}, small_config())
     assert cross_task_conflicts(splits) == [("image:/data/a.png", {"cls": "test", "seg": "train"})]
     [problem] = _cross_task_problems(splits)
-    assert problem.task == "" and not problem.fatal
+    assert problem.task == ""
+    assert not problem.fatal
     assert str(problem).startswith("image /data/a.png is in different splits in different tasks (cls: test, seg: train)")
 
 
 def test_fraction_same_images_for_tasks_sharing_them():
-    """Two tasks over the same training images take the same half, so a joint run sees no extra images."""
+    """Two tasks over the same training images take the same half, so a joint run gets no extra images."""
     first = _records(80, labels=None)
     second = [SampleRecord(task="seg", image_path=r.image_path) for r in reversed(first)]
     half_first = _paths(select_fraction(first, SEG, 0.5, seed=3))

@@ -11,7 +11,7 @@ from usagg.errors import DataError, TrainingError
 from usagg.io import append_jsonl, read_json_file, write_json_atomic
 
 
-def test_write_json_atomic_replaces_whole_file_and_leaves_no_temporary(tmp_path):
+def test_atomic_write_replaces_whole_file(tmp_path):
     file = tmp_path / "sub" / "state.json"
     write_json_atomic(file, {"a": 1, "path": tmp_path})
     write_json_atomic(file, {"b": 2})
@@ -19,7 +19,7 @@ def test_write_json_atomic_replaces_whole_file_and_leaves_no_temporary(tmp_path)
     assert os.listdir(file.parent) == ["state.json"]
 
 
-def test_write_json_atomic_keeps_old_file_when_serialising_fails(tmp_path):
+def test_atomic_write_keeps_old_file_on_failure(tmp_path):
     file = tmp_path / "state.json"
     write_json_atomic(file, {"a": 1})
     with pytest.raises(TypeError, match="not JSON serialisable"):

@@ -164,8 +164,10 @@ def test_missing_keys_are_reported(tmp_path):
     assert report.missing == ["blocks.0.norm1.weight"]
     assert report.unexpected == ["extra.weight"]
     summary = report.summary()
-    assert summary["missing"] == ["blocks.0.norm1.weight"] and summary["unexpected"] == 1
-    assert summary["format"] == "timm" and summary["bytes"] == file.stat().st_size
+    assert summary["missing"] == ["blocks.0.norm1.weight"]
+    assert summary["unexpected"] == 1
+    assert summary["format"] == "timm"
+    assert summary["bytes"] == file.stat().st_size
 
 
 def test_plain_vit_file_is_refused(tmp_path):
@@ -216,7 +218,8 @@ def test_safetensors_saved_as_bin_loads(tmp_path):
     file = tmp_path / "weights.bin"
     save_file({k: v.contiguous() for k, v in source.state_dict().items()}, file)
     report = load_pretrained(_model(moe_blocks=[]), file)
-    assert report.missing == [] and report.source_format == "timm"
+    assert report.missing == []
+    assert report.source_format == "timm"
 
 
 def test_build_model_loads_configured_file(tmp_path):

@@ -486,16 +486,18 @@ def test_data_scale_outlines_bands_wider_than_panel():
     ax.set_ylim(-50, 50)
     notes = _outline_wide_bands([(ax, grid, np.full(20, -500.0), np.full(20, 500.0), "C0", wide),
                                  (ax, grid, np.full(20, -5.0), np.full(20, 5.0), "C1", narrow)])
-    assert wide not in ax.collections and narrow in ax.collections
+    assert wide not in ax.collections
+    assert narrow in ax.collections
     assert [line.get_linestyle() for line in ax.lines] == [":", ":"]
     assert notes == ["grouped: 95 % bands that cover more than 60% of the y range are drawn as dotted edges instead of filled"]
     _log_axis(ax, 16.0, 45.0)
     low, high = ax.get_xlim()
-    assert low < 16.0 and high > 45.0  # no point sits on the frame
+    assert low < 16.0  # no point sits on the frame
+    assert high > 45.0
     plt.close(fig)
 
 
-def test_affinity_default_skips_estimators_a_run_did_not_record(tmp_path):
+def test_affinity_default_skips_unrecorded_estimators(tmp_path):
     """An affinity.json with only the Fisher entry does not make lookahead the default: expert usage comes first."""
     import json
 

@@ -183,9 +183,11 @@ def test_resume_does_not_need_the_pretrained_file(shared_data, tmp_path, monkeyp
     save_file({k: v.contiguous() for k, v in vit.state_dict().items()}, weights)
     study_file, run_dir = _interrupted_four_step_run(shared_data, tmp_path, monkeypatch, model={"pretrained": str(weights)})
     status = json.loads((run_dir / "run.json").read_text())
-    assert status["status"] == "interrupted" and status["step"] == 4
+    assert status["status"] == "interrupted"
+    assert status["step"] == 4
     assert status["pretrained"]["path"] == str(weights.resolve())
-    assert status["pretrained"]["format"] == "timm" and status["pretrained"]["missing"] == []
+    assert status["pretrained"]["format"] == "timm"
+    assert status["pretrained"]["missing"] == []
     assert status["pretrained"]["loaded"] > 0
 
     weights.unlink()
@@ -200,7 +202,8 @@ def test_resume_does_not_need_the_pretrained_file(shared_data, tmp_path, monkeyp
         with pytest.raises(RuntimeError, match="disk full"):
             _train_once(study_file, tmp_path / "runs")
     status = json.loads((run_dir / "run.json").read_text())
-    assert status["status"] == "failed" and status["step"] == 4
+    assert status["status"] == "failed"
+    assert status["step"] == 4
 
     outcomes = _train_once(study_file, tmp_path / "runs")
     assert outcomes[0].status == "finished"

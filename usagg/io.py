@@ -62,17 +62,22 @@ def _json_default(obj: Any) -> Any:
     raise TypeError(f"object of type {type(obj).__name__} is not JSON serialisable")
 
 
-def read_json_file(file: str | os.PathLike, what: str = "it as JSON", fix: str = "", error: type[UsaggError] = DataError) -> Any:
+def read_json_file(
+    file: str | os.PathLike, content: str = "it as JSON", fix: str = "", error: type[UsaggError] = DataError
+) -> Any:
     """Return the parsed JSON of ``file``.
 
-    Raises ``error`` naming the file, ``what`` it holds, the parser's message and ``fix`` when the file cannot be
+    Raises ``error`` naming the file, its ``content``, the parser's message and ``fix`` when the file cannot be
     read, is not UTF-8 or is not valid JSON.
     """
     path = Path(file)
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise error(f"{path}: cannot read {what}: {exc}" + (f"; {fix}" if fix else "")) from None
+        message = f"{path}: cannot read {content}: {exc}"
+        if fix:
+            message += f"; {fix}"
+        raise error(message) from None
 
 
 def append_jsonl(path: str | os.PathLike, record: dict[str, Any]) -> None:

@@ -35,7 +35,10 @@ class DataProblem:
         where = self.location
         if self.row is None and self.message.startswith(f"{self.file}: "):
             where = ""  # the message starts with the file already (decoding errors)
-        text = (f"task {self.task}: " if self.task else "") + (f"{where}: " if where else "") + self.message
+        text = f"task {self.task}: " if self.task else ""
+        if where:
+            text += f"{where}: "
+        text += self.message
         if self.fix:
             text += f"; fix: {self.fix}"
         return text

@@ -84,15 +84,18 @@ def split_records(
     placed = placed or {}
     assigned: dict[int, str] = {}
     case_split: dict[str, str] = {}
+    # Records whose image or case another task has placed: never carved into another split here.
+    placed_elsewhere: set[int] = set()
     for index, record in enumerate(records):
         if record.split is not None:
             assigned[index] = record.split
             if record.case_id is not None:
                 case_split.setdefault(case_key(record), record.split)
+            if any(k in placed for k in shared_keys(record)):
+                placed_elsewhere.add(index)
     present = set(assigned.values())  # the splits this task's own source fixes
 
     free: list[tuple[int, SampleRecord]] = []
-    inherited: set[int] = set()  # placed by another task: never carved again
     inherited_cases: set[str] = set()
     for index, record in enumerate(records):
         if index in assigned:
@@ -109,7 +112,7 @@ def split_records(
         if fixed is not None:  # an unsplit image of a case, or of an image, that already has a split joins it
             assigned[index] = fixed
             if from_other_task:
-                inherited.add(index)
+                placed_elsewhere.add(index)
         else:
             free.append((index, record))
 
@@ -118,11 +121,8 @@ def split_records(
     if val_fraction or test_fraction:
         # Missing splits are carved from the images without a split and from those the source puts in train,
         # except images that another task has already placed.
-        free += [
-            (index, records[index])
-            for index in sorted(assigned)
-            if assigned[index] == "train" and index not in inherited and not any(k in placed for k in shared_keys(records[index]))
-        ]
+        carvable = [index for index in sorted(assigned) if assigned[index] == "train" and index not in placed_elsewhere]
+        free += [(index, records[index]) for index in carvable]
         free.sort(key=lambda item: item[0])
 
     rng = np.random.default_rng([int(data_cfg.split_seed), _stable_hash(card.name)])
