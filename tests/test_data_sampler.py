@@ -6,6 +6,7 @@ from collections import Counter
 from itertools import islice
 
 import pytest
+import torch
 from test_data_helpers import small_config
 
 from usagg.data.dataset import TaskDataset
@@ -86,24 +87,50 @@ def sample_datasets(shared_data):
     return {c.name: TaskDataset(c, load_task_records(c)[:12], cfg, train=True) for c in cards if c.name in keep}
 
 
+def _delivered(loader, limit=None):
+    out = []
+    for task, batch in islice(loader, limit):
+        out.append((task, batch["index"].tolist(), batch["image"]))
+    return out
+
+
 def test_multitask_loader_with_workers_resumes_exactly(sample_datasets):
+    """Batches and augmentation draws do not depend on workers or on a resume."""
     sizes = {name: len(d) for name, d in sample_datasets.items()}
+    reference = _delivered(build_multitask_loader(sample_datasets, MultiTaskBatchSampler(sizes, 4, 12, sampling="uniform", seed=0), num_workers=0))
     sampler = MultiTaskBatchSampler(sizes, batch_size=4, num_steps=12, sampling="uniform", seed=0)
     loader = build_multitask_loader(sample_datasets, sampler, num_workers=2, pin_memory=False)
-    seen = []
-    for step, (task, batch) in enumerate(loader, start=1):
-        assert batch["image"].shape == (4, 3, 32, 32)
-        seen.append((task, batch["index"].tolist()))
-        if step == 5:
-            break
+    seen = _delivered(loader, 5)
+    assert seen[0][2].shape == (4, 3, 32, 32)
     state = loader.state_dict()
     assert state["step"] == 5  # the workers prefetched more, but five batches were delivered
     expected = list(MultiTaskBatchSampler(sizes, 4, 12, sampling="uniform", seed=0))
-    assert seen == [(t, i) for t, i in expected[:5]]
+    assert [(t, i) for t, i, _ in reference] == [(t, i) for t, i in expected]
     resumed = MultiTaskBatchSampler(sizes, batch_size=4, num_steps=12, sampling="uniform", seed=0)
     resumed.load_state_dict(state)
-    rest = [(task, batch["index"].tolist()) for task, batch in build_multitask_loader(sample_datasets, resumed, num_workers=0)]
-    assert rest == [(t, i) for t, i in expected[5:]]
+    torch.manual_seed(123)  # the caller's generator state does not reach the augmentations
+    rest = _delivered(build_multitask_loader(sample_datasets, resumed, num_workers=0))
+    for (task, indices, images), (ref_task, ref_indices, ref_images) in zip(seen + rest, reference, strict=True):
+        assert (task, indices) == (ref_task, ref_indices)
+        assert torch.equal(images, ref_images)
+    keyed = build_multitask_loader(sample_datasets, sampler, num_workers=0).loader.dataset
+    draws = [keyed[("fetal_head", 0, seed)]["image"] for seed in (1, 1, 2, 3, 4)]
+    assert torch.equal(draws[0], draws[1])  # the draw seed fixes the augmentation
+    assert any(not torch.equal(draws[0], other) for other in draws[2:])
+
+
+def test_ranks_get_the_draws_of_one_process(sample_datasets):
+    """Under DDP each rank's slice of a step is augmented as the same samples of one process's batch."""
+    sizes = {name: len(d) for name, d in sample_datasets.items()}
+    single = _delivered(build_multitask_loader(sample_datasets, MultiTaskBatchSampler(sizes, 4, 6, seed=2), num_workers=0))
+    ranks = [
+        _delivered(build_multitask_loader(sample_datasets, MultiTaskBatchSampler(sizes, 2, 6, seed=2, rank=r, world_size=2), num_workers=0))
+        for r in range(2)
+    ]
+    for (task, indices, images), first, second in zip(single, *ranks, strict=True):
+        assert task == first[0] == second[0]
+        assert indices == first[1] + second[1]
+        assert torch.equal(images, torch.cat([first[2], second[2]]))
 
 
 def test_eval_loader_keeps_order(sample_datasets):

@@ -1,4 +1,5 @@
-"""Kill-and-resume: a run killed with SIGKILL after its first checkpoint ends exactly like an uninterrupted one."""
+"""Kill-and-resume: a run killed with SIGKILL after its first checkpoint ends exactly like an uninterrupted one,
+with or without DataLoader workers."""
 
 from __future__ import annotations
 
@@ -22,10 +23,13 @@ RUN = "task_specific/breast_2cls/frac-1/seed-0"
 STEPS = 16
 
 
-def _study(shared_data, tmp_path, name):
+def _study(shared_data, tmp_path, name, num_workers=0):
     train = {"steps": STEPS, "checkpoint_every": 4, "eval_every": 8, "log_every": 1, "batch_size": 2}
-    # Augmentation stays on: its random draws come from the restored RNG state, so resuming must reproduce them.
-    study = study_dict(shared_data, tmp_path / name, ["breast_2cls"], train=train, paradigms=["task_specific"])
+    # Augmentation stays on: each sample's draws are seeded by the run seed, the step and its place in the batch,
+    # so the killed run (loading in worker processes) must reproduce the reference's (loading in the main process).
+    study = study_dict(
+        shared_data, tmp_path / name, ["breast_2cls"], train=train, paradigms=["task_specific"], data={"num_workers": num_workers}
+    )
     return write_study(tmp_path / f"{name}.yaml", study)
 
 
@@ -41,7 +45,7 @@ def test_sigkill_then_rerun_matches_uninterrupted(shared_data, tmp_path):
     done = run_cli(["train", str(reference), "--device", "cpu", "--no-progress"], timeout=600)
     assert done.returncode == 0, done.stderr
 
-    killed = _study(shared_data, tmp_path, "killed")
+    killed = _study(shared_data, tmp_path, "killed", num_workers=2)
     run_dir = tmp_path / "killed" / "tiny" / RUN
     pointer = run_dir / "checkpoints" / "latest.json"
     process = subprocess.Popen(

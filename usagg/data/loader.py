@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping
 from typing import Any
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
@@ -13,28 +14,50 @@ from usagg.data.sampler import MultiTaskBatchSampler
 
 
 class _TaskKeyedDataset(Dataset):
-    """Routes a ``(task, index)`` key to that task's dataset, so one DataLoader serves every task."""
+    """Routes a ``(task, index, draw seed)`` key to that task's dataset, so one DataLoader serves every task.
+
+    Each sample's augmentation draws come from a torch generator seeded with its draw seed, in whichever process
+    loads it, and the caller's generator is left as it was. So the draws do not depend on the number of worker
+    processes, survive a resume and match between one process and several under DDP.
+    """
 
     def __init__(self, datasets: Mapping[str, TaskDataset]) -> None:
         self.datasets = dict(datasets)
 
-    def __getitem__(self, key: tuple[str, int]) -> dict[str, Any]:
-        task, index = key
-        return self.datasets[task][index]
+    def __getitem__(self, key: tuple[str, int, int]) -> dict[str, Any]:
+        task, index, draw_seed = key
+        # Only the CPU generator: the transforms run on the CPU, and torch.manual_seed would also seed every GPU.
+        saved = torch.get_rng_state()
+        torch.default_generator.manual_seed(draw_seed)
+        try:
+            return self.datasets[task][index]
+        finally:
+            torch.set_rng_state(saved)
 
     def __len__(self) -> int:
         return sum(len(d) for d in self.datasets.values())
 
 
+def draw_seed(seed: int, step: int, slot: int) -> int:
+    """Seed of the augmentation draws of the sample in ``slot`` of ``step``'s global batch (all ranks together)."""
+    return int(np.random.SeedSequence([seed, 0xA06, step, slot]).generate_state(1, np.uint64)[0] >> 1)
+
+
 class _KeyedBatches:
-    """Batch sampler view of a ``MultiTaskBatchSampler`` that yields lists of ``(task, index)`` keys."""
+    """Batch sampler view of a ``MultiTaskBatchSampler`` that yields lists of ``(task, index, draw seed)`` keys.
+
+    The slot of a sample is its position in the step's global batch (``rank * batch_size + position``), which is
+    where the sampler takes its index from, so a sample gets the same draws on any number of ranks.
+    """
 
     def __init__(self, sampler: MultiTaskBatchSampler) -> None:
         self.sampler = sampler
 
-    def __iter__(self) -> Iterator[list[tuple[str, int]]]:
-        for task, indices in self.sampler:
-            yield [(task, i) for i in indices]
+    def __iter__(self) -> Iterator[list[tuple[str, int, int]]]:
+        sampler = self.sampler
+        first_slot = sampler.rank * sampler.batch_size
+        for step, (task, indices) in enumerate(sampler, start=sampler.step):
+            yield [(task, i, draw_seed(sampler.seed, step, first_slot + p)) for p, i in enumerate(indices)]
 
     def __len__(self) -> int:
         return len(self.sampler)

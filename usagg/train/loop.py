@@ -103,8 +103,7 @@ def _seed_loader(loader: Any, seed: int) -> None:
 
     A DataLoader iterator otherwise draws its base seed from the global generator when iteration starts, which
     happens at step 1 in a fresh run but at the resume step in a resumed one, shifting every later random draw.
-    NOTE: with ``data.num_workers > 0`` augmentations run in worker processes whose generators restart on resume,
-    so only ``num_workers: 0`` resumes bit-identically; more workers resume with different augmentation draws.
+    Augmentations do not use it: each sample seeds its own draws (``usagg.data.loader.draw_seed``).
     """
     inner = getattr(loader, "loader", None)
     if isinstance(inner, torch.utils.data.DataLoader):
