@@ -319,3 +319,25 @@ def test_list_item_override_names_command_line(tmp_path):
 def test_group_name_with_slash_rejected(tmp_path):
     message = error_of(write(tmp_path, VALID_STUDY + "groups: {b/c: [lesion], rest: [lesion_cls, head_axis, head_circumference]}\n"))
     assert "groups.b/c: group name 'b/c' must start with a letter or digit" in message
+
+
+@pytest.mark.parametrize(
+    ("card", "expected"),
+    [
+        ("type: segmentation\nnum_classes: 2\nsource: {format: class_csv, root: x}",
+         "source format 'class_csv' has no segmentation labels; a segmentation task reads 'fmc_uia' or 'mask_folder'"),
+        ("type: classification\nnum_classes: 2\nsource: {format: mask_folder, root: x}",
+         "source format 'mask_folder' has no classification labels; a classification task reads 'fmc_uia' or "
+         "'class_csv' or 'class_folders'"),
+        ("type: regression\nnum_keypoints: 2\nsource: {format: scalar_csv, root: x}",
+         "source format 'scalar_csv' has no keypoint regression labels; a keypoint regression task reads 'fmc_uia' "
+         "or 'keypoint_csv'"),
+        ("type: regression\ntarget: hc_mm\nsource: {format: fmc_uia, root: x}",
+         "source format 'fmc_uia' has no scalar regression labels; a scalar regression task reads 'scalar_csv'"),
+    ],
+)
+def test_card_type_must_match_source_format(tmp_path, card, expected):
+    """A source that cannot hold the card's labels is refused on load, before any data is read."""
+    with pytest.raises(ConfigError) as info:
+        load_task_card(write(tmp_path, f"name: t\n{card}\n", "card.yaml"))
+    assert expected + ": change the card's type or its source" in str(info.value)

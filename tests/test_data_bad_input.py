@@ -413,3 +413,17 @@ def test_class_folders_sorted_numerically(tmp_path):
     records, problems = check_task(card, small_config())
     assert {r.image_path.parent.name: r.label for r in records} == {str(i): i for i in range(11)}
     assert not problems
+
+
+def test_detection_num_classes_mismatch(shared_data, tmp_path):
+    root = copy_fmc_task(shared_data, tmp_path, "breast_lesion_det")
+
+    def edit(header, rows):
+        rows[2][header.index("num_classes")] = "2"
+        return header, rows
+
+    _rewrite(root, "breast_lesion_det", edit)
+    _assert_load_error(
+        fmc_card("breast_lesion_det", root), "row 3", "num_classes is 2 in the CSV but the task card's num_classes is 1",
+        "correct this row's num_classes, or set num_classes: 2 in the task card if every row has 2",
+    )

@@ -18,8 +18,9 @@ from usagg.config import load_study
 from usagg.data.dataset import TaskDataset
 from usagg.data.detect import detect_layouts
 from usagg.data.problems import ProblemLog
-from usagg.data.sources import discover_fmc_uia, load_task_records
+from usagg.data.sources import discover_fmc_uia, load_task_records, read_source
 from usagg.data.sources.fmc_uia import parse_point
+from usagg.errors import DataError
 from usagg.tasks import TaskCard
 
 REPO = Path(__file__).resolve().parents[1]
@@ -123,6 +124,41 @@ def test_mask_folder_hc18_case_regex(shared_data):
     assert len(records) == 100
     by_name = {r.image_path.name: r for r in records}
     assert by_name["010_2HC.png"].case_id == "010"
+
+
+def test_mask_folder_hc18_spacing_csv(shared_data):
+    card = TaskCard.model_validate(
+        {
+            "name": "hc18_seg",
+            "type": "segmentation",
+            "num_classes": 2,
+            "source": {"format": "mask_folder", "root": shared_data / "hc18_fetal_head", "spacing_csv": "labels.csv"},
+        }
+    )
+    truth = pl.read_csv(shared_data / "hc18_fetal_head" / "labels.csv")
+    expected = {Path(image).name: size for image, size in zip(truth["image"], truth["pixel_size_mm"])}
+    records = load_task_records(card)
+    assert {r.image_path.name: r.spacing_mm_per_px for r in records} == pytest.approx(expected)
+    item = TaskDataset(card, records[:1], small_config(), train=False)[0]
+    assert float(item["spacing_mm_per_px"]) == pytest.approx(expected[records[0].image_path.name])
+
+
+def test_mask_folder_bad_spacing_names_file_and_row(shared_data, tmp_path):
+    for folder in ("images", "masks"):
+        (tmp_path / folder).mkdir()
+        for name in ("000_HC.png", "010_2HC.png"):
+            shutil.copyfile(shared_data / "hc18_fetal_head" / folder / name, tmp_path / folder / name)
+    write_csv(tmp_path / "spacing.csv", ["image", "pixel_size_mm"], [["images/000_HC.png", "0.07"], ["images/010_2HC.png", "-1"]])
+    source = {"format": "mask_folder", "root": tmp_path, "spacing_csv": "spacing.csv", "pixel_spacing_mm": 0.1}
+    card = TaskCard.model_validate({"name": "hc18_seg", "type": "segmentation", "num_classes": 2, "source": source})
+    log = ProblemLog(strict=False)
+    records = read_source(card, log)
+    assert {r.image_path.name: r.spacing_mm_per_px for r in records} == {"000_HC.png": 0.07, "010_2HC.png": None}
+    (problem,) = log.problems
+    assert (problem.file, problem.row, problem.fatal) == (tmp_path / "spacing.csv", 2, True)
+    assert "pixel spacing '-1' in column 'pixel_size_mm' is not a positive number" in problem.message
+    with pytest.raises(DataError, match=r"spacing.csv, row 2: .*pixel spacing '-1'"):
+        load_task_records(card)
 
 
 def test_mask_folder_usgra_split_csv(shared_data):
@@ -295,6 +331,12 @@ def test_detected_usgra_uses_split_and_classes(shared_data):
     (card,) = detect_layouts(shared_data / "usgra_nerve_vessel", ProblemLog(strict=True))
     assert card.num_classes == 3
     assert card.source.split_column == "source_split"
+
+
+def test_detected_hc18_reads_pixel_spacing(shared_data):
+    (card,) = detect_layouts(shared_data / "hc18_fetal_head", ProblemLog(strict=True))
+    assert (card.source.spacing_csv, card.source.spacing_path_column, card.source.spacing_column) == ("labels.csv", "image", "pixel_size_mm")
+    assert all(r.spacing_mm_per_px is not None for r in load_task_records(card))
 
 
 def test_spacing_nan_when_unknown(shared_data):

@@ -130,6 +130,11 @@ class MaskFolderSource(_SourceBase):
     split_csv: str | None = None
     split_path_column: str = "image"
     split_column: str = "split"
+    # Optional CSV (relative to root) giving a pixel spacing per image: a path or file-name column and a spacing
+    # column, e.g. HC18's labels.csv (image, pixel_size_mm). Images it does not list keep pixel_spacing_mm.
+    spacing_csv: str | None = None
+    spacing_path_column: str = "image"
+    spacing_column: str = "pixel_size_mm"
 
 
 class ClassCsvSource(_SourceBase):
@@ -198,6 +203,15 @@ SourceConfig = Annotated[
 ]
 
 SOURCE_FORMATS = ("fmc_uia", "mask_folder", "class_csv", "class_folders", "coco", "keypoint_csv", "scalar_csv")
+
+# Source formats that hold the labels of each head kind (``TaskCard.kind``).
+FORMATS_BY_KIND: dict[str, tuple[str, ...]] = {
+    "segmentation": ("fmc_uia", "mask_folder"),
+    "classification": ("fmc_uia", "class_csv", "class_folders"),
+    "detection": ("fmc_uia", "coco"),
+    "keypoints": ("fmc_uia", "keypoint_csv"),
+    "scalar": ("scalar_csv",),
+}
 
 # Task and group names become folders of run directories and parts of run ids.
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -269,6 +283,12 @@ class TaskCard(StrictModel):
                 )
         if self.class_names is not None and self.num_classes is not None and len(self.class_names) != self.num_classes:
             raise ValueError(f"class_names has {len(self.class_names)} names but num_classes is {self.num_classes}")
+        if self.source is not None and self.source.format not in FORMATS_BY_KIND[self.kind]:
+            what = {"keypoints": "keypoint regression", "scalar": "scalar regression"}.get(self.kind, self.kind)
+            raise ValueError(
+                f"source format {self.source.format!r} has no {what} labels; a {what} task reads "
+                f"{' or '.join(repr(f) for f in FORMATS_BY_KIND[self.kind])}: change the card's type or its source"
+            )
         return self
 
     @property

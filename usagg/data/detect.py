@@ -3,7 +3,8 @@
 Rules: ``csv_files/`` -> fmc_uia (one card per task id); ``images/`` + ``masks/`` -> mask_folder (num_classes
 from the largest mask value); a COCO JSON (``images`` and ``annotations`` keys) -> coco; a CSV at the root with an
 image path column and a ``label`` / ``class`` column -> class_csv, a ``value`` / ``target`` column -> scalar_csv,
-``x1, y1`` columns -> keypoint_csv; several sub-folders of images -> class_folders.
+``x1, y1`` columns -> keypoint_csv; several sub-folders of images -> class_folders. A root CSV with an image path
+and a ``pixel_size_mm`` column gives the pixel spacing of each image (mask folders, keypoint and scalar CSVs).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ LABEL_COLUMNS = ("label", "class", "class_index")
 VALUE_COLUMNS = ("value", "target")
 SPLIT_COLUMNS = ("split", "source_split", "subset")
 CASE_COLUMNS = ("case", "case_id", "patient", "patient_id", "subject_id")
+SPACING_COLUMNS = ("pixel_size_mm", "pixel_spacing_mm", "spacing_mm")
 
 
 def _common_prefix(stems: list[str]) -> str:
@@ -58,9 +60,12 @@ def _mask_folder_card(root: Path, name: str, log: ProblemLog) -> TaskCard | None
             largest = max(largest, int(read_mask(mask_path).max(initial=0)))
         except DataError as exc:
             log.add(problem_from_error(name, exc, file=mask_path))
-    split_csv = _split_csv(root)
+    split_csv = _side_table(root, SPLIT_COLUMNS)
     if split_csv is not None:
         source.update(split_csv=split_csv[0], split_path_column=split_csv[1], split_column=split_csv[2])
+    spacing_csv = _side_table(root, SPACING_COLUMNS)
+    if spacing_csv is not None:
+        source.update(spacing_csv=spacing_csv[0], spacing_path_column=spacing_csv[1], spacing_column=spacing_csv[2])
     card = TaskCard.model_validate(
         {"name": name, "type": "segmentation", "num_classes": largest + 1, "source": source}
     )
@@ -79,12 +84,13 @@ def _root_csvs(root: Path) -> list[tuple[Path, list[str]]]:
     return found
 
 
-def _split_csv(root: Path) -> tuple[str, str, str] | None:
+def _side_table(root: Path, value_columns: tuple[str, ...]) -> tuple[str, str, str] | None:
+    """Return (file name, path column, value column) of the first root CSV with an image path and one of ``value_columns``."""
     for file, columns in _root_csvs(root):
         path_column = next((c for c in PATH_COLUMNS if c in columns), None)
-        split_column = next((c for c in SPLIT_COLUMNS if c in columns), None)
-        if path_column and split_column:
-            return file.name, path_column, split_column
+        value_column = next((c for c in value_columns if c in columns), None)
+        if path_column and value_column:
+            return file.name, path_column, value_column
     return None
 
 
@@ -99,6 +105,7 @@ def _csv_cards(root: Path, base: str, log: ProblemLog) -> list[TaskCard]:
         common = {"csv": file.name, "path_column": path_column, "root": root}
         case_column = next((c for c in CASE_COLUMNS if c in columns), None)
         split_column = next((c for c in SPLIT_COLUMNS if c in columns), None)
+        spacing_column = next((c for c in SPACING_COLUMNS if c in columns), None)
         if case_column:
             common["case_column"] = case_column
         if split_column:
@@ -110,13 +117,13 @@ def _csv_cards(root: Path, base: str, log: ProblemLog) -> list[TaskCard]:
             source = {"format": "class_csv", "label_column": label_column, **common}
             cards.append(TaskCard.model_validate({"name": f"{base}_cls", "type": "classification", "num_classes": max(2, largest + 1), "source": source}))
         elif value_column is not None:
-            source = {"format": "scalar_csv", "value_column": value_column, **common}
+            source = {"format": "scalar_csv", "value_column": value_column, "spacing_column": spacing_column, **common}
             cards.append(TaskCard.model_validate({"name": f"{base}_value", "type": "regression", "target": value_column, "source": source}))
         elif "x1" in columns and "y1" in columns:
             count = 1
             while f"x{count + 1}" in columns and f"y{count + 1}" in columns:
                 count += 1
-            source = {"format": "keypoint_csv", **common}
+            source = {"format": "keypoint_csv", "spacing_column": spacing_column, **common}
             cards.append(TaskCard.model_validate({"name": f"{base}_points", "type": "regression", "num_keypoints": count, "source": source}))
     return cards
 

@@ -71,6 +71,27 @@ def iter_path_value_rows(path: Path, task: str, log: ProblemLog, path_column: st
             yield row, path_text.strip(), value_text
 
 
+def read_spacing_table(path: Path, task: str, log: ProblemLog, path_column: str, spacing_column: str) -> dict[str, float]:
+    """Map each row's path text to its pixel spacing (mm per pixel) from a per-image side table.
+
+    Rows with an empty spacing are left out, so those images keep the source default; a spacing that is not a
+    positive number is logged with its file and row.
+    """
+    spacings: dict[str, float] = {}
+    for row, path_text, spacing_text in iter_path_value_rows(path, task, log, path_column, spacing_column):
+        if spacing_text is None or not spacing_text.strip():
+            continue
+        value = parse_float(spacing_text)
+        if value is None or value <= 0:
+            log.error(
+                task, f"pixel spacing {spacing_text!r} in column {spacing_column!r} is not a positive number",
+                "write mm per pixel, e.g. 0.12, or leave the cell empty", file=path, row=row,
+            )
+            continue
+        spacings[path_text] = value
+    return spacings
+
+
 def parse_float(text: str | None) -> float | None:
     """Parse a number written in a CSV cell; None for empty or non-numeric text."""
     if text is None:

@@ -27,6 +27,7 @@ from usagg.data.sources._common import (
     parse_float,
     parse_int,
     read_csv_strings,
+    read_spacing_table,
     report_duplicates,
 )
 from usagg.tasks import FmcUiaSource, TaskCard, TaskType
@@ -124,18 +125,9 @@ def _read_task_tables(root: Path, task_id: str | None, log: ProblemLog, task_lab
 def _load_spacings(source: FmcUiaSource, root: Path, task: str, log: ProblemLog) -> dict[str, float]:
     if source.spacing_csv is None:
         return {}
-    file = root / source.spacing_csv
-    spacings: dict[str, float] = {}
+    table = read_spacing_table(root / source.spacing_csv, task, log, source.spacing_path_column, source.spacing_column)
     base = csv_folder(root)
-    for row, path_text, spacing_text in iter_path_value_rows(file, task, log, source.spacing_path_column, source.spacing_column):
-        if spacing_text is None or not spacing_text.strip():
-            continue  # images without a spacing keep the source default
-        value = parse_float(spacing_text)
-        if value is None or value <= 0:
-            log.error(task, f"pixel spacing {spacing_text!r} is not a positive number", "write mm per pixel, e.g. 0.12", file=file, row=row)
-            continue
-        spacings[os.path.normpath(base / path_text)] = value
-    return spacings
+    return {os.path.normpath(base / path_text): value for path_text, value in table.items()}
 
 
 def read_fmc_uia(card: TaskCard, source: FmcUiaSource, root: Path, split: str | None, log: ProblemLog) -> list[SampleRecord]:
@@ -159,11 +151,10 @@ def read_fmc_uia(card: TaskCard, source: FmcUiaSource, root: Path, split: str | 
 
 
 def _expected_count(card: TaskCard) -> int | None:
+    """Return the ``num_classes`` cell every row must hold: points for Regression, classes otherwise."""
     if card.type is TaskType.regression:
         return card.num_keypoints
-    if card.type is TaskType.detection:
-        return None  # num_classes is 1 for every FMC_UIA detection task; the box count is one per row
-    return card.num_classes
+    return card.num_classes  # detection: object classes, 1 in every FMC_UIA detection task
 
 
 def _read_rows(
@@ -283,7 +274,7 @@ def _check_type_and_count(context: _Row, cells: dict[str, str | None], expected:
         what = "num_keypoints" if card.type is TaskType.regression else "num_classes"
         context.error(
             f"num_classes is {count} in the CSV but the task card's {what} is {expected}",
-            f"set {what}: {count} in the task card or correct the CSV",
+            f"correct this row's num_classes, or set {what}: {count} in the task card if every row has {count}",
         )
         return False
     return True

@@ -11,6 +11,7 @@ from usagg.data.record import SampleRecord
 from usagg.data.sources._common import (
     case_from_path,
     iter_path_value_rows,
+    read_spacing_table,
     split_column_value,
 )
 from usagg.tasks import MaskFolderSource, TaskCard
@@ -60,6 +61,14 @@ def _load_split_csv(source: MaskFolderSource, root: Path, task: str, log: Proble
     return splits
 
 
+def _load_spacing_csv(source: MaskFolderSource, root: Path, task: str, log: ProblemLog) -> dict[str, float]:
+    """Map image file name -> pixel spacing (mm) from ``source.spacing_csv``."""
+    if source.spacing_csv is None:
+        return {}
+    table = read_spacing_table(root / source.spacing_csv, task, log, source.spacing_path_column, source.spacing_column)
+    return {Path(path_text).name: value for path_text, value in table.items()}
+
+
 def read_mask_folder(card: TaskCard, source: MaskFolderSource, root: Path, split: str | None, log: ProblemLog) -> list[SampleRecord]:
     """Pair images and masks of one folder by stem; split sub-folders (train/, val/, test/) are read when present."""
     task = card.name
@@ -84,6 +93,7 @@ def read_mask_folder(card: TaskCard, source: MaskFolderSource, root: Path, split
         return []
 
     split_by_name = _load_split_csv(source, root, task, log)
+    spacing_by_name = _load_spacing_csv(source, root, task, log)
     records = []
     for key, image_path in images.items():
         mask_path = masks.get(key)
@@ -104,6 +114,7 @@ def read_mask_folder(card: TaskCard, source: MaskFolderSource, root: Path, split
                 source_file=image_path,
                 case_id=case_from_path(image_path, source.case_regex),
                 split=split_by_name.get(image_path.name, split),
+                spacing_mm_per_px=spacing_by_name.get(image_path.name),
             )
         )
 
