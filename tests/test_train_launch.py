@@ -107,6 +107,14 @@ def test_train_dry_run_checks_model_settings(shared_data, tmp_path, monkeypatch)
     assert "model.feature_blocks: the heads need at least one block" in stderr
 
 
+def test_train_dry_run_warns_about_budget_and_sampling(shared_data, tmp_path, monkeypatch):
+    train = {"budget": "epochs", "epochs": 1, "task_sampling": "uniform"}
+    study_file = write_study(tmp_path / "study.yaml", study_dict(shared_data, tmp_path / "runs", ["breast_2cls"], train=train))
+    code, stderr = run_main(["train", str(study_file), "--dry-run"], monkeypatch)
+    assert code == 0
+    assert "train.budget is 'epochs' but train.task_sampling is 'uniform'" in " ".join(stderr.split())
+
+
 def test_train_cli_reports_bad_option(shared_data, tmp_path, monkeypatch):
     study_file = write_study(tmp_path / "study.yaml", study_dict(shared_data, tmp_path / "runs", ["breast_2cls"]))
     code, stderr = run_main(["train", str(study_file), "--dry-run", "--task", "lung"], monkeypatch)

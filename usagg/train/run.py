@@ -30,6 +30,7 @@ class PlannedRun:
 
 def describe_plan(study: StudyConfig, specs: Sequence[RunSpec], options: TrainOptions, cache: RecordCache | None = None) -> list[PlannedRun]:
     """Size every planned run (reads each task's records once) and report whether it is new, resumable or done."""
+    check_budget_sampling(study)
     cache = cache or RecordCache(study)
     planned = []
     for spec in specs:
