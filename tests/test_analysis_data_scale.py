@@ -122,8 +122,21 @@ def test_nan_rows_are_dropped_with_message(noisy_rel):
         pl.when(pl.col("task") == "task00").then(None).otherwise(pl.col("rel_change")).alias("rel_change")
     )
     fit = fit_data_scale(broken, n_bootstrap=0)
-    assert fit.n == noisy_rel.height - noisy_rel.filter(pl.col("task") == "task00").height
+    assert fit.data.height == noisy_rel.height - noisy_rel.filter(pl.col("task") == "task00").height
+    kept = noisy_rel.filter(pl.col("task") != "task00")
+    assert fit.n == kept.select("task", "paradigm", "n_train").n_unique()  # one observation per seed mean
     assert any("NaN relative change" in m for m in fit.messages)
+
+
+def test_seeds_are_averaged_not_counted(noisy_rel):
+    """Copying every row as more seeds adds no information, so the fit and its intervals stay the same."""
+    one_seed = noisy_rel.filter(pl.col("seed") == pl.col("seed").min())
+    copies = pl.concat([one_seed.with_columns(pl.lit(s).alias("seed")) for s in (0, 1, 2)])
+    single, tripled = fit_data_scale(one_seed, n_bootstrap=0), fit_data_scale(copies, n_bootstrap=0)
+    assert (single.formula, single.n) == (tripled.formula, tripled.n)
+    assert int(single.ols.df_resid) == int(tripled.ols.df_resid)
+    np.testing.assert_allclose(single.predict(300.0, "segmentation", "unified"), tripled.predict(300.0, "segmentation", "unified"))
+    assert f"{tripled.data.height} rows give {single.n} observations" in " ".join(tripled.messages)
 
 
 def test_too_few_observations_raise():
@@ -401,7 +414,8 @@ def _contradicting_table(seeds=(0, 1, 2), loss_spread=0.01):
         if task == "cls_d" and paradigm == "grouped":
             return -0.048 + loss_spread * (seed - 1)
         gain = {"classification": 0.12, "segmentation": 0.05}[task_type] if paradigm == "grouped" else 0.01
-        return gain + 0.01 * ((seed + len(task) + ord(task[-1])) % 3 - 1)
+        # Seed noise that cancels over the three seeds, plus a task and size effect that does not.
+        return gain + 0.01 * ((seed + len(task) + ord(task[-1])) % 3 - 1) + 0.005 * math.sin(n_train + ord(task[-1]))
 
     return _study(SPLIT_SIZES, change, seeds=seeds)
 
@@ -473,7 +487,7 @@ def test_safer_paradigm_skips_observed_loss():
 
     rec = advice.recommendations.filter(pl.col("task") == "cls_d").row(0, named=True)
 
-    kept = [r for r in rows if not (r["observed_ci_hi"] is not None and r["observed_ci_hi"] < 0)]
+    kept = [r for r in rows if not (r["observed_ci_hi"] is not None and r["observed_ci_hi"] < 0) and r["verdict"] != "loss"]
     expected = max(kept, key=lambda r: r["ci_lo"])["paradigm"] if kept else "task_specific"
     assert rec["safer_paradigm"] == expected
     assert rec["safer_paradigm"] != "grouped"
@@ -482,3 +496,17 @@ def test_safer_paradigm_skips_observed_loss():
     assert rec["recommendation"] != "grouped"
     assert "grouped is not recommended, because this task's own runs lose under it" in rec["reason"]
     assert "under grouped this task's own results changed by" in rec["reason"]
+
+
+def test_safer_paradigm_is_task_specific_when_every_paradigm_is_predicted_to_lose():
+    """A paradigm whose whole predicted interval lies below 0 is worse than task-specific training (0)."""
+
+    def change(paradigm, task, task_type, n_train, seed):
+        loss = -0.2 if paradigm == "grouped" else -0.05
+        return loss + 0.01 * ((seed + ord(task[-1])) % 3 - 1) + 0.004 * math.sin(n_train + ord(task[-1]))
+
+    rel = relative_change(_study(SPLIT_SIZES, change))
+    advice = advise(fit_data_scale(rel, n_bootstrap=0, mixed=False), rel)
+    assert set(advice.predictions["verdict"]) == {"loss"}
+    assert set(advice.recommendations["recommendation"]) == {"task_specific"}
+    assert set(advice.recommendations["safer_paradigm"]) == {"task_specific"}

@@ -214,8 +214,14 @@ def test_delta_m_zero_replicates():
     assert "ci_tasks is empty" in message
     assert "ci_method no_bootstrap" in message
     with_boot = analyse_transfer(pl.DataFrame(rows, schema=RESULTS_SCHEMA), per_image, n_boot=200)
-    assert math.isfinite(with_boot.delta_m.filter(pl.col("level") == "study")["ci_tasks_lo"][0])
+    # Two tasks are too few for an interval over tasks (its bounds would be the two tasks themselves); four are not.
+    assert math.isnan(with_boot.delta_m.filter(pl.col("level") == "study")["ci_tasks_lo"][0])
     assert with_boot.messages == []
+    rows += rows_for("c", [0.5, 0.5], [0.52, 0.55]) + rows_for("d", [0.7, 0.7], [0.6, 0.72])
+    four = analyse_transfer(pl.DataFrame(rows, schema=RESULTS_SCHEMA), per_image, n_boot=200)
+    study = four.delta_m.filter(pl.col("level") == "study").row(0, named=True)
+    assert study["n_tasks"] == 4
+    assert study["ci_tasks_lo"] < study["delta_m"] < study["ci_tasks_hi"]
 
 
 def _group_test(p_value: float) -> GroupTest:
@@ -379,3 +385,21 @@ def test_seed_summary_bootstraps_auc_from_probabilities():
     # Without the probabilities there is nothing to resample: one seed has no interval.
     summary, _ = seed_summary(rel, per_image.filter(pl.col("metric") != "prob_1"), n_boot=500)
     assert summary["ci_method"][0] == "none"
+
+
+def test_identical_seeds_give_no_interval_and_no_flag():
+    """One number copied to every seed is not three agreeing measurements: no zero-width interval, no flag."""
+    from usagg.analysis.inference import seed_summary
+    from usagg.analysis.relative import relative_change
+
+    rows = rows_for("a", [0.8, 0.8, 0.8], [0.72, 0.72, 0.72])
+    summary, notes = seed_summary(relative_change(pl.DataFrame(rows, schema=RESULTS_SCHEMA)))
+    row = summary.row(0, named=True)
+    assert row["mean_rel_change"] == pytest.approx(-0.1)
+    assert math.isnan(row["ci_lo"]) and math.isnan(row["ci_hi"])
+    assert (row["ci_method"], row["negative_transfer"]) == ("none", None)
+    assert math.isnan(row["ttest_p"]) and math.isnan(row["wilcoxon_p"])
+    assert notes == [
+        "unified/a/dice: its 3 seeds have the same relative change (-10.00 %), so they give no t interval and no "
+        "flag; if one number was copied to every seed, give it once with an empty seed"
+    ]

@@ -292,7 +292,8 @@ def test_data_scale_range_covers_points():
     # The margin is small: the range is not stretched by the confidence bands.
     every = plot.data.filter(pl.col("layer") == "point")["rel_change_percent"]
     assert high - low < 1.2 * (every.max() - every.min())
-    assert not any("range" in note for note in plot.notes)
+    # Only bands may be cut at the axis, and each cut is noted.
+    assert all("band" in note for note in plot.notes if "y range" in note)
     assert layout_problems(plot.figure) == []
 
 
@@ -363,7 +364,7 @@ def test_data_scale_legend_rows(drawn):
     # The 27-task fixture has crossings with intervals, and the entry names the bar.
     fixture, _, _ = drawn["data-scale"]
     labels = [t.get_text() for t in fixture.figure.legends[0].get_texts()]
-    assert "zero crossing (bar: 95 % CI)" in labels
+    assert "zero crossing (bar: 95 % CI, arrowhead where cut)" in labels
     assert all(len(row) == len(_legend_rows(fixture.figure)[0]) for row in _legend_rows(fixture.figure)[:-1])
 
 

@@ -17,8 +17,9 @@ interval, where there is one, excludes 0), the reason notes this with both numbe
 confidence stay as the rule gives them.
 
 The safer paradigm is the one with the highest lower bound: its worst plausible change is the least bad. A
-paradigm under which the task's own runs show a loss (observed interval below 0) is never the safer one, and
-when that holds for every aggregated paradigm the safer choice is task_specific. Such a paradigm is not
+paradigm predicted to lose (interval below 0) or under which the task's own runs show a loss (observed interval
+below 0) is never the safer one, since task-specific training, whose change is 0 by definition, beats it; when
+that holds for every aggregated paradigm the safer choice is task_specific. Such a paradigm is not
 recommended either: rules 1 and 3 choose among the others, and the reason names what was passed over.
 """
 
@@ -42,7 +43,8 @@ ADVICE_RULE = (
     f"freedom or the task's type gives fewer than {MIN_DISTINCT_RESAMPLES} distinct bootstrap resamples of tasks; "
     "the reason notes every paradigm whose observed change for the task has the opposite sign to its prediction "
     "(when the observed change has a 95 % interval, only if that interval excludes 0); the safer paradigm has the "
-    "highest lower bound among those under which the task's own runs show no loss, else task_specific; a paradigm "
+    "highest lower bound among those neither predicted to lose nor shown to lose by the task's own runs, else "
+    "task_specific; a paradigm "
     "under which the task's own runs show a loss (observed interval below 0) is never recommended"
 )
 
@@ -103,9 +105,9 @@ def _observed_loss(row: dict) -> bool:
 
 
 def _safer(rows: list[dict]) -> str:
-    """Return the paradigm with the highest predicted lower bound among those the task's own runs do not show
-    losing, or task_specific when its runs show a loss under every aggregated paradigm."""
-    candidates = [r for r in rows if not _observed_loss(r)]
+    """Return the paradigm with the highest predicted lower bound among those neither predicted to lose nor
+    shown losing by the task's own runs, or task_specific when none is left."""
+    candidates = [r for r in rows if not _observed_loss(r) and r["verdict"] != "loss"]
     if not candidates:
         return "task_specific"
     return max(candidates, key=lambda r: r["ci_lo"])["paradigm"]

@@ -28,6 +28,7 @@ import numpy as np
 import pandas as pd
 import patsy
 import polars as pl
+from scipy import stats
 from statsmodels.regression.linear_model import OLS
 from statsmodels.regression.mixed_linear_model import MixedLM
 
@@ -160,10 +161,13 @@ class DataScaleFit:
         frame = self._frame(n_train, task_type, paradigm)
         frame[RESPONSE] = 0.0
         (exog,) = patsy.build_design_matrices([self.design_info], frame, return_type="dataframe")
-        summary = self.ols.get_prediction(exog).summary_frame(alpha=alpha)
-        mean = summary["mean"].to_numpy()
-        lo = summary["mean_ci_lower"].to_numpy()
-        hi = summary["mean_ci_upper"].to_numpy()
+        x = np.asarray(exog, dtype=float)
+        mean = x @ np.asarray(self.ols.params, dtype=float)
+        # x' V x of a cell the model fits exactly can come out a rounding error below 0; it is 0.
+        variance = np.maximum(np.einsum("ij,jk,ik->i", x, np.asarray(self.ols.cov_params(), dtype=float), x), 0.0)
+        quantile = stats.t.ppf(1 - alpha / 2, self.ols.df_resid) if self.ols.use_t else stats.norm.ppf(1 - alpha / 2)
+        lo = mean - quantile * np.sqrt(variance)
+        hi = mean + quantile * np.sqrt(variance)
         if np.ndim(n_train) == 0:
             return float(mean[0]), float(lo[0]), float(hi[0])
         return mean, lo, hi
@@ -505,6 +509,22 @@ def _tasks_per_type(frame: pd.DataFrame) -> dict[str, int]:
     return {str(k): int(v) for k, v in frame.groupby("task_type")["task"].nunique().items()}
 
 
+def _seed_means(rows: pd.DataFrame, messages: list[str]) -> pd.DataFrame:
+    """Average the relative change over seeds within task × paradigm × training size.
+
+    Seeds of one task at one training size are replicates of one design point, not independent tasks: counted
+    one by one, they would narrow the HC3 intervals and add residual degrees of freedom without adding a task.
+    """
+    keys = ["task", "task_type", "paradigm", "n_train", "log10_n"]
+    frame = rows.groupby(keys, as_index=False, sort=False)[RESPONSE].mean()
+    if len(frame) < len(rows):
+        messages.append(
+            f"relative changes averaged over seeds: {len(rows)} rows give {len(frame)} observations "
+            "(one per task, paradigm and training size)"
+        )
+    return frame
+
+
 def _has_repeated_measures(frame: pd.DataFrame) -> bool:
     return bool(frame.groupby(["paradigm", "task"]).size().max() > 1)
 
@@ -512,7 +532,7 @@ def _has_repeated_measures(frame: pd.DataFrame) -> bool:
 def fit_data_scale(
     rel: pl.DataFrame,
     split: str | None = None,
-    n_bootstrap: int = 1000,
+    n_bootstrap: int = 2000,
     seed: int = 0,
     mixed: bool | None = None,
 ) -> DataScaleFit:
@@ -529,7 +549,8 @@ def fit_data_scale(
             "the model needs each task's training-image count in the n_train column (numbers typed in from a "
             "publication often lack it)"
         )
-    frame = data.select("task", "task_type", "paradigm", "n_train", "log10_n", RESPONSE).to_pandas()
+    rows = data.select("task", "task_type", "paradigm", "n_train", "log10_n", RESPONSE).to_pandas()
+    frame = _seed_means(rows, messages)
     caught: list[str] = []
     with warnings.catch_warnings(record=True) as records:
         warnings.simplefilter("always")
@@ -540,10 +561,12 @@ def fit_data_scale(
         crossings, n_draws = _crossings(formula, ols, frame, design, n_bootstrap, seed, messages)
 
         mixed_result = None
-        want_mixed = _has_repeated_measures(frame) if mixed is None else mixed
-        if want_mixed and frame["task"].nunique() >= 3:
+        want_mixed = _has_repeated_measures(rows) if mixed is None else mixed
+        if want_mixed and rows["task"].nunique() >= 3:
             try:
-                model = MixedLM(y, design, groups=frame["task"].to_numpy())
+                # The mixed model sees every seed: the random intercept absorbs what a task's rows share.
+                (row_design,) = patsy.build_design_matrices([design.design_info], rows, return_type="dataframe")
+                model = MixedLM(rows[RESPONSE].astype(float), row_design, groups=rows["task"].to_numpy())
                 mixed_result = model.fit(reml=True)
                 names = list(mixed_result.fe_params.index)
                 table = pl.concat([table, _coef_table(mixed_result, "mixedlm_task_intercept", names)])

@@ -65,7 +65,7 @@ def add_data_scale(
     report: AnalysisReport,
     rel: pl.DataFrame,
     sizes: pl.DataFrame | None = None,
-    n_bootstrap: int = 1000,
+    n_bootstrap: int = 2000,
     seed: int = 0,
     task: str | None = None,
 ) -> None:
@@ -139,14 +139,15 @@ def run_full_analysis(
     out_dir: str | os.PathLike,
     relations: str | os.PathLike | None = None,
     metrics: Mapping[str, str] | None = None,
-    n_bootstrap: int = 1000,
+    n_bootstrap: int = 2000,
     seed: int = 0,
 ) -> AnalysisReport:
     """Run every analysis the inputs allow and write all outputs to ``out_dir``.
 
     Negative transfer always runs. The data-scale analysis needs training sizes, the affinity estimators need
     pair runs or files of a unified run (a study output directory), and grouping needs an affinity matrix.
-    ``relations`` (a task × task CSV) scores the estimators against a known relation matrix. Steps that cannot
+    ``relations`` (a task × task CSV) scores the estimators against a known relation matrix. ``n_bootstrap`` is
+    the number of replicates of every bootstrap, as ``--bootstrap`` of the commands. Steps that cannot
     run are listed in ``report.messages``; the report is also written as ``analysis_report.json``.
     """
     started = time.perf_counter()
@@ -155,7 +156,7 @@ def run_full_analysis(
     report.messages.extend(inputs.notes)
     relation_matrix = read_relations(relations) if relations is not None else None
 
-    _timed(report, "negative transfer", lambda: add_transfer(report, inputs, metrics, n_boot=2 * n_bootstrap, seed=seed))
+    _timed(report, "negative transfer", lambda: add_transfer(report, inputs, metrics, n_boot=n_bootstrap, seed=seed))
     rel = report.transfer.rel if report.transfer is not None else None
     if rel is not None and rel.height:
         _timed(report, "data scale", lambda: add_data_scale(report, rel, inputs.sizes, n_bootstrap, seed))

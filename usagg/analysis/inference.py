@@ -73,7 +73,7 @@ def paired_tests(value: np.ndarray, value_ts: np.ndarray) -> tuple[float, float,
     if value.size < 2:
         return math.nan, math.nan, notes
     diff = value - value_ts
-    if np.allclose(diff, 0.0):
+    if np.allclose(diff, 0.0) or identical(diff):
         return math.nan, math.nan, notes
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -87,10 +87,20 @@ def paired_tests(value: np.ndarray, value_ts: np.ndarray) -> tuple[float, float,
     return wilcoxon_p, t_p, notes
 
 
-def t_interval(values: np.ndarray, level: float = 0.95) -> tuple[float, float]:
-    """Return the Student t interval of the mean of ``values`` (NaN bounds for fewer than two values)."""
+def identical(values: np.ndarray) -> bool:
+    """Return whether two or more finite values are all equal up to rounding (e.g. one number typed in per seed)."""
     values = values[np.isfinite(values)]
-    if values.size < 2:
+    return values.size >= 2 and float(np.ptp(values)) <= 1e-12 * max(1.0, float(np.abs(values).max()))
+
+
+def t_interval(values: np.ndarray, level: float = 0.95) -> tuple[float, float]:
+    """Return the Student t interval of the mean of ``values``.
+
+    NaN bounds for fewer than two values, and for identical values, whose zero-width interval would state a
+    certainty that repeated copies of one number do not give.
+    """
+    values = values[np.isfinite(values)]
+    if values.size < 2 or identical(values):
         return math.nan, math.nan
     mean = float(values.mean())
     half = float(stats.t.ppf(0.5 + level / 2, values.size - 1) * values.std(ddof=1) / math.sqrt(values.size))
@@ -387,8 +397,15 @@ def seed_summary(
                 ci_lo, ci_hi = paired_bootstrap_interval(matrices[0], matrices[1], higher, n_boot, level, seed)
             method = "bootstrap_images" if math.isfinite(ci_lo) else "none"
         if method in ("none", "no_bootstrap") and finite.size >= 2:
-            ci_lo, ci_hi = t_interval(finite, level)
-            method = "t_seeds"
+            if identical(finite):
+                notes.append(
+                    f"{info['paradigm']}/{info['task']}/{info['metric']}: its {finite.size} seeds have the same "
+                    f"relative change ({100 * finite[0]:+.2f} %), so they give no t interval and no flag; if one "
+                    "number was copied to every seed, give it once with an empty seed"
+                )
+            else:
+                ci_lo, ci_hi = t_interval(finite, level)
+                method = "t_seeds"
         if method == "none" and "source" in part.columns and str(part["source"][0]).startswith("reported:"):
             method = "reported"
         flagged = bool(ci_hi < 0) if math.isfinite(ci_hi) else None

@@ -49,12 +49,17 @@ class TransferAnalysis:
         return self.summary.filter(pl.col("negative_transfer").fill_null(False))
 
 
+# A percentile bootstrap over n tasks draws the smallest task n times with probability n^-n. While that exceeds
+# the 2.5 % tail (n <= 3), the interval's bounds are the extreme tasks themselves, not an interval of the mean.
+MIN_TASKS_FOR_INTERVAL = 4
+
+
 def delta_m_table(rel: pl.DataFrame, n_boot: int = 1000, seed: int = 0, level: float = 0.95) -> pl.DataFrame:
     """Return Δm per study × paradigm × data fraction × split over all tasks, per task type, clinical and training group.
 
     ``ci_seeds`` is the t interval of the per-seed Δm, which reflects training randomness and needs two seeds.
     ``ci_tasks`` is a percentile bootstrap over tasks of the seed-averaged task means, which reflects the choice
-    of tasks and needs two tasks and ``n_boot`` of 1 or more. Each task counts once per seed because its metrics
+    of tasks and needs ``MIN_TASKS_FOR_INTERVAL`` tasks and ``n_boot`` of 1 or more. Each task counts once per seed because its metrics
     are averaged first.
     """
     valid = rel.filter(pl.col("rel_change").is_not_null() & pl.col("rel_change").is_not_nan())
@@ -78,7 +83,7 @@ def delta_m_table(rel: pl.DataFrame, n_boot: int = 1000, seed: int = 0, level: f
             n_tasks, n_seeds = task_means.size, seed_means.size
             ci_seeds = t_interval(seed_means, level) if n_seeds >= 2 else (math.nan, math.nan)
             ci_tasks = (math.nan, math.nan)
-            if n_tasks >= 2 and n_boot > 0:
+            if n_tasks >= MIN_TASKS_FOR_INTERVAL and n_boot > 0:
                 draws = task_means[rng.integers(0, n_tasks, size=(n_boot, n_tasks))].mean(axis=1)
                 ci_tasks = tuple(np.percentile(draws, [50 * (1 - level), 50 * (1 + level)]).tolist())
             rows.append(

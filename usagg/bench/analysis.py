@@ -75,14 +75,14 @@ def bench_analysis(quick: bool = False) -> dict[str, Any]:
     table = simulate_results(n_tasks=27, fractions=(0.1, 0.25, 0.5, 0.75, 1.0), seeds=(0, 1, 2), extra_metrics=True)
     with _two_cores() as cores, tempfile.TemporaryDirectory(prefix="usagg-bench-analysis-") as tmp:
         path = write_results(table, Path(tmp) / "results.parquet")
-        full_s, report = _best_of(lambda: run_full_analysis(path, Path(tmp) / "out", n_bootstrap=1000), repeats)
+        full_s, report = _best_of(lambda: run_full_analysis(path, Path(tmp) / "out", n_bootstrap=2000), repeats)
         # A study directory adds per-image bootstraps, the one-run affinity estimators and grouping.
         study = simulate_study_dir(
             Path(tmp) / "study", n_tasks=27, seeds=(0,) if quick else (0, 1, 2), n_images=20 if quick else 100,
             n_clusters=5, pairs=False,
         )
         dir_s, dir_report = _best_of(
-            lambda: run_full_analysis(study, Path(tmp) / "out_dir", relations=study / "relations.csv", n_bootstrap=1000),
+            lambda: run_full_analysis(study, Path(tmp) / "out_dir", relations=study / "relations.csv", n_bootstrap=2000),
             repeats,
         )
         rel_s, (rel, _) = _best_of(lambda: relative_change_with_warnings(table), repeats)

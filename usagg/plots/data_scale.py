@@ -60,7 +60,7 @@ def data_scale(
     inputs: FigureInputs,
     *,
     split: str | None = None,
-    n_bootstrap: int = 1000,
+    n_bootstrap: int = 2000,
     ylim: list[float] | None = None,
 ) -> FigurePlot:
     """Draw one panel per aggregated paradigm from :func:`usagg.analysis.data_scale.fit_data_scale`.
@@ -189,8 +189,9 @@ def _draw_crossings(
 ) -> list[dict]:
     """Mark each zero crossing that lies inside its task type's observed training sizes on the zero line.
 
-    Its bootstrap interval, when bounded, is drawn as a bar just below the zero line, one row per task type,
-    so that the intervals of different types do not hide each other.
+    Its bootstrap interval, when bounded, is drawn as a thin capped bar just below the zero line, one row per
+    task type, so that the intervals of different types do not hide each other. An end beyond the training sizes
+    of the line is cut there and drawn as an arrowhead instead of a cap, so the bar does not read as a fitted line.
     """
     rows = []
     for row in crossings.filter(pl.col("paradigm") == paradigm).iter_rows(named=True):
@@ -204,9 +205,12 @@ def _draw_crossings(
             color = "black" if row["task_type"] == "all" else task_type_color(row["task_type"])
             if ci_drawn:
                 lo, hi = max(row["ci_lo"], n_min), min(row["ci_hi"], n_max)
-                offset = -4.0 - 2.5 * task_types.index(row["task_type"])
+                offset = -4.5 - 3.5 * task_types.index(row["task_type"])
                 shifted = offset_copy(ax.transData, fig=ax.figure, y=offset, units="points")
-                ax.plot([lo, hi], [0, 0], color=color, linewidth=1.6, solid_capstyle="butt", transform=shifted, zorder=5)
+                ax.plot([lo, hi], [0, 0], color=color, linewidth=0.9, solid_capstyle="butt", transform=shifted, zorder=5)
+                for end, cut, head in ((lo, row["ci_lo"] < n_min, "<"), (hi, row["ci_hi"] > n_max, ">")):
+                    ax.plot([end], [0], marker=head if cut else "|", markersize=3.5 if cut else 4.5, color=color,
+                            markeredgewidth=0.9, linestyle="none", transform=shifted, zorder=5)
             ax.plot([n_cross], [0], marker="D", markersize=4.5, markerfacecolor="white", markeredgecolor=color, markeredgewidth=1.2, zorder=6)
         rows.append(
             {
@@ -226,7 +230,7 @@ def _draw_crossings(
 
 
 def _crossing_handle(with_interval: bool) -> Line2D:
-    label = "zero crossing (bar: 95 % CI)" if with_interval else "zero crossing"
+    label = "zero crossing (bar: 95 % CI, arrowhead where cut)" if with_interval else "zero crossing"
     return Line2D(
         [], [], linestyle="none", marker="D", markersize=4.5, markerfacecolor="white", markeredgecolor="#333333",
         label=label,
