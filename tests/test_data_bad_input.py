@@ -22,7 +22,9 @@ from typer.testing import CliRunner
 from usagg.cli import app
 from usagg.data.check import inspect_path
 from usagg.data.dataset import TaskDataset
-from usagg.data.sources import check_task, load_task_records
+from usagg.data.problems import ProblemLog
+from usagg.data.sources import check_task, load_task_records, read_source
+from usagg.data.sources._common import read_csv_strings
 from usagg.errors import DataError
 from usagg.tasks import TaskCard
 
@@ -109,7 +111,12 @@ def test_mask_value_out_of_range(shared_data, tmp_path):
 
 @pytest.mark.parametrize(
     ("value", "fragment"),
-    [("5", "class label 5 is outside 0..1"), ("abc", "class label 'abc' in column 'mask' is not an integer"), ("1.5", "'1.5'")],
+    [
+        ("5", "class label 5 in column 'mask' is outside 0..1"),
+        ("abc", "class label 'abc' in column 'mask' is not an integer"),
+        ("1.5", "'1.5'"),
+        ("", "class label in column 'mask' is empty"),
+    ],
 )
 def test_class_label_invalid(shared_data, tmp_path, value, fragment):
     root = copy_fmc_task(shared_data, tmp_path, "breast_2cls")
@@ -299,7 +306,7 @@ def test_data_check_lists_every_problem(shared_data, tmp_path):
     report = inspect_path(root)
     texts = [str(p) for p in report.all_problems if p.fatal]
     expected = [
-        "class label 7 is outside",
+        "class label 7 in column 'mask' is outside",
         "class label 'x'",
         "duplicate entry",
         "mask file",
@@ -427,3 +434,205 @@ def test_detection_num_classes_mismatch(shared_data, tmp_path):
         fmc_card("breast_lesion_det", root), "row 3", "num_classes is 2 in the CSV but the task card's num_classes is 1",
         "correct this row's num_classes, or set num_classes: 2 in the task card if every row has 2",
     )
+
+
+HC18_IMAGES = ("000_HC.png", "010_2HC.png", "017_2HC.png")
+BUSBRA_STEMS = ("0001-l", "0002-l", "0006-s")
+CSV_KINDS = ("fmc_uia", "class_csv", "scalar_csv", "keypoint_csv", "split_csv")
+
+
+def _write_lines(path: Path, lines: list[str], newline: str = "\n") -> Path:
+    """Write ``lines`` as they are (no quoting), each ended by ``newline``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes("".join(line + newline for line in lines).encode())
+    return path
+
+
+def _csv_source(kind: str, shared_data: Path, root: Path) -> tuple[TaskCard, Path, list[str]]:
+    """Build a source of ``kind`` over three real images; returns its card, its CSV and the CSV's lines (header first)."""
+    images = [shared_data / "hc18_fetal_head" / "images" / name for name in HC18_IMAGES]
+    if kind == "fmc_uia":
+        copy_fmc_task(shared_data, root, "breast_2cls", rows=3)
+        file = root / "csv_files" / "breast_2cls.csv"
+        return fmc_card("breast_2cls", root), file, file.read_text().splitlines()
+    if kind == "class_csv":
+        card = {"type": "classification", "num_classes": 2}
+        lines = ["path,label"] + [f"{image},{i % 2}" for i, image in enumerate(images)]
+        file = root / "labels.csv"
+    elif kind == "scalar_csv":
+        card = {"type": "regression", "target": "head_circumference_mm", "unit": "mm"}
+        lines = ["path,value"] + [f"{image},{40 + i}" for i, image in enumerate(images)]
+        file = root / "values.csv"
+    elif kind == "keypoint_csv":
+        card = {"type": "regression", "num_keypoints": 1}
+        lines = ["path,x1,y1"] + [f"{image},{10 + i},20" for i, image in enumerate(images)]
+        file = root / "keypoints.csv"
+    else:  # split_csv: a side table of a mask_folder source, read through iter_path_value_rows
+        busbra = shared_data / "busbra_breast"
+        for sub in ("images", "masks"):
+            (root / sub).mkdir(parents=True)
+        for stem in BUSBRA_STEMS:
+            shutil.copyfile(busbra / "images" / f"bus_{stem}.png", root / "images" / f"bus_{stem}.png")
+            shutil.copyfile(busbra / "masks" / f"mask_{stem}.png", root / "masks" / f"mask_{stem}.png")
+        card = {"type": "segmentation", "num_classes": 2}
+        source = {"image_prefix": "bus_", "mask_prefix": "mask_", "split_csv": "splits.csv"}
+        lines = ["image,split"] + [f"images/bus_{stem}.png,{split}" for stem, split in zip(BUSBRA_STEMS, ("train", "val", "test"))]
+        card = TaskCard.model_validate({"name": "t", **card, "source": {"format": "mask_folder", "root": root, **source}})
+        return card, _write_lines(root / "splits.csv", lines), lines
+    card = TaskCard.model_validate({"name": "t", **card, "source": {"format": kind, "root": root}})
+    return card, _write_lines(file, lines), lines
+
+
+@pytest.mark.parametrize("kind", CSV_KINDS)
+def test_blank_rows_at_end_ignored(shared_data, tmp_path, kind):
+    card, file, lines = _csv_source(kind, shared_data, tmp_path)
+    _write_lines(file, lines + ["", ""], newline="\r\n")
+    log = ProblemLog(strict=False)
+    records = read_source(card, log)
+    assert [str(p) for p in log.problems] == []
+    assert len(records) == 3
+    if kind == "split_csv":
+        assert [r.split for r in records] == ["train", "val", "test"]
+
+
+@pytest.mark.parametrize("kind", CSV_KINDS)
+def test_blank_row_in_middle_warns(shared_data, tmp_path, kind):
+    card, file, lines = _csv_source(kind, shared_data, tmp_path)
+    _write_lines(file, [lines[0], lines[1], "", lines[2], lines[3]])
+    log = ProblemLog(strict=False)
+    records = read_source(card, log)
+    assert len(log.problems) == 1, [str(p) for p in log.problems]
+    problem = log.problems[0]
+    assert not problem.fatal
+    assert (problem.file, problem.row) == (file, 2)
+    assert problem.message == "the row is blank; skipped"
+    if kind == "split_csv":
+        assert [r.split for r in records] == ["train", "val", "test"]
+    else:
+        assert [r.row for r in records] == [1, 3, 4]
+    assert len(load_task_records(card)) == 3  # a warning does not stop training
+
+
+def test_blank_row_of_commas_and_spaces(tmp_path):
+    file = _write_lines(tmp_path / "t.csv", ["a,b", "1,2", " , ", "3,4", ",", ""])
+    log = ProblemLog(strict=False)
+    frame = read_csv_strings(file, "t", log, ["a", "b"])
+    assert frame is not None
+    assert frame.select("a", "b").rows() == [("1", "2"), ("3", "4")]
+    assert [(p.row, p.fatal) for p in log.problems] == [(2, False)]
+
+
+def test_csv_with_header_and_blank_lines_only(shared_data, tmp_path):
+    card, file, lines = _csv_source("class_csv", shared_data, tmp_path)
+    _write_lines(file, [lines[0], "", ""])
+    _assert_load_error(card, "labels.csv", "CSV has a header but no rows")
+
+
+def test_csv_row_with_extra_field(shared_data, tmp_path):
+    root = copy_fmc_task(shared_data, tmp_path, "breast_2cls", rows=4)
+
+    def edit(header, rows):
+        rows[1].append("extra")  # row 2: one field more than the header
+        rows[2][header.index("mask")] = "x"  # row 3: a problem of its own, reported as well
+        return header, rows
+
+    file = _rewrite(root, "breast_2cls", edit)
+    card = fmc_card("breast_2cls", root)
+    log = ProblemLog(strict=False)
+    records = read_source(card, log)
+    assert [r.row for r in records] == [1, 4]
+    errors = [p for p in log.problems if p.fatal]
+    assert [p.row for p in errors] == [2, 3], [str(p) for p in log.problems]
+    ragged = errors[0]
+    assert ragged.file == file
+    assert ragged.message == "the row has 6 fields but the header has 5 columns"
+    assert "quote values that contain commas" in ragged.fix
+    assert "class label 'x'" in errors[1].message
+    _assert_load_error(card, "breast_2cls.csv, row 2", "6 fields but the header has 5 columns")
+
+
+def test_class_csv_unquoted_comma_in_path(shared_data, tmp_path):
+    card, file, lines = _csv_source("class_csv", shared_data, tmp_path)
+    shutil.copyfile(shared_data / "hc18_fetal_head" / "images" / HC18_IMAGES[1], tmp_path / "head,2.png")
+    lines[2] = "head,2.png,1"
+    _write_lines(file, lines)
+    log = ProblemLog(strict=False)
+    records = read_source(card, log)
+    assert [r.row for r in records] == [1, 3]
+    assert [(p.row, p.message) for p in log.problems] == [(2, "the row has 3 fields but the header has 2 columns")]
+
+    lines[2] = '"head,2.png",1'  # the fix the message gives
+    _write_lines(file, lines)
+    log = ProblemLog(strict=False)
+    assert len(read_source(card, log)) == 3
+    assert log.problems == []
+
+
+def test_trailing_comma_accepted(shared_data, tmp_path):
+    card, file, lines = _csv_source("scalar_csv", shared_data, tmp_path)
+    _write_lines(file, [lines[0]] + [line + "," for line in lines[1:]])
+    log = ProblemLog(strict=False)
+    assert len(read_source(card, log)) == 3
+    assert log.problems == []
+
+
+def test_extra_field_reported_by_owning_task_only(shared_data, tmp_path):
+    copy_fmc_task(shared_data, tmp_path, "breast_2cls")
+    copy_fmc_task(shared_data, tmp_path, "breast_lesion")
+    _rewrite(tmp_path, "breast_lesion", lambda header, rows: (header, [rows[0] + ["extra"], *rows[1:]]))
+    report = inspect_path(tmp_path)
+    ragged = [p for p in report.all_problems if "fields but the header has" in p.message]
+    assert [(p.task, p.row, p.fatal) for p in ragged] == [("breast_lesion", 1, True)]
+
+
+def test_extra_field_in_csv_shared_by_tasks(shared_data, tmp_path):
+    copy_fmc_task(shared_data, tmp_path, "breast_2cls", csv_name="all.csv")
+    file = tmp_path / "csv_files" / "all.csv"
+    header, rows = read_csv_rows(file)
+    rows[0].append("extra")
+    write_csv(file, header, rows)
+    _assert_load_error(fmc_card("breast_2cls", tmp_path), "all.csv, row 1", "6 fields but the header has 5 columns")
+
+
+def test_csv_quote_error_names_line(shared_data, tmp_path):
+    card, file, lines = _csv_source("class_csv", shared_data, tmp_path)
+    lines[2] = '"' + lines[2].replace(",", '"x,', 1)  # "path"x,1: text after a closing quote
+    _write_lines(file, lines)
+    _assert_load_error(card, "labels.csv", "cannot parse CSV line 3")
+
+
+@pytest.mark.parametrize(
+    ("kind", "row", "value", "expected"),
+    [
+        ("class_csv", 2, "", "class label in column 'label' is empty"),
+        ("class_csv", 1, "2", "class label 2 in column 'label' is outside 0..1"),
+        ("scalar_csv", 2, "", "value in column 'value' is empty"),
+        ("scalar_csv", 2, " ", "value in column 'value' is empty"),
+        ("keypoint_csv", 3, "", "keypoint (x1, y1): column 'y1' is empty"),
+    ],
+)
+def test_label_cell_messages(shared_data, tmp_path, kind, row, value, expected):
+    card, file, lines = _csv_source(kind, shared_data, tmp_path)
+    lines[row] = lines[row].rsplit(",", 1)[0] + "," + value  # the last column contains the label
+    _write_lines(file, lines)
+    message = _assert_load_error(card, f"row {row}", expected)
+    assert "None" not in message
+
+
+@pytest.mark.parametrize(
+    ("suffix", "reason"),
+    [(".jpg", "JPEG is lossy and not read as a mask"), (".gif", ".gif is not a mask format")],
+)
+def test_mask_folder_mask_in_unread_format(shared_data, tmp_path, suffix, reason):
+    busbra = shared_data / "busbra_breast"
+    for sub in ("images", "masks"):
+        (tmp_path / sub).mkdir()
+    for stem in ("0001-l", "0019-r"):
+        shutil.copyfile(busbra / "images" / f"bus_{stem}.png", tmp_path / "images" / f"bus_{stem}.png")
+    shutil.copyfile(busbra / "masks" / "mask_0001-l.png", tmp_path / "masks" / "mask_0001-l.png")
+    Image.open(busbra / "masks" / "mask_0019-r.png").convert("L").save(tmp_path / "masks" / f"mask_0019-r{suffix}")
+    source = {"format": "mask_folder", "root": tmp_path, "image_prefix": "bus_", "mask_prefix": "mask_"}
+    card = TaskCard.model_validate({"name": "bus", "type": "segmentation", "num_classes": 2, "source": source})
+    problem = _only_problem(card, "no mask for image bus_0019-r.png", f"mask_0019-r{suffix} was found but {reason}")
+    assert problem.fix.startswith("save the mask as PNG (.png, .bmp, .tif, .tiff, .npy files are read)")
+    assert ("export it again" in problem.fix) == (suffix == ".jpg")

@@ -273,3 +273,36 @@ def test_problem_table_merges_problem_shared_by_tasks():
     console.print(table)
     assert "a, b, c" in console.export_text()
     assert _problem_table([*missing, other], limit=1).row_count == 1
+
+
+@pytest.mark.parametrize(
+    ("out", "message"),
+    [
+        ("grid.jpgg", r"suffix '\.jpgg' is not a supported figure format; fix: end the file name with one of \.png, \.jpg, "),
+        ("figures", r"figures is a folder; fix: give a file name, for example .*figures/samples\.png"),
+    ],
+)
+def test_show_rejects_bad_out(shared_data, tmp_path, out, message):
+    (tmp_path / "figures").mkdir()
+    args = ["data", "show", str(shared_data / "fmc_uia_sample"), "--task", "breast_2cls", "--out", str(tmp_path / out)]
+    with pytest.raises(ConfigError, match=message):
+        runner.invoke(app, args, catch_exceptions=False)
+    assert [p.name for p in tmp_path.rglob("*")] == ["figures"]
+
+
+@pytest.mark.parametrize(("out", "written", "image_format"), [("grid", "grid.png", "PNG"), ("grid.JPG", "grid.JPG", "JPEG")])
+def test_show_out_suffix(shared_data, tmp_path, out, written, image_format):
+    args = ["data", "show", str(shared_data / "fmc_uia_sample"), "--task", "breast_2cls", "--out", str(tmp_path / out), "--n", "1"]
+    result = runner.invoke(app, args, env={"COLUMNS": "300"})
+    assert result.exit_code == 0, result.output
+    assert [p.name for p in tmp_path.iterdir()] == [written]
+    assert Image.open(tmp_path / written).format == image_format
+    assert f"wrote {tmp_path / written} " in " ".join(result.output.split())
+
+
+def test_show_help_lists_figure_suffixes():
+    from usagg.data.show import FIGURE_SUFFIXES
+
+    result = runner.invoke(app, ["data", "show", "--help"], env={"COLUMNS": "300"})
+    text = " ".join(result.output.split())
+    assert ", ".join(FIGURE_SUFFIXES[:-1]) + f" or {FIGURE_SUFFIXES[-1]}" in text

@@ -183,7 +183,14 @@ def _write_json(result, out: Path) -> None:
 def show(
     path: Annotated[Path, typer.Argument(help="A study YAML, or a dataset folder whose layout is detected.", metavar="PATH")],
     task: Annotated[str, typer.Option("--task", "-t", help="Task to draw.")],
-    out: Annotated[Path, typer.Option("--out", "-o", help="PNG file to write.")],
+    out: Annotated[
+        Path,
+        typer.Option(
+            "--out", "-o",
+            help="Figure file to write: .png, .jpg, .jpeg, .pdf, .svg, .tif, .tiff or .webp; a name without a suffix "
+            "gets .png.",
+        ),
+    ],
     n: Annotated[int, typer.Option("--n", help="Number of samples to draw.", min=1)] = 8,
     split: Annotated[str | None, typer.Option("--split", help="Draw only samples of this split (train, val or test).")] = None,
     transformed: Annotated[bool, typer.Option("--transformed", help="Draw samples after the training transform (augmentation, resize).")] = False,
@@ -193,12 +200,14 @@ def show(
     of a label file with a bad cell or a missing image (training stops on those; `usagg data check` lists them all)."""
     from usagg.data.check import cards_for_path
     from usagg.data.problems import ProblemLog
-    from usagg.data.show import render_samples
+    from usagg.data.show import figure_path, render_samples
     from usagg.data.sources import read_source
     from usagg.data.splits import SPLITS, split_study_records
 
     if split is not None and split not in SPLITS:
         raise UsaggError(f"--split {split!r} is invalid; use train, val or test")
+    # Checked before any data is read, so that a bad --out fails at once.
+    out = figure_path(out)
     _widen_for_files()
     # Not strict, because a mask that cannot be decoded during layout detection only means one sample to skip.
     log = ProblemLog(strict=False)

@@ -13,7 +13,7 @@ import numpy as np
 from usagg.data.problems import DataProblem, problem_from_error
 from usagg.data.record import SampleRecord
 from usagg.data.validate import load_sample
-from usagg.errors import DataError
+from usagg.errors import ConfigError, DataError
 from usagg.io import atomic_path
 from usagg.tasks import TaskCard
 
@@ -36,7 +36,7 @@ MAX_SKIPPED = 50
 
 @dataclass
 class ShownSamples:
-    """Result of ``render_samples``: the PNG written, the number of samples drawn, and the samples left out."""
+    """Result of ``render_samples``: the figure file written, the number of samples drawn, and the samples left out."""
 
     path: Path
     drawn: int
@@ -152,6 +152,35 @@ def _candidates(records: Sequence[SampleRecord], n: int) -> list[int]:
     return chosen + [i for i in range(len(records)) if i not in chosen_set]
 
 
+# Suffixes of the figure files ``usagg data show --out`` writes, each a format matplotlib's savefig writes without
+# extra software (LaTeX-based .pgf and raw pixel buffers are left out).
+FIGURE_SUFFIXES = (".png", ".jpg", ".jpeg", ".pdf", ".svg", ".tif", ".tiff", ".webp")
+
+
+def figure_path(out: str | Path) -> Path:
+    """Return the file to write a figure to: ``out``, with ``.png`` added when it has no suffix.
+
+    Raises ``ConfigError`` when the suffix is not one of ``FIGURE_SUFFIXES``, when the path is an existing folder
+    or when a folder above it is an existing file.
+    """
+    path = Path(out)
+    if path.is_dir():
+        raise ConfigError(f"--out {path} is a folder; fix: give a file name, for example {path / 'samples.png'}")
+    if not path.suffix:
+        path = path.with_name(path.name + ".png")
+        if path.is_dir():
+            raise ConfigError(f"--out {path} is a folder; fix: give a file name, for example {path / 'samples.png'}")
+    if path.suffix.lower() not in FIGURE_SUFFIXES:
+        raise ConfigError(
+            f"--out {path}: suffix {path.suffix!r} is not a supported figure format; "
+            f"fix: end the file name with one of {', '.join(FIGURE_SUFFIXES)}"
+        )
+    blocking = next((parent for parent in path.parents if parent.exists() and not parent.is_dir()), None)
+    if blocking is not None:
+        raise ConfigError(f"--out {path}: {blocking} is a file, not a folder; fix: choose another output folder")
+    return path
+
+
 def render_samples(
     card: TaskCard,
     records: Sequence[SampleRecord],
@@ -161,7 +190,7 @@ def render_samples(
     transformed: bool = False,
     title: str | None = None,
 ) -> ShownSamples:
-    """Draw ``n`` samples of a task in a grid and write it to ``out`` (PNG).
+    """Draw ``n`` samples of a task in a grid and write it to ``out`` (see :func:`figure_path` for its name).
 
     With ``transformed`` the samples go through the training transform (crops, flips, resize, intensity changes),
     so the drawing shows whether labels stay aligned with the image. A sample that cannot be decoded, or whose
@@ -169,6 +198,7 @@ def render_samples(
     readable one; the returned ``skipped`` problems name each one's file and row. Multi-class masks and boxes get
     a legend of class colours. Raises ``DataError`` when no sample can be drawn.
     """
+    out = figure_path(out)
     import matplotlib
 
     matplotlib.use("Agg")
@@ -224,9 +254,8 @@ def render_samples(
     if legend:
         handles = [Patch(facecolor=colour, edgecolor=colour, label=text) for text, colour in legend]
         fig.legend(handles=handles, loc="outside lower center", ncol=min(len(legend), 6), fontsize=8, frameon=False)
-    out = Path(out)
     with atomic_path(out) as tmp:
-        fig.savefig(tmp, format=out.suffix.lstrip(".").lower() or "png", dpi=110)
+        fig.savefig(tmp, format=out.suffix.lstrip(".").lower(), dpi=110)
     plt.close(fig)
     logger.debug("wrote %s (%d samples, %d skipped)", out, len(panels), len(skipped))
     return ShownSamples(out, len(panels), skipped)

@@ -9,8 +9,10 @@ from usagg.data.decode import IMAGE_SUFFIXES
 from usagg.data.problems import ProblemLog
 from usagg.data.record import SampleRecord
 from usagg.data.sources._common import (
+    ROW_COLUMN,
     case_from_path,
     format_ranges,
+    is_empty_cell,
     parse_int,
     read_csv_strings,
     report_duplicates,
@@ -41,7 +43,8 @@ def read_class_csv(card: TaskCard, source: ClassCsvSource, root: Path, split: st
         return []
     num_classes = card.num_classes or 0
     records: list[SampleRecord] = []
-    for row, cells in enumerate(frame.to_dicts(), start=1):
+    for cells in frame.to_dicts():
+        row = cells[ROW_COLUMN]
         path_text = (cells[source.path_column] or "").strip()
         if not path_text:
             log.error(task, f"column {source.path_column!r} is empty", "write the image path relative to the source root", file=file, row=row)
@@ -51,10 +54,14 @@ def read_class_csv(card: TaskCard, source: ClassCsvSource, root: Path, split: st
         label = parse_label(text, card)
         if label is None:
             names = f" or one of {', '.join(card.class_names)}" if card.class_names else ""
-            log.error(task, f"class label {text!r} in column {source.label_column!r} is not an integer", f"write a class index 0..{num_classes - 1}{names}", file=file, row=row)
+            if is_empty_cell(text):
+                message = f"class label in column {source.label_column!r} is empty"
+            else:
+                message = f"class label {text!r} in column {source.label_column!r} is not an integer"
+            log.error(task, message, f"write a class index 0..{num_classes - 1}{names}", file=file, row=row)
             continue
         if not 0 <= label < num_classes:
-            log.error(task, f"class label {label} is outside 0..{num_classes - 1}", f"use class indices 0..{num_classes - 1} or raise num_classes", file=file, row=row)
+            log.error(task, f"class label {label} in column {source.label_column!r} is outside 0..{num_classes - 1}", f"use class indices 0..{num_classes - 1} or raise num_classes", file=file, row=row)
             continue
         if not image_path.is_file():
             log.error(task, f"image file {image_path} not found", f"correct column {source.path_column!r} (paths are relative to {root}) or restore the file", file=file, row=row)

@@ -22,8 +22,9 @@ import polars as pl
 from usagg.data.problems import ProblemLog
 from usagg.data.record import SampleRecord
 from usagg.data.sources._common import (
+    ROW_COLUMN,
     case_from_path,
-    iter_path_value_rows,
+    is_empty_cell,
     parse_float,
     parse_int,
     read_csv_strings,
@@ -105,21 +106,45 @@ def _read_task_tables(root: Path, task_id: str | None, log: ProblemLog, task_lab
         return []
     tables: list[tuple[Path, pl.DataFrame]] = []
     for file in files:
-        own = task_id is None or file.stem == task_id
-        # A broken CSV that belongs to another task is only a warning while reading this one.
-        sub_log = log if own else ProblemLog(strict=False)
-        frame = read_csv_strings(file, task_label if task_id is not None else file.stem, sub_log, BASE_COLUMNS)
-        if not own:
-            for problem in sub_log.problems:
-                log.warning(task_label, f"skipped unreadable CSV: {problem.message}", problem.fix, file=problem.file)
+        file_log = ProblemLog(strict=False)
+        frame = read_csv_strings(file, task_label if task_id is not None else file.stem, file_log, BASE_COLUMNS)
+        _pass_on_problems(file, frame, task_id, task_label, file_log, log)
         if frame is None:
             continue
-        frame = frame.with_row_index("_row", offset=1)
         if task_id is not None:
             frame = frame.filter(pl.col("task_id").str.strip_chars() == task_id)
         if frame.height:
             tables.append((file, frame))
     return tables
+
+
+def _pass_on_problems(
+    file: Path, frame: pl.DataFrame | None, task_id: str | None, task_label: str, file_log: ProblemLog, log: ProblemLog
+) -> None:
+    """Add the problems found while reading one CSV to ``log``, so that each is reported once, by the task it concerns.
+
+    A row's problem (a blank row, a row with extra fields) in ``<task_id>.csv`` that contains rows of that task id
+    is reported when that task is read, so task discovery (``task_id`` None) and the other tasks leave it out. In
+    any other CSV the row could belong to any task, so every task that reads the file reports it. A file that
+    cannot be read at all is an error for the task it is named after and a warning for the others.
+    """
+    if task_id is None:
+        for problem in file_log.problems:
+            if problem.row is None:
+                log.add(problem)
+        return
+    if file.stem == task_id:
+        for problem in file_log.problems:
+            log.add(problem)
+        return
+    if frame is None:
+        for problem in file_log.problems:
+            log.warning(task_label, f"skipped unreadable CSV: {problem.message}", problem.fix, file=problem.file)
+        return
+    owned = file.stem in {text.strip() for text in frame["task_id"].to_list() if text}
+    if not owned:
+        for problem in file_log.problems:
+            log.add(problem)
 
 
 def _load_spacings(source: FmcUiaSource, root: Path, task: str, log: ProblemLog) -> dict[str, float]:
@@ -189,7 +214,7 @@ def _read_rows(
     records: list[SampleRecord] = []
     rows = frame.to_dicts()
     for cells in rows:
-        row = int(cells["_row"])
+        row = int(cells[ROW_COLUMN])
         record = _read_row(card, source, file, row, cells, expected, split, spacings, log)
         if record is not None:
             records.append(record)
@@ -266,9 +291,11 @@ def _check_type_and_count(context: _Row, cells: dict[str, str | None], expected:
             "make the card's type match the CSV (or point the card at the right task_id)",
         )
         return False
-    count = parse_cell("num_classes", cells.get("num_classes"))
+    text = cells.get("num_classes")
+    count = parse_cell("num_classes", text)
     if count is None:
-        context.error(f"num_classes {cells.get('num_classes')!r} is not an integer", "write the number of classes (points for Regression)")
+        problem = "num_classes is empty" if is_empty_cell(text) else f"num_classes {text!r} is not an integer"
+        context.error(problem, "write the number of classes (points for Regression)")
         return False
     if expected is not None and count != expected:
         what = "num_keypoints" if card.type is TaskType.regression else "num_classes"
@@ -299,18 +326,22 @@ def _label_fields(context: _Row, cells: dict[str, str | None]) -> dict[str, obje
         label = parse_cell("mask", text)
         last = (card.num_classes or 1) - 1
         if label is None:
-            context.error(f"class label {text!r} in column 'mask' is not an integer", f"write an integer class index 0..{last}")
+            if is_empty_cell(text):
+                message = "class label in column 'mask' is empty"
+            else:
+                message = f"class label {text!r} in column 'mask' is not an integer"
+            context.error(message, f"write an integer class index 0..{last}")
             return None
         if not 0 <= label <= last:
-            context.error(f"class label {label} is outside 0..{last}", f"use class indices 0..{last} or raise num_classes")
+            context.error(f"class label {label} in column 'mask' is outside 0..{last}", f"use class indices 0..{last} or raise num_classes")
             return None
         return {"label": label}
 
     if card.type is TaskType.detection:
         values = [parse_cell(c, cells.get(c)) for c in BOX_COLUMNS]
         if any(v is None for v in values):
-            bad = [f"{c}={cells.get(c)!r}" for c, v in zip(BOX_COLUMNS, values) if v is None]
-            context.error(f"box coordinate(s) not numeric: {', '.join(bad)}", "write pixel coordinates as numbers")
+            bad = [f"{c} is empty" if is_empty_cell(cells.get(c)) else f"{c}={cells.get(c)!r}" for c, v in zip(BOX_COLUMNS, values) if v is None]
+            context.error(f"box coordinate(s) empty or not numeric: {', '.join(bad)}", "write pixel coordinates as numbers")
             return None
         x_min, y_min, x_max, y_max = values  # type: ignore[misc]
         if x_max <= x_min or y_max <= y_min:
@@ -326,7 +357,9 @@ def _label_fields(context: _Row, cells: dict[str, str | None]) -> dict[str, obje
         column = point_column(i)
         point = parse_point(cells.get(column))
         if point is None:
-            context.error(f"{column} {cells.get(column)!r} is not a JSON point \"[x, y]\"", 'write the point as "[x, y]" in pixels')
+            text = cells.get(column)
+            problem = f"{column} is empty" if is_empty_cell(text) else f"{column} {text!r} is not a JSON point \"[x, y]\""
+            context.error(problem, 'write the point as "[x, y]" in pixels')
             return None
         points.append(point)
     return {"keypoints_xy": tuple(points)}
@@ -370,10 +403,10 @@ def discover_fmc_uia(root: str | os.PathLike, log: ProblemLog | None = None, val
     tables = _read_task_tables(root, None, log, "")
     by_task: dict[str, list[tuple[Path, dict]]] = {}
     for file, frame in tables:
-        for cells in frame.select(["_row", "task_id", "task_name", "num_classes"]).to_dicts():
+        for cells in frame.select([ROW_COLUMN, "task_id", "task_name", "num_classes"]).to_dicts():
             task_id = (cells["task_id"] or "").strip()
             if not task_id:
-                log.error(file.stem, "task_id is empty", "write the task id in every row", file=file, row=int(cells["_row"]))
+                log.error(file.stem, "task_id is empty", "write the task id in every row", file=file, row=int(cells[ROW_COLUMN]))
                 continue
             by_task.setdefault(task_id, []).append((file, cells))
     cards: list[TaskCard] = []
@@ -388,13 +421,15 @@ def discover_fmc_uia(root: str | os.PathLike, log: ProblemLog | None = None, val
                 f"unknown task type {name!r} in column task_name",
                 f"use one of {', '.join(FMC_UIA_TASK_NAMES)} (exact spelling, 'Regression' with a capital R)",
                 file=first_file,
-                row=int(first["_row"]),
+                row=int(first[ROW_COLUMN]),
             )
             continue
         counts = Counter(parse_int(c["num_classes"]) for _, c in rows)
         count = counts.most_common(1)[0][0]
         if count is None or count < 1:
-            log.error(task_id, f"num_classes {first['num_classes']!r} is not a positive integer", "write the class (or point) count", file=first_file, row=int(first["_row"]))
+            text = first["num_classes"]
+            problem = "num_classes is empty" if is_empty_cell(text) else f"num_classes {text!r} is not a positive integer"
+            log.error(task_id, problem, "write the class (or point) count", file=first_file, row=int(first[ROW_COLUMN]))
             continue
         task_type = FMC_UIA_TASK_NAMES[name]
         fields: dict[str, object] = {"name": _card_name(task_id), "type": task_type}

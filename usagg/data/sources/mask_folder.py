@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from usagg.data.decode import IMAGE_SUFFIXES, MASK_SUFFIXES
+from usagg.data.decode import DICOM_SUFFIXES, IMAGE_SUFFIXES, MASK_SUFFIXES
 from usagg.data.problems import ProblemLog
 from usagg.data.record import SampleRecord
 from usagg.data.sources._common import (
@@ -48,6 +48,37 @@ def _index_by_key(
     return index
 
 
+def _unread_mask_files(mask_dir: Path, source: MaskFolderSource) -> dict[str, list[Path]]:
+    """Map stem key -> files in the mask folder whose suffix is not a mask format (JPEG, say), for error messages."""
+    unread: dict[str, list[Path]] = {}
+    for path in sorted(mask_dir.iterdir()):
+        if path.is_file() and not path.name.startswith(".") and path.suffix.lower() not in MASK_SUFFIXES:
+            unread.setdefault(_key(path.stem, source.mask_prefix, source.mask_suffix), []).append(path)
+    return unread
+
+
+def _why_not_read(path: Path) -> str:
+    """Return the reason a file in the mask folder is not read as a mask."""
+    suffix = path.suffix.lower()
+    if suffix in (".jpg", ".jpeg"):
+        return "JPEG is lossy and not read as a mask (its compression alters class values at edges)"
+    if suffix in DICOM_SUFFIXES:
+        return "DICOM is not read as a mask"
+    return f"{suffix or 'a file without a suffix'} is not a mask format"
+
+
+def _log_missing_mask(task: str, image_path: Path, expected: Path, unread: list[Path], log: ProblemLog) -> None:
+    """Log an image without a mask, naming the files of its stem that are in the mask folder but not read."""
+    message = f"no mask for image {image_path.name} (expected {expected})"
+    fix = "add the mask, or set image_prefix / mask_prefix / mask_suffix so that names match"
+    if unread:
+        message += "; " + ", ".join(f"{path.name} was found but {_why_not_read(path)}" for path in unread)
+        fix = f"save the mask as PNG ({', '.join(MASK_SUFFIXES)} files are read), with the class index as pixel value"
+        if any(path.suffix.lower() in (".jpg", ".jpeg") for path in unread):
+            fix += "; export it again from the labelling tool, since converting a JPEG keeps its altered values"
+    log.error(task, message, fix, file=image_path)
+
+
 def _load_split_csv(source: MaskFolderSource, root: Path, task: str, log: ProblemLog) -> dict[str, str]:
     """Map image file name -> split from ``source.split_csv``."""
     if source.split_csv is None:
@@ -88,6 +119,7 @@ def read_mask_folder(card: TaskCard, source: MaskFolderSource, root: Path, split
 
     images = _index_by_key(list_files(image_dir, IMAGE_SUFFIXES), source.image_prefix, "", task, log, "image")
     masks = _index_by_key(list_files(mask_dir, MASK_SUFFIXES), source.mask_prefix, source.mask_suffix, task, log, "mask")
+    unread = _unread_mask_files(mask_dir, source)
     if not images:
         log.error(task, f"no images in {image_dir}", f"put images ({', '.join(IMAGE_SUFFIXES)}) there", file=image_dir)
         return []
@@ -98,13 +130,7 @@ def read_mask_folder(card: TaskCard, source: MaskFolderSource, root: Path, split
     for key, image_path in images.items():
         mask_path = masks.get(key)
         if mask_path is None:
-            expected = f"{source.mask_prefix}{key}{source.mask_suffix}.png"
-            log.error(
-                task,
-                f"no mask for image {image_path.name} (expected {mask_dir / expected})",
-                "add the mask, or set image_prefix / mask_prefix / mask_suffix so that names match",
-                file=image_path,
-            )
+            _log_missing_mask(task, image_path, mask_dir / f"{source.mask_prefix}{key}{source.mask_suffix}.png", unread.get(key, []), log)
             continue
         records.append(
             SampleRecord(

@@ -8,7 +8,9 @@ from pathlib import Path
 from usagg.data.problems import ProblemLog
 from usagg.data.record import SampleRecord
 from usagg.data.sources._common import (
+    ROW_COLUMN,
     case_from_path,
+    is_empty_cell,
     parse_float,
     read_csv_strings,
     report_duplicates,
@@ -73,6 +75,16 @@ def _optional_columns(source: KeypointCsvSource | ScalarCsvSource) -> list[str]:
     return [c for c in (source.case_column, source.split_column, source.spacing_column) if c]
 
 
+def _keypoint_message(x_column: str, y_column: str, cells: dict[str, str | None]) -> str:
+    """Describe a keypoint whose x or y cell is empty or not a number."""
+    empty = [c for c in (x_column, y_column) if is_empty_cell(cells[c])]
+    if len(empty) == 2:
+        return f"keypoint ({x_column}, {y_column}): columns {x_column!r} and {y_column!r} are empty"
+    if empty:
+        return f"keypoint ({x_column}, {y_column}): column {empty[0]!r} is empty"
+    return f"keypoint ({x_column}, {y_column}) = ({cells[x_column]!r}, {cells[y_column]!r}) is not numeric"
+
+
 def read_keypoint_csv(card: TaskCard, source: KeypointCsvSource, root: Path, split: str | None, log: ProblemLog) -> list[SampleRecord]:
     task = card.name
     file = root / source.csv
@@ -86,12 +98,13 @@ def read_keypoint_csv(card: TaskCard, source: KeypointCsvSource, root: Path, spl
     if frame is None:
         return []
     records: list[SampleRecord] = []
-    for row, cells in enumerate(frame.to_dicts(), start=1):
+    for cells in frame.to_dicts():
+        row = cells[ROW_COLUMN]
         points = []
         for x_column, y_column in columns:
             x, y = parse_float(cells[x_column]), parse_float(cells[y_column])
             if x is None or y is None:
-                log.error(task, f"keypoint ({x_column}, {y_column}) = ({cells[x_column]!r}, {cells[y_column]!r}) is not numeric", "write x and y in pixels (missing points are not supported)", file=file, row=row)
+                log.error(task, _keypoint_message(x_column, y_column, cells), "write x and y in pixels (missing points are not supported)", file=file, row=row)
                 break
             points.append((x, y))
         if len(points) != count:
@@ -112,11 +125,16 @@ def read_scalar_csv(card: TaskCard, source: ScalarCsvSource, root: Path, split: 
     if frame is None:
         return []
     records: list[SampleRecord] = []
-    for row, cells in enumerate(frame.to_dicts(), start=1):
+    for cells in frame.to_dicts():
+        row = cells[ROW_COLUMN]
         text = cells[source.value_column]
         value = parse_float(text)
         if value is None:
-            log.error(task, f"value {text!r} in column {source.value_column!r} is not a number", "write the target value as a number", file=file, row=row)
+            if is_empty_cell(text):
+                message = f"value in column {source.value_column!r} is empty"
+            else:
+                message = f"value {text!r} in column {source.value_column!r} is not a number"
+            log.error(task, message, "write the target value as a number", file=file, row=row)
             continue
         if source.unit_column:
             unit = (cells[source.unit_column] or "").strip()
