@@ -89,6 +89,8 @@ def test_env_variable_default_used(tmp_path, monkeypatch):
     text = VALID_STUDY.replace("root: data/train", "root: '${MY_DATA:-fallback}/train'")
     study = load_study(write(tmp_path, text))
     assert study.tasks[0].source.root == tmp_path / "fallback" / "train"
+    monkeypatch.setenv("MY_DATA", "")  # set but empty takes the default, as in the shell
+    assert load_study(write(tmp_path, text)).tasks[0].source.root == tmp_path / "fallback" / "train"
 
 
 def test_unset_env_variable_names_it(tmp_path, monkeypatch):
@@ -341,3 +343,31 @@ def test_card_type_must_match_source_format(tmp_path, card, expected):
     with pytest.raises(ConfigError) as info:
         load_task_card(write(tmp_path, f"name: t\n{card}\n", "card.yaml"))
     assert expected + ": change the card's type or its source" in str(info.value)
+
+
+def test_metric_must_be_computed_for_the_kind(tmp_path):
+    with pytest.raises(ConfigError) as info:
+        load_task_card(write(tmp_path, "name: t\ntype: classification\nnum_classes: 2\nmetric: dice\n", "card.yaml"))
+    assert "metric 'dice' is not computed for classification tasks; choose one of auc, accuracy" in str(info.value)
+    message = error_of(write(tmp_path, VALID_STUDY + "evaluation:\n  primary_metrics: {segmentaton: dice}\n"))
+    assert "unknown task kind 'segmentaton'" in message
+    message = error_of(write(tmp_path, VALID_STUDY + "evaluation:\n  primary_metrics: {keypoints: dice}\n"))
+    assert "metric 'dice' is not computed for keypoints tasks; choose one of mre_px, mre_mm" in message
+
+
+@pytest.mark.parametrize(
+    ("extra", "expected"),
+    [
+        ("seeds: [0, 1, 0]\n", "seeds lists 0 more than once"),
+        ("paradigms: [unified, unified]\n", "paradigms lists unified more than once"),
+        ("pairs: [[lesion, lesion]]\n", "pairs: ['lesion', 'lesion'] pairs a task with itself"),
+        ("groups: {a: [lesion, lesion_cls, head_axis, head_circumference], b: []}\n", "groups.b: the group has no tasks"),
+    ],
+)
+def test_study_lists_that_would_plan_nonsense_runs(tmp_path, extra, expected):
+    assert expected in error_of(write(tmp_path, VALID_STUDY + extra))
+
+
+def test_study_name_is_a_folder_name(tmp_path):
+    message = error_of(write(tmp_path, VALID_STUDY.replace("name: ", "name: a/", 1)))
+    assert "must start with a letter or digit" in message

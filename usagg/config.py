@@ -12,10 +12,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from usagg.errors import ConfigError
-from usagg.tasks import NAME_RE, ConfigPath, StrictModel, TaskCard
+from usagg.tasks import METRICS_BY_KIND, ConfigPath, StrictModel, TaskCard, check_name
 
 
 class Paradigm(str, Enum):
@@ -184,7 +184,19 @@ class EvalConfig(StrictModel):
     # AUC and MCC with one class present in the split: nan (with a logged reason) or skip the metric.
     one_class_policy: Literal["nan", "skip"] = "nan"
     primary_metrics: dict[str, str] | None = None  # task kind -> metric, overriding the defaults
-    bootstrap: int = Field(default=1000, ge=0)
+    # Bootstrap replicates of the analysis tables and figures that `usagg reproduce` writes for this study (the
+    # analysis commands take --bootstrap, with the same default).
+    bootstrap: int = Field(default=2000, ge=0)
+
+    @field_validator("primary_metrics")
+    @classmethod
+    def _check_primary_metrics(cls, value: dict[str, str] | None) -> dict[str, str] | None:
+        for kind, metric in (value or {}).items():
+            if kind not in METRICS_BY_KIND:
+                raise ValueError(f"unknown task kind {kind!r}; kinds: {', '.join(METRICS_BY_KIND)}")
+            if metric not in METRICS_BY_KIND[kind]:
+                raise ValueError(f"metric {metric!r} is not computed for {kind} tasks; choose one of {', '.join(METRICS_BY_KIND[kind])}")
+        return value
 
 
 class StudyConfig(StrictModel):
@@ -203,6 +215,19 @@ class StudyConfig(StrictModel):
     model: ModelConfig = ModelConfig()
     train: TrainConfig = TrainConfig()
     evaluation: EvalConfig = EvalConfig()
+
+    @field_validator("name")
+    @classmethod
+    def _check_name(cls, value: str) -> str:
+        return check_name("study", value)
+
+    @field_validator("seeds", "paradigms")
+    @classmethod
+    def _check_unique(cls, value: list, info: ValidationInfo) -> list:
+        repeated = sorted({str(getattr(v, "value", v)) for v in value if value.count(v) > 1})
+        if repeated:
+            raise ValueError(f"{info.field_name} lists {', '.join(repeated)} more than once, which would plan the same runs twice")
+        return value
 
     @field_validator("fractions")
     @classmethod
@@ -227,6 +252,8 @@ class StudyConfig(StrictModel):
             for member in pair:
                 if member not in known:
                     raise ValueError(f"pairs: {list(pair)} names unknown task {member!r}")
+            if pair[0] == pair[1]:
+                raise ValueError(f"pairs: {list(pair)} pairs a task with itself; a pair run needs two tasks")
         return self
 
     def task(self, name: str) -> TaskCard:
@@ -260,7 +287,8 @@ def expand_env(value: Any, file: Path, key_path: str = "") -> Any:
 
         def substitute(match: re.Match[str]) -> str:
             name, default = match.group(1), match.group(2)
-            if name in os.environ:
+            # As in the shell, ${VAR:-default} takes the default when VAR is unset or empty.
+            if os.environ.get(name) or (name in os.environ and default is None):
                 return os.environ[name]
             if default is not None:
                 return default
@@ -294,11 +322,12 @@ def partition_problem(groups: Mapping[str, Sequence[str]], task_names: Sequence[
     seen: dict[str, str] = {}
     for group, members in groups.items():
         # A group name is a folder of the run directory and a part of the run id, as a task name is.
-        if not NAME_RE.match(str(group)):
-            return (
-                f"groups.{group}: group name {str(group)!r} must start with a letter or digit and contain only "
-                "letters, digits, '_', '-' or '.'"
-            )
+        try:
+            check_name("group", str(group))
+        except ValueError as exc:
+            return f"groups.{group}: {exc}"
+        if not members:
+            return f"groups.{group}: the group has no tasks; list its tasks or remove it"
         for member in members:
             if member not in task_names:
                 return (

@@ -46,9 +46,17 @@ DEFAULT_PRIMARY_METRIC = {
     "scalar": "mae",
 }
 
+# Metrics ``usagg evaluate`` computes for each head kind (``TaskCard.kind``).
+METRICS_BY_KIND: dict[str, tuple[str, ...]] = {
+    "segmentation": ("dice", "hd", "hd95", "hd_mm", "hd95_mm"),
+    "classification": ("auc", "accuracy", "f1_macro", "f1_weighted", "mcc"),
+    "detection": ("iou", "map50"),
+    "keypoints": ("mre_px", "mre_mm"),
+    "scalar": ("mae", "rmse", "r2"),
+}
+
 HIGHER_IS_BETTER = {
     "dice": True,
-    "dice_mm": True,
     "hd": False,
     "hd95": False,
     "hd_mm": False,
@@ -213,8 +221,17 @@ FORMATS_BY_KIND: dict[str, tuple[str, ...]] = {
     "scalar": ("scalar_csv",),
 }
 
-# Task and group names become folders of run directories and parts of run ids.
+# Study, task and group names become folders of run directories and parts of run ids.
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+def check_name(what: str, value: str) -> str:
+    """Return ``value`` if it is a valid folder name (``NAME_RE``); raise ``ValueError`` naming ``what`` otherwise."""
+    if not NAME_RE.match(value):
+        raise ValueError(
+            f"{what} name {value!r} must start with a letter or digit and contain only letters, digits, '_', '-' or '.'"
+        )
+    return value
 
 
 class TaskCard(StrictModel):
@@ -240,20 +257,12 @@ class TaskCard(StrictModel):
     @field_validator("name")
     @classmethod
     def _check_name(cls, value: str) -> str:
-        if not NAME_RE.match(value):
-            raise ValueError(
-                f"task name {value!r} must start with a letter or digit and contain only letters, digits, '_', '-' or '.'"
-            )
-        return value
+        return check_name("task", value)
 
     @field_validator("group")
     @classmethod
     def _check_group(cls, value: str) -> str:
-        if value and not NAME_RE.match(value):
-            raise ValueError(
-                f"group name {value!r} must start with a letter or digit and contain only letters, digits, '_', '-' or '.'"
-            )
-        return value
+        return check_name("group", value) if value else value
 
     @field_validator("metric")
     @classmethod
@@ -283,6 +292,11 @@ class TaskCard(StrictModel):
                 )
         if self.class_names is not None and self.num_classes is not None and len(self.class_names) != self.num_classes:
             raise ValueError(f"class_names has {len(self.class_names)} names but num_classes is {self.num_classes}")
+        if self.metric is not None and self.metric not in METRICS_BY_KIND[self.kind]:
+            raise ValueError(
+                f"metric {self.metric!r} is not computed for {self.kind} tasks; choose one of "
+                f"{', '.join(METRICS_BY_KIND[self.kind])}"
+            )
         if self.source is not None and self.source.format not in FORMATS_BY_KIND[self.kind]:
             what = {"keypoints": "keypoint regression", "scalar": "scalar regression"}.get(self.kind, self.kind)
             raise ValueError(
