@@ -212,3 +212,67 @@ def test_resume_does_not_need_the_pretrained_file(shared_data, tmp_path, monkeyp
     outcomes = _train_once(study_file, tmp_path / "runs")
     assert outcomes[0].status == "finished"
     assert [line["step"] for line in _log(run_dir) if line.get("event") == "resume"] == [2]
+
+
+def test_unfinished_run_is_not_evaluated_into_the_study(shared_data, tmp_path, monkeypatch):
+    """An interrupted run's checkpoint is not its trained model: evaluate refuses it unless told, and its rows
+    never reach the study table or a collected one."""
+    from usagg.errors import DataError
+    from usagg.train.finalize import evaluate_run
+    from usagg.train.rundir import collect_results
+
+    study_file, run_dir = _interrupted_four_step_run(shared_data, tmp_path, monkeypatch)
+    study_folder = tmp_path / "runs" / "tiny"
+    with pytest.raises(DataError, match=r"the run is not finished \(interrupted, last checkpoint at step 2 of 4\)"):
+        evaluate_run(run_dir, device="cpu")
+    rows = evaluate_run(run_dir, device="cpu", allow_unfinished=True)
+    assert rows.height > 0 and (run_dir / "results.parquet").exists()
+    assert not (study_folder / "results.parquet").exists()
+    with pytest.raises(DataError, match="no results of finished runs found"):
+        collect_results(study_folder)
+
+    assert _train_once(study_file, tmp_path / "runs")[0].status == "finished"
+    _, n_runs, _ = collect_results(study_folder)
+    assert n_runs == 1
+
+
+def test_run_trained_by_another_process_is_skipped(shared_data, tmp_path, monkeypatch):
+    """A second train of the same study leaves a run alone while another process holds its lock."""
+    import fcntl
+
+    from usagg.train.rundir import TRAIN_LOCK_FILE
+
+    train = {"steps": 2, "checkpoint_every": 2, "eval_every": 2, "batch_size": 2}
+    study = study_dict(shared_data, tmp_path / "runs", ["breast_2cls"], train=train, paradigms=["task_specific"])
+    study_file = write_study(tmp_path / "study.yaml", study)
+    run_dir = tmp_path / "runs" / "tiny" / RUN
+    run_dir.mkdir(parents=True)
+    # A child process holds the lock, as a second `usagg train` would.
+    holder = subprocess.Popen(
+        [sys.executable, "-c",
+         "import fcntl, sys, time; f = open(sys.argv[1], 'a+'); fcntl.lockf(f, fcntl.LOCK_EX); "
+         "f.write('process 4242 on host-a'); f.flush(); print('locked', flush=True); time.sleep(60)",
+         str(run_dir / TRAIN_LOCK_FILE)],
+        stdout=subprocess.PIPE, text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        dry = run_cli(["train", str(study_file), "--dry-run"], timeout=120)
+        assert "being trained by process 4242 on host-a" in dry.stdout
+        (outcome,) = _train_once(study_file, tmp_path / "runs")
+        assert (outcome.status, outcome.extra["holder"]) == ("busy", "process 4242 on host-a")
+        assert not (run_dir / "run.json").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    # The kernel drops the lock with its process, so a killed trainer leaves nothing stale; the temporary files
+    # of writes torn by a kill are removed when the run is next trained.
+    (run_dir / "checkpoints").mkdir()
+    torn = [run_dir / "checkpoints" / ".latest-0000001.pt.x1y2.tmp", run_dir / ".run.json.a1b2.tmp"]
+    for path in torn:
+        path.write_bytes(b"torn")
+    (outcome,) = _train_once(study_file, tmp_path / "runs")
+    assert not any(path.exists() for path in torn)
+    assert outcome.status == "finished"
+    with open(run_dir / TRAIN_LOCK_FILE, "a+") as fh:
+        fcntl.lockf(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)

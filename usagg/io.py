@@ -24,16 +24,31 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     os.close(fd)
     tmp = Path(tmp_name)
-    # mkstemp creates the file as 0600; give the result the permissions a plain open() would (umask applied).
+    # mkstemp creates the file as 0600, and some writers (safetensors) recreate it as 0600; give the result the
+    # permissions a plain open() would (umask applied), so colleagues on a shared machine can read it.
     umask = os.umask(0)
     os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)
     try:
         yield tmp
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, target)
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def remove_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
+    """Delete the temporary files ``atomic_path`` left in ``folder`` when a process was killed mid-write.
+
+    Only call this while no other process can be writing to ``folder`` (for a run: under its training lock).
+    Returns the files removed.
+    """
+    removed = []
+    for path in Path(folder).glob(".*.tmp"):
+        if path.is_file():
+            path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed
 
 
 def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:

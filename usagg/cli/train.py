@@ -119,6 +119,8 @@ def train(
             if result.status == "skipped":
                 # Nothing was trained in this call. The run's own numbers are in its run.json.
                 cells = ["skipped: finished earlier", "–", "–", "–"]
+            elif result.status == "busy":
+                cells = [f"skipped: being trained by {result.extra['holder']}", "–", "–", "–"]
             else:
                 cells = [result.status, str(result.steps), f"{result.seconds:.1f}", f"{result.images_per_s:.1f}"]
             table.add_row(escape(result.spec.run_id), *(escape(cell) for cell in cells))
@@ -186,6 +188,14 @@ def evaluate(
             "and add it to the run's affinity.json (runs trained without train.fisher_images).",
         ),
     ] = None,
+    allow_unfinished: Annotated[
+        bool,
+        typer.Option(
+            "--allow-unfinished",
+            help="Score a run that stopped before its last step; its rows stay in the run folder and are not "
+            "added to the study's results table.",
+        ),
+    ] = False,
 ) -> None:
     """Evaluate a trained run on a split and write its results (run table and the study's table)."""
     from usagg.train.finalize import evaluate_run
@@ -194,7 +204,10 @@ def evaluate(
         raise ConfigError(f"--split {split}: choose val or test")
     if checkpoint is not None and checkpoint not in ("best", "latest"):
         raise ConfigError(f"--checkpoint {checkpoint}: choose best or latest")
-    rows = evaluate_run(run_dir, split=split, checkpoint=checkpoint, device=device, fisher_images=fisher_images)
+    rows = evaluate_run(
+        run_dir, split=split, checkpoint=checkpoint, device=device, fisher_images=fisher_images,
+        allow_unfinished=allow_unfinished,
+    )
     table = Table(title=escape(f"usagg evaluate: {run_dir}"))
     for column in ("task", "split", "metric", "value"):
         table.add_column(column, justify="right" if column == "value" else "left")

@@ -27,10 +27,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from usagg import __version__
-from usagg.errors import AnalysisError, ConfigError, DataError, UsaggError
+from usagg.errors import AnalysisError, ConfigError, DataError, TrainingError, UsaggError
 from usagg.io import write_json_atomic
 from usagg.plots.inputs import FigureInputs
-from usagg.plots.registry import RenderedFigure, load_figures, render_figure
+from usagg.plots.registry import RenderedFigure, get_figure, load_figures, render_figure
 from usagg.plots.style import DEFAULT_FORMATS
 from usagg.reproduce.findings import key_findings, key_tables
 from usagg.reproduce.report import ReportContent, write_report
@@ -195,6 +195,12 @@ def train_study(study, output: Path, device: str, progress: bool) -> str:
         shutdown(env)
     trained = sum(1 for o in outcomes if o.status == "finished")
     skipped = sum(1 for o in outcomes if o.status == "skipped")
+    busy = [o.spec.run_id for o in outcomes if o.status == "busy"]
+    if busy:
+        raise TrainingError(
+            f"{len(busy)} run(s) are being trained by another process: {', '.join(busy)}; rerun usagg reproduce "
+            "when they are done"
+        )
     seconds = sum(o.seconds for o in outcomes)
     return f"{len(specs)} run(s): {trained} trained, {skipped} finished earlier; {seconds:.0f} s of training"
 
@@ -206,16 +212,17 @@ def collect(study_dir: Path) -> str:
     return f"{rows} row(s) from {runs} run(s) in {table}"
 
 
-def analyse(study_dir: Path, relations: Path | None):
+def analyse(study_dir: Path, relations: Path | None, n_bootstrap: int = 2000):
     from usagg.analysis.full import run_full_analysis
 
-    return run_full_analysis(study_dir, study_dir / "analysis", relations=relations)
+    return run_full_analysis(study_dir, study_dir / "analysis", relations=relations, n_bootstrap=n_bootstrap)
 
 
 def render_all_figures(
-    inputs: FigureInputs, figures_dir: Path, formats: Sequence[str]
+    inputs: FigureInputs, figures_dir: Path, formats: Sequence[str], n_bootstrap: int = 2000
 ) -> tuple[list[RenderedFigure], list[str]]:
-    """Render every registered figure the inputs allow.
+    """Render every registered figure the inputs allow; figures with bootstrap intervals use ``n_bootstrap``
+    replicates, as the analysis tables do, so both agree.
 
     Returns the rendered figures and messages for the report: figures not drawn (with the reason) and layout
     problems (clipped or overlapping text) of the drawn ones.
@@ -224,8 +231,11 @@ def render_all_figures(
     messages: list[str] = []
     options = {"grouping": _grouping_options(inputs)}
     for name in load_figures():
+        figure_options = dict(options.get(name, {}))
+        if "n_bootstrap" in get_figure(name).options():
+            figure_options["n_bootstrap"] = n_bootstrap
         try:
-            figure = render_figure(name, inputs, figures_dir, formats, **options.get(name, {}))
+            figure = render_figure(name, inputs, figures_dir, formats, **figure_options)
         except (AnalysisError, DataError, ConfigError) as exc:
             messages.append(f"figure {name} not drawn: {exc}")
             logger.warning("figure %s not drawn: %s", name, exc)
@@ -332,8 +342,9 @@ def _reproduce(options: ReproduceOptions) -> ReproduceResult:
         stages.skip("check", "--no-train: the data are not read")
         stages.skip("train", "--no-train: using the results on disk")
 
-    analysis_report = _analysis_stage(stages, study_dir, _relations_file(study_file, study))
-    figures, figure_messages = _figures_stage(stages, study_dir, figures_dir, options.formats)
+    n_bootstrap = study.evaluation.bootstrap
+    analysis_report = _analysis_stage(stages, study_dir, _relations_file(study_file, study), n_bootstrap)
+    figures, figure_messages = _figures_stage(stages, study_dir, figures_dir, options.formats, n_bootstrap)
 
     content = ReportContent(
         title=f"usagg study report: {study.name}",
@@ -379,11 +390,11 @@ def _train_stages(stages: _Stages, study, study_file: Path, options: ReproduceOp
     stages.run("collect", lambda: collect(Path(study.output) / study.name))
 
 
-def _analysis_stage(stages: _Stages, study_dir: Path, relations: Path | None):
+def _analysis_stage(stages: _Stages, study_dir: Path, relations: Path | None, n_bootstrap: int):
     holder: dict[str, Any] = {}
 
     def run() -> str:
-        report = analyse(study_dir, relations)
+        report = analyse(study_dir, relations, n_bootstrap)
         holder["report"] = report
         return f"{len(report.tables)} table(s) in {study_dir / 'analysis'}; " + "; ".join(report.messages[:3])
 
@@ -392,13 +403,13 @@ def _analysis_stage(stages: _Stages, study_dir: Path, relations: Path | None):
 
 
 def _figures_stage(
-    stages: _Stages, study_dir: Path, figures_dir: Path, formats: Sequence[str]
+    stages: _Stages, study_dir: Path, figures_dir: Path, formats: Sequence[str], n_bootstrap: int
 ) -> tuple[list[RenderedFigure], list[str]]:
     holder: dict[str, Any] = {}
 
     def run() -> str:
         inputs = FigureInputs.from_paths([study_dir])
-        holder["figures"], holder["figure_messages"] = render_all_figures(inputs, figures_dir, formats)
+        holder["figures"], holder["figure_messages"] = render_all_figures(inputs, figures_dir, formats, n_bootstrap)
         detail = f"{len(holder['figures'])} figure(s) in {figures_dir}"
         return detail + (f"; {len(holder['figure_messages'])} message(s) in the report" if holder["figure_messages"] else "")
 

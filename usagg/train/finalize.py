@@ -11,13 +11,14 @@ import polars as pl
 import torch
 
 from usagg.config import StudyConfig
+from usagg.errors import DataError
 from usagg.evaluate.evaluate import evaluate_task, per_image_rows, results_rows
 from usagg.io import write_json_atomic
 from usagg.train import checkpoint as ckpt
 from usagg.train.distributed import resolve_device
 from usagg.train.plan import RunSpec
 from usagg.train.rundata import RecordCache, RunRecords
-from usagg.train.rundir import ROUTING_FILE, load_run, study_dir, write_evaluation
+from usagg.train.rundir import ROUTING_FILE, load_run, study_dir, unfinished_reason, write_evaluation
 
 logger = logging.getLogger(__name__)
 
@@ -31,12 +32,13 @@ def evaluate_and_write(
     device: torch.device,
     split: str,
     checkpoint: str = "best",
+    merge: bool = True,
 ) -> pl.DataFrame:
     """Load the chosen checkpoint into ``model``, evaluate every task on ``split`` and store the outputs.
 
     Writes ``results.parquet`` (+ CSV), ``per_image_scores.parquet``, ``results_meta.json`` (policies, checkpoint
     and the reason for every NaN or conventional value) and ``routing_stats.json`` (routing on this split), and
-    merges the rows into ``<output>/<study>/results.parquet``. Returns the run's rows for this split.
+    with ``merge`` merges the rows into ``<output>/<study>/results.parquet``. Returns the run's rows for this split.
     """
     pointer = ckpt.load_weights(model, run_dir, checkpoint)
     model.to(device)
@@ -68,7 +70,7 @@ def evaluate_and_write(
     routing = model.routing_stats(reset=True)
     if routing:
         write_json_atomic(run_dir / ROUTING_FILE, {**routing, "split": split, "checkpoint_step": pointer["step"]})
-    write_evaluation(run_dir, study_dir(study, _output_of(run_dir, spec)), split, results, per_image, meta)
+    write_evaluation(run_dir, study_dir(study, _output_of(run_dir, spec)), split, results, per_image, meta, merge=merge)
     logger.info("%s: evaluated %d task(s) on %s (checkpoint %s, step %s)", spec.run_id, len(evaluations), split, pointer["kind"], pointer["step"])
     return results
 
@@ -97,16 +99,28 @@ def evaluate_run(
     checkpoint: str | None = None,
     device: str = "auto",
     fisher_images: int | None = None,
+    allow_unfinished: bool = False,
 ) -> pl.DataFrame:
     """Evaluate a saved run on demand (``usagg evaluate``) and return the rows it wrote.
 
-    With ``fisher_images``, also add the Fisher affinity of ``checkpoint`` (default latest) to the run's
-    affinity.json, on the same model and records. The run is checked for it before anything is written.
+    A run that stopped before its last step raises ``DataError`` unless ``allow_unfinished``; its rows are
+    then kept in the run folder only, not merged into the study's results table. With ``fisher_images``, also
+    add the Fisher affinity of ``checkpoint`` (default latest) to the run's affinity.json, on the same model and
+    records. The run is checked for it before anything is written.
     """
     from usagg.train.affinity import add_fisher_affinity, check_fisher_run
 
     folder = Path(run_dir)
     study, spec = load_run(folder)
+    unfinished = unfinished_reason(folder)
+    if unfinished and not allow_unfinished:
+        raise DataError(
+            f"{folder}: the run is not finished ({unfinished}), so its checkpoint is not the trained model; "
+            "finish it with usagg train STUDY (a rerun resumes), or pass --allow-unfinished to score the "
+            "checkpoint anyway (its rows then stay in the run folder and are not added to the study's results table)"
+        )
+    if unfinished:
+        logger.warning("%s: evaluating an unfinished run (%s); its rows are not added to the study's results table", spec.run_id, unfinished)
     if fisher_images is not None:
         check_fisher_run(folder)
     records = RecordCache(study).run_records(spec)
@@ -120,6 +134,7 @@ def evaluate_run(
         resolve_device(device),
         split=split or study.evaluation.split,
         checkpoint=checkpoint or study.evaluation.checkpoint,
+        merge=not unfinished,
     )
     if fisher_images is not None:
         add_fisher_affinity(folder, fisher_images, checkpoint or "latest", device, model=model, records=records)

@@ -56,7 +56,7 @@ class TrainOptions:
 class RunOutcome:
     spec: RunSpec
     run_dir: Path
-    status: str  # finished | skipped | benchmark
+    status: str  # finished | skipped | busy (another process trains it) | benchmark
     steps: int = 0
     seconds: float = 0.0
     images_per_s: float = math.nan

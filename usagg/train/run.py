@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 from usagg.config import StudyConfig
+from usagg.io import remove_stale_temporaries
 from usagg.train import checkpoint as ckpt
 from usagg.train.distributed import DistEnv
 from usagg.train.loop import RunOutcome, TrainOptions, train_run
 from usagg.train.plan import RunSpec, check_budget_sampling, size_run
 from usagg.train.rundata import RecordCache
-from usagg.train.rundir import check_finished_config, config_changes, is_finished
+from usagg.train.rundir import check_finished_config, config_changes, is_finished, lock_holder, run_lock
 
 logger = logging.getLogger(__name__)
 
@@ -39,7 +41,10 @@ def describe_plan(study: StudyConfig, specs: Sequence[RunSpec], options: TrainOp
         run_dir = spec.run_dir(options.output)
         changed = bool(config_changes(run_dir, study, spec))
         pointer = ckpt.read_pointer(run_dir, "latest")
-        if is_finished(run_dir):
+        holder = lock_holder(run_dir)
+        if holder is not None:
+            state = f"being trained by {holder}"
+        elif is_finished(run_dir):
             state = "finished with other settings" if changed else "finished"
         elif pointer is None:
             state = "new"
@@ -64,13 +69,29 @@ def execute_plan(
     outcomes = []
     for number, spec in enumerate(specs, start=1):
         run_dir = spec.run_dir(options.output)
-        if options.benchmark_steps is None and is_finished(run_dir):
-            check_finished_config(run_dir, study, spec)  # before saying it is skipped
+        # Under torchrun every rank trains the same run, so the lock (which would keep out the other ranks) is
+        # only taken by single-process runs.
+        lock = run_lock(run_dir) if env.world_size == 1 else contextlib.nullcontext(None)
+        with lock as holder:
+            if holder is not None:
+                logger.warning(
+                    "run %d of %d: %s is being trained by %s; skipped (rerun when it is done)",
+                    number, len(specs), spec.run_id, holder,
+                )
+                outcomes.append(RunOutcome(spec, run_dir, "busy", extra={"holder": holder}))
+                continue
+            if options.benchmark_steps is None and is_finished(run_dir):
+                check_finished_config(run_dir, study, spec)  # before saying it is skipped
+                if env.is_main:
+                    logger.info("run %d of %d: %s finished earlier, skipped", number, len(specs), spec.run_id)
+                outcomes.append(RunOutcome(spec, run_dir, "skipped"))
+                continue
+            if env.world_size == 1:
+                # A write torn by a kill leaves its temporary file; the lock makes this process the only writer.
+                for folder in (run_dir, ckpt.checkpoint_dir(run_dir)):
+                    for path in remove_stale_temporaries(folder):
+                        logger.info("%s: removed %s, left by an interrupted write", spec.run_id, path.name)
             if env.is_main:
-                logger.info("run %d of %d: %s finished earlier, skipped", number, len(specs), spec.run_id)
-            outcomes.append(RunOutcome(spec, run_dir, "skipped"))
-            continue
-        if env.is_main:
-            logger.info("run %d of %d: %s (%s)", number, len(specs), spec.run_id, ", ".join(spec.tasks))
-        outcomes.append(train_run(study, spec, options, env, cache))
+                logger.info("run %d of %d: %s (%s)", number, len(specs), spec.run_id, ", ".join(spec.tasks))
+            outcomes.append(train_run(study, spec, options, env, cache))
     return outcomes

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import json
 import logging
@@ -193,6 +194,26 @@ def is_finished(run_dir: Path) -> bool:
     return bool(data and data.get("status") == "finished" and (run_dir / RESULTS_FILE).exists())
 
 
+def unfinished_reason(run_dir: Path) -> str | None:
+    """Return why a run's weights are not its trained model (None when they are).
+
+    A run is trained when run.json says finished, or when its latest checkpoint reached the planned steps
+    (training ended, and only the evaluation after it is missing or failed).
+    """
+    from usagg.train import checkpoint as ckpt
+
+    data = read_run_json(run_dir) or {}
+    status = data.get("status") or "not started"
+    if status == "finished":
+        return None
+    pointer = ckpt.read_pointer(run_dir, "latest")
+    saved = int(pointer["step"]) if pointer else 0
+    steps = data.get("steps")
+    if steps is not None and saved >= int(steps):
+        return None
+    return f"{status}, last checkpoint at step {saved} of {steps if steps is not None else 'an unknown number'}"
+
+
 def load_run(run_dir: str | os.PathLike) -> tuple[StudyConfig, RunSpec]:
     """Read a run directory's resolved config and run spec."""
     folder = Path(run_dir)
@@ -224,6 +245,47 @@ def locked(path: Path) -> Iterator[None]:
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
+TRAIN_LOCK_FILE = ".train.lock"
+
+
+@contextlib.contextmanager
+def run_lock(run_dir: Path) -> Iterator[str | None]:
+    """Try to hold the run's training lock; yield None when held, else the holder's description.
+
+    An advisory POSIX record lock (``lockf``) on ``run_dir/.train.lock``. The kernel drops it when the holding
+    process dies, so a killed run leaves no stale lock; unlike ``flock`` it is not shared with forked children,
+    so DataLoader workers that outlive a killed trainer for a moment do not keep it. The holder writes its host
+    and process id into the file.
+    NOTE: on network file systems without lock support two hosts may both take it.
+    """
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with open(run_dir / TRAIN_LOCK_FILE, "a+") as fh:
+        try:
+            fcntl.lockf(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            if exc.errno not in (errno.EACCES, errno.EAGAIN):
+                raise
+            fh.seek(0)
+            yield fh.read().strip() or "another process"
+            return
+        try:
+            fh.seek(0)
+            fh.truncate()
+            fh.write(f"process {os.getpid()} on {os.uname().nodename}")
+            fh.flush()
+            yield None
+        finally:
+            fcntl.lockf(fh, fcntl.LOCK_UN)
+
+
+def lock_holder(run_dir: Path) -> str | None:
+    """Return who holds the run's training lock now, or None when no process trains it."""
+    if not (run_dir / TRAIN_LOCK_FILE).exists():
+        return None
+    with run_lock(run_dir) as holder:
+        return holder
+
+
 def write_evaluation(
     run_dir: Path,
     study_folder: Path,
@@ -231,16 +293,19 @@ def write_evaluation(
     results: pl.DataFrame,
     per_image: pl.DataFrame,
     meta: dict[str, Any],
+    merge: bool = True,
 ) -> None:
-    """Store one split's results in the run (replacing that split's old rows) and merge them into the study table."""
+    """Store one split's results in the run (replacing that split's old rows) and, with ``merge``, merge them
+    into the study table."""
     append_results(results, run_dir / RESULTS_FILE, key=("run_id", "task", "metric", "split"))
     _replace_split_rows(run_dir / PER_IMAGE_FILE, per_image, split)
     meta_file = run_dir / RESULTS_META_FILE
     all_meta = read_json_file(meta_file, "the results metadata", fix="delete it and evaluate again") if meta_file.exists() else {}
     all_meta[split] = meta
     write_json_atomic(meta_file, all_meta)
-    with locked(study_folder / ".results.lock"):
-        append_results(results, study_folder / RESULTS_FILE)
+    if merge:
+        with locked(study_folder / ".results.lock"):
+            append_results(results, study_folder / RESULTS_FILE)
 
 
 def _replace_split_rows(file: Path, new: pl.DataFrame, split: str) -> None:
@@ -261,8 +326,18 @@ def collect_results(study_folder: str | os.PathLike) -> tuple[Path, int, int]:
     if not folder.is_dir():
         raise DataError(f"{folder}: not a directory; give a study output directory such as runs/<study>")
     files = sorted(p for p in folder.rglob(RESULTS_FILE) if (p.parent / RUN_FILE).exists())
+    # Results of a run that stopped before its last step (evaluated with --allow-unfinished) are not its results.
+    unfinished = {f: unfinished_reason(f.parent) for f in files}
+    left_out = [f"{os.path.relpath(f.parent, folder)} ({reason})" for f, reason in unfinished.items() if reason]
+    files = [f for f in files if not unfinished[f]]
+    if left_out:
+        logger.warning(
+            "%d run(s) with results are not finished and are left out: %s; finish them with usagg train STUDY",
+            len(left_out), "; ".join(left_out),
+        )
     if not files:
-        raise DataError(f"{folder}: no run results found below this folder; train or evaluate runs first")
+        found = "no results of finished runs" if left_out else "no run results"
+        raise DataError(f"{folder}: {found} found below this folder; train or evaluate runs first")
     tables = [read_results(f) for f in files]
     merged = pl.concat(tables, how="vertical").unique(subset=["run_id", "task", "metric", "split", "study"], keep="last")
     merged = merged.sort(["study", "paradigm", "group", "data_fraction", "seed", "task", "split", "metric"])
