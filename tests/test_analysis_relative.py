@@ -266,3 +266,36 @@ def test_perfect_score_named_as_ceiling():
     [warning] = [w for w in warnings if "in every one of" in w]
     assert warning.startswith("task 'qc': auc is 1 in every one of its 4 runs (2 paradigms), its best possible value")
     assert "probably gives the same prediction" not in warning
+
+
+def test_empty_value_is_reported_like_nan(known_table):
+    blank = known_table.with_columns(
+        pl.when(pl.col("paradigm") == "grouped").then(None).otherwise(pl.col("value")).alias("value")
+    )
+    _, warnings = relative_change_with_warnings(blank)
+    assert any(w.startswith("1 row(s) have no finite relative change") and "NaN or empty" in w for w in warnings)
+
+
+@pytest.mark.parametrize(
+    ("keep", "seeds", "expected"),
+    [
+        (("task_specific",), {}, "only task-specific rows, so there is nothing to compare; add grouped or unified results"),
+        (("grouped", "unified"), {}, "no task_specific rows, which are the reference of every relative change"),
+        (("task_specific", "unified"), {"task_specific": None},
+         "(task-specific seeds: empty; other seeds: 0); make these columns match"),
+    ],
+)
+def test_no_comparison_names_what_is_missing(tmp_path, known_table, keep, seeds, expected):
+    from typer.testing import CliRunner
+
+    from usagg.cli import app
+
+    part = known_table.filter(pl.col("paradigm").is_in(list(keep)))
+    for paradigm, seed in seeds.items():
+        part = part.with_columns(pl.when(pl.col("paradigm") == paradigm).then(seed).otherwise(pl.col("seed")).alias("seed"))
+    path = write_results(part, tmp_path / "results.parquet")
+    result = CliRunner().invoke(app, ["transfer-matrix", str(path)])
+    assert result.exit_code != 0
+    text = " ".join(str(result.exception or "").split() + result.output.split())
+    assert str(path) in text
+    assert expected in text

@@ -89,10 +89,18 @@ def test_written_files_follow_umask(tmp_path):
     import os
     import stat
 
+    import torch
+
+    from usagg.train.checkpoint import save_checkpoint
+
     path = write_results(rows("r1", 0.5), tmp_path / "results.parquet")
     umask = os.umask(0)
     os.umask(umask)
     assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask
+    # safetensors recreates its output file as 0600; the checkpoint still gets the umask's permissions.
+    save_checkpoint(tmp_path / "run", "latest", torch.nn.Linear(2, 2), 1, {})
+    for file in (tmp_path / "run" / "checkpoints").iterdir():
+        assert stat.S_IMODE(file.stat().st_mode) == 0o666 & ~umask, file.name
 
 
 def _csv_with(tmp_path, column: str, bad: str):
@@ -231,3 +239,20 @@ def test_semicolon_csv_names_delimiter(tmp_path):
         read_results(path)
 
     assert "seems to separate columns with ';'; write it comma-separated" in str(caught.value)
+
+
+def test_fraction_metric_outside_its_range(tmp_path):
+    """A Dice typed as a percentage (91 for 0.91) would read as a 99 % loss; it is refused with the fix."""
+    with pytest.raises(DataError) as caught:
+        read_results(_csv_with(tmp_path, "value", "91.0"))
+    assert str(caught.value).endswith(
+        "row 3: metric 'dice' has value 91, outside 0..1; write it as a fraction (write 0.91 for 91 %)"
+    )
+    with pytest.raises(DataError, match="row 3: metric 'dice' has value -0.2, outside 0..1; write it as a fraction$"):
+        read_results(_csv_with(tmp_path, "value", "-0.2"))
+
+
+def test_task_with_two_task_types(tmp_path):
+    with pytest.raises(DataError) as caught:
+        read_results(_csv_with(tmp_path, "task_type", "classification"))
+    assert "rows 2 and 3: task 'lesion' has task_type 'segmentation' in one and 'classification' in the other" in str(caught.value)

@@ -135,7 +135,47 @@ def validate_results(df: pl.DataFrame, origin: str = "results table") -> pl.Data
     _reject_unknown(scores, "task_type", TASK_TYPES, origin)
     _reject_unknown(indexed, "task_type", (*TASK_TYPES, "all"), origin)
     _check_directions(scores, origin)
+    _check_task_types(scores, origin)
+    _check_ranges(scores, origin)
     return out
+
+
+# Metrics whose values are fractions; a value outside these bounds is usually a percentage or a typo.
+METRIC_RANGES = {
+    "dice": (0.0, 1.0), "iou": (0.0, 1.0), "auc": (0.0, 1.0), "accuracy": (0.0, 1.0), "f1_macro": (0.0, 1.0),
+    "f1_weighted": (0.0, 1.0), "map50": (0.0, 1.0), "mcc": (-1.0, 1.0),
+}
+
+
+def _check_task_types(scores: pl.DataFrame, origin: str) -> None:
+    """Raise when one task of a study has two task types: its rows would be analysed as two tasks."""
+    mixed = scores.filter(pl.col("task_type").n_unique().over("study", "task") > 1).sort("row")
+    if mixed.height:
+        first = mixed.row(0, named=True)
+        other = mixed.filter(
+            (pl.col("study") == first["study"]) & (pl.col("task") == first["task"])
+            & (pl.col("task_type") != first["task_type"])
+        ).row(0, named=True)
+        raise DataError(
+            f"{origin}: rows {_row_number(first['row'])} and {_row_number(other['row'])}: task {first['task']!r} "
+            f"has task_type {first['task_type']!r} in one and {other['task_type']!r} in the other; give every row "
+            "of a task its one task type"
+        )
+
+
+def _check_ranges(scores: pl.DataFrame, origin: str) -> None:
+    """Raise on a fraction metric outside its range, e.g. a Dice of 91 typed as a percentage."""
+    for metric, (low, high) in METRIC_RANGES.items():
+        outside = scores.filter(
+            (pl.col("metric") == metric) & pl.col("value").is_not_nan() & ((pl.col("value") < low) | (pl.col("value") > high))
+        )
+        if outside.height:
+            row = outside.row(0, named=True)
+            hint = f" (write {row['value'] / 100:g} for {row['value']:g} %)" if 1 < row["value"] <= 100 else ""
+            raise DataError(
+                f"{origin}: row {_row_number(row['row'])}: metric {metric!r} has value {row['value']:g}, outside "
+                f"{low:g}..{high:g}; write it as a fraction{hint}"
+            )
 
 
 def _column_hint(present: list[str], missing: list[str]) -> str:

@@ -55,10 +55,31 @@ def add_transfer(
     report.tables["negative_transfer"] = transfer.summary
     report.tables["delta_m"] = transfer.delta_m
     if transfer.rel.height == 0:
-        raise AnalysisError(
-            "no aggregated run has a task-specific run with the same study, data fraction, seed and split; "
-            "the results table needs task_specific rows as the reference"
+        raise AnalysisError(_no_comparison_reason(inputs))
+
+
+def _no_comparison_reason(inputs: AnalysisInputs) -> str:
+    """Say why no aggregated result could be compared: which rows the table lacks, or which keys do not match."""
+    origin = inputs.origin
+    scores = inputs.results.filter(pl.col("metric") != "train_images")
+    paradigms = set(scores["paradigm"].to_list())
+    if "task_specific" not in paradigms:
+        return (
+            f"{origin}: no task_specific rows, which are the reference of every relative change; add the "
+            "task-specific results (paradigm task_specific)"
         )
+    if not paradigms - {"task_specific", "pair"}:
+        return (
+            f"{origin}: only task-specific{' and pair' if 'pair' in paradigms else ''} rows, so there is nothing to "
+            "compare; add grouped or unified results"
+        )
+    seeds = sorted({"empty" if s is None else str(s) for s in scores.filter(pl.col("paradigm") == "task_specific")["seed"].to_list()})
+    other = sorted({"empty" if s is None else str(s) for s in scores.filter(pl.col("paradigm") != "task_specific")["seed"].to_list()})
+    return (
+        f"{origin}: no grouped or unified result has a task_specific result with the same study, metric, data "
+        f"fraction, seed and split (task-specific seeds: {', '.join(seeds)}; other seeds: {', '.join(other)}); "
+        "make these columns match, e.g. give reported numbers an empty seed in every paradigm"
+    )
 
 
 def add_data_scale(

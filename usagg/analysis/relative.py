@@ -140,7 +140,7 @@ def relative_change_with_warnings(
     duplicates = reference.group_by(MATCH_KEYS).len().filter(pl.col("len") > 1)
     if duplicates.height:
         first = duplicates.row(0, named=True)
-        key = ", ".join(f"{k}={first[k]}" for k in MATCH_KEYS)
+        key = ", ".join(f"{k}={'empty' if first[k] is None else first[k]}" for k in MATCH_KEYS)
         raise AnalysisError(
             f"results table has {first['len']} task-specific rows for {key}; keep one row per "
             f"study, task, metric, split, data fraction and seed (e.g. drop repeated evaluations)"
@@ -181,11 +181,11 @@ def relative_change_with_warnings(
         (sign * (pl.col("value") - pl.col("value_ts")) / pl.col("value_ts").abs()).alias("rel_change")
     )
     # A reference value of 0 (or a NaN value) gives NaN or inf, which is reported as NaN with a warning.
-    bad = rel.filter(~pl.col("rel_change").is_finite())
+    bad = rel.filter(pl.col("rel_change").is_null() | ~pl.col("rel_change").is_finite())
     if bad.height:
         warnings.append(
             f"{bad.height} row(s) have no finite relative change because the task-specific value is 0 or a value "
-            f"is NaN (e.g. task {bad['task'][0]!r}, metric {bad['metric'][0]!r}); they are kept as NaN"
+            f"is NaN or empty (e.g. task {bad['task'][0]!r}, metric {bad['metric'][0]!r}); they are kept as NaN"
         )
         rel = rel.with_columns(
             pl.when(pl.col("rel_change").is_finite()).then(pl.col("rel_change")).otherwise(None).alias("rel_change")
