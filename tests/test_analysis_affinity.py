@@ -266,3 +266,25 @@ def test_scores_list_missing_tasks():
     est = (["a", "b", "c"], np.ones((3, 3)))
     table = score_against_relations({"x": est}, rel)
     assert table["tasks_missing"][0] == "d"
+
+
+def test_grouping_names_tasks_and_pairs_without_affinity(tmp_path):
+    """A groups: block meant to be pasted into a study says which tasks it leaves out and how thin it is."""
+    from typer.testing import CliRunner
+
+    from usagg.cli import app
+    from usagg.results import write_results
+
+    rows = [result_row("task_specific", t, t, v) for t, v in (("a", 0.5), ("b", 0.8), ("c", 0.6), ("d", 0.7))]
+    rows += [result_row("pair", "a+b", "a", 0.55), result_row("pair", "a+b", "b", 0.82)]
+    rows += [result_row("pair", "b+c", "b", 0.78), result_row("pair", "b+c", "c", 0.63)]
+    path = write_results(pl.DataFrame(rows, schema=RESULTS_SCHEMA), tmp_path / "results.parquet")
+    result = CliRunner().invoke(app, ["transfer-matrix", str(path), "--recommend", "auto", "--out", str(tmp_path / "out")])
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "out" / "analysis_report.json").read_text())
+    messages = " ".join(report["messages"])
+    assert "grouping: d have no entry in the measured affinity" in messages
+    assert "grouping: 1 of 3 task pairs have no measured affinity and count as 0" in messages
+    block = (tmp_path / "out" / "groups.yaml").read_text()
+    assert "# not grouped (no affinity entry): d; add them to a group by hand" in block
+    assert CliRunner().invoke(app, ["transfer-matrix", str(path), "--recommend", "0"]).exit_code != 0

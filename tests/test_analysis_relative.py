@@ -299,3 +299,9 @@ def test_no_comparison_names_what_is_missing(tmp_path, known_table, keep, seeds,
     text = " ".join(str(result.exception or "").split() + result.output.split())
     assert str(path) in text
     assert expected in text
+
+
+def test_unknown_metric_direction_is_flagged_as_unchecked(known_table):
+    custom = known_table.with_columns(pl.lit("ef_error").alias("metric"), pl.lit(False).alias("higher_is_better"))
+    _, warnings = relative_change_with_warnings(custom, metrics={"segmentation": "ef_error", "regression": "ef_error"})
+    assert any(w.startswith("metric(s) ef_error are not ones usagg knows") for w in warnings)

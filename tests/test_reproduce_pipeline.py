@@ -181,3 +181,13 @@ def test_quick_writes_runs_to_the_current_folder(tmp_path, monkeypatch):
     assert output_root(ReproduceOptions(quick=True), study) == tmp_path / "usagg-output" / "runs"
     assert output_root(ReproduceOptions(quick=True, output=Path("elsewhere")), study) == tmp_path / "elsewhere"
     assert output_root(ReproduceOptions(study=tmp_path / "s.yaml"), study) == REPO / "usagg-output" / "runs"
+
+
+def test_report_says_when_planned_runs_are_missing(reproduced):
+    """The fixture folder holds results for every task but run folders for only a few runs: the report says so."""
+    _, result = reproduced
+    text = result.report_md.read_text(encoding="utf-8")
+    findings = text[text.index("## Key findings"):]
+    first = findings.splitlines()[2]
+    assert first.startswith("- Incomplete study: 3 of 222 planned runs are finished, so the results below may lack")
+    assert first.endswith("Rerun without --no-train to train them")

@@ -177,7 +177,7 @@ def test_resume_keeps_later_best_checkpoint(shared_data, tmp_path, monkeypatch):
     assert json.loads((run_dir / "run.json").read_text())["best_step"] == 4
 
 
-def test_resume_does_not_need_the_pretrained_file(shared_data, tmp_path, monkeypatch):
+def test_resume_does_not_need_the_pretrained_file(shared_data, tmp_path, monkeypatch, caplog):
     """The checkpoint replaces every weight, so a resumed run trains on after the pretrained file is gone."""
     import timm
     from safetensors.torch import save_file
@@ -189,6 +189,7 @@ def test_resume_does_not_need_the_pretrained_file(shared_data, tmp_path, monkeyp
     status = json.loads((run_dir / "run.json").read_text())
     assert status["status"] == "interrupted"
     assert status["step"] == 4
+    assert status["checkpoint_step"] == 2  # interrupted while saving step 4, so a rerun resumes from step 2
     assert status["pretrained"]["path"] == str(weights.resolve())
     assert status["pretrained"]["format"] == "timm"
     assert status["pretrained"]["missing"] == []
@@ -209,8 +210,16 @@ def test_resume_does_not_need_the_pretrained_file(shared_data, tmp_path, monkeyp
     assert status["status"] == "failed"
     assert status["step"] == 4
 
-    outcomes = _train_once(study_file, tmp_path / "runs")
+    # The run records the code that trains it, and a resume under other code says so.
+    from usagg.train.loop import code_version
+    from usagg.train.rundir import update_run_json
+
+    assert status["code"] == code_version()
+    update_run_json(run_dir, code={"version": "0.0.9", "digest": "0123456789ab"})
+    with caplog.at_level("WARNING", logger="usagg.train.loop"):
+        outcomes = _train_once(study_file, tmp_path / "runs")
     assert outcomes[0].status == "finished"
+    assert "this run started with other usagg code (0.0.9 0123456789ab" in caplog.text
     assert [line["step"] for line in _log(run_dir) if line.get("event") == "resume"] == [2]
 
 

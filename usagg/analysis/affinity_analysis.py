@@ -123,8 +123,9 @@ def analyse_affinity(
         if explicit:
             raise AnalysisError("no affinity matrix could be computed")
         result.messages.append(
-            "no affinity estimator has inputs: pair runs (measured), affinity.json (lookahead, gradient, fisher) or "
-            "routing_stats.json (experts) under a study output directory"
+            f"{inputs.origin}: no affinity estimator has inputs; give pair rows (paradigm pair, from usagg train "
+            "--pairs or typed in) for measured transfer, or a study output directory whose unified run has "
+            "affinity.json (lookahead, gradient, fisher) or routing_stats.json (experts)"
         )
         return result
     result.costs = pl.DataFrame(costs, schema=COST_SCHEMA)

@@ -9,6 +9,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import polars as pl
 
 from usagg.analysis.advise import advise
@@ -149,9 +150,26 @@ def add_grouping(
     if chosen not in affinity.matrices:
         raise AnalysisError(f"no {chosen} affinity matrix to group by (computed: {', '.join(affinity.matrices) or 'none'})")
     taxonomy = dict(inputs.results.select("task", "clinical_group").unique(subset="task").iter_rows())
-    grouping = recommend_groups(affinity.matrices[chosen], k, taxonomy=taxonomy)
+    tasks, matrix = affinity.matrices[chosen]
+    grouping = recommend_groups((tasks, matrix), k, taxonomy=taxonomy)
     grouping.method = f"{grouping.method} on the {chosen} affinity"
     grouping.affinity_method = chosen
+    grouping.left_out = sorted(set(taxonomy) - set(tasks))
+    if grouping.left_out:
+        report.messages.append(
+            f"grouping: {', '.join(grouping.left_out)} have no entry in the {chosen} affinity (no measured pair "
+            "includes them) and are not in the recommended groups; a study using that groups: block gives them no "
+            "grouped run, so add pair runs with them or put them in a group by hand"
+        )
+    values = np.asarray(matrix, dtype=float)
+    measured = np.isfinite(values) | np.isfinite(values.T)
+    n = len(tasks)
+    grouping.unmeasured_pairs = int((~measured[np.triu_indices(n, 1)]).sum())
+    if grouping.unmeasured_pairs:
+        report.messages.append(
+            f"grouping: {grouping.unmeasured_pairs} of {n * (n - 1) // 2} task pairs have no {chosen} affinity and "
+            "count as 0, so a group joining tasks with no measured pair between them rests on no evidence"
+        )
     report.grouping = grouping
 
 

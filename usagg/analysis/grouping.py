@@ -47,14 +47,18 @@ class GroupingResult:
     random_score_mean: float | None = None
     random_score_p95: float | None = None
     affinity_method: str | None = None  # estimator whose matrix was partitioned, when the caller names it
+    left_out: list[str] = field(default_factory=list)  # tasks of the study the affinity matrix has no entry for
+    unmeasured_pairs: int = 0  # task pairs of the matrix with no value in either direction
 
     def as_mapping(self, prefix: str = "affinity") -> dict[str, list[str]]:
         """Return the groups as ``{name: [tasks]}``, largest group first."""
         return {f"{prefix}_{k + 1}": list(members) for k, members in enumerate(self.groups)}
 
     def to_yaml(self, prefix: str = "affinity", comment: str | None = None) -> str:
-        """Return a ``groups:`` block that a study YAML can use as is."""
+        """Return a ``groups:`` block that a study YAML can use as is, noting tasks it leaves out."""
         header = f"# {comment}\n" if comment else ""
+        if self.left_out:
+            header += f"# not grouped (no affinity entry): {', '.join(self.left_out)}; add them to a group by hand\n"
         body = yaml.safe_dump({"groups": self.as_mapping(prefix)}, default_flow_style=None, sort_keys=False)
         return header + body
 
@@ -71,6 +75,8 @@ class GroupingResult:
             "taxonomy_groups": self.taxonomy_groups,
             "random_score_mean": self.random_score_mean,
             "random_score_p95": self.random_score_p95,
+            "left_out": list(self.left_out),
+            "unmeasured_pairs": self.unmeasured_pairs,
         }
 
 

@@ -51,7 +51,17 @@ def split_size_rows(results: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]:
 
 
 def _collect_run_results(root: Path) -> pl.DataFrame:
+    from usagg.train.rundir import RUN_FILE, unfinished_reason
+
     files = [f for f in sorted(root.rglob("results.parquet")) if f.parent != root]
+    # Rows of a run that stopped before its last step (usagg evaluate --allow-unfinished) are not its results.
+    unfinished = [f for f in files if (f.parent / RUN_FILE).exists() and unfinished_reason(f.parent)]
+    if unfinished:
+        logger.warning(
+            "%d unfinished run(s) left out of the analysis: %s",
+            len(unfinished), ", ".join(str(f.parent.relative_to(root)) for f in unfinished),
+        )
+        files = [f for f in files if f not in unfinished]
     if not files:
         raise DataError(
             f"{root}: no results.parquet in this folder or its run directories; give a results table "
@@ -82,6 +92,44 @@ def read_per_image_scores(root: Path) -> pl.DataFrame | None:
     return pl.concat(frames, how="vertical")
 
 
+# Keys of results_meta.json that change what a metric means; runs compared with each other should share them.
+EVALUATION_SETTINGS = ("checkpoint", "empty_mask_policy", "one_class_policy")
+
+
+def evaluation_setting_notes(root: Path) -> list[str]:
+    """Return a note per evaluation setting whose value differs between the runs under ``root``.
+
+    Each run's results_meta.json records, per split, the checkpoint and the policies behind its metrics. Runs
+    that differ there give numbers that mean different things.
+    """
+    from usagg.io import read_json_file
+
+    seen: dict[tuple[str, str], dict[str, list[str]]] = {}
+    for file in sorted(root.rglob("results_meta.json")):
+        try:
+            meta = read_json_file(file, "the results metadata", fix="delete it and evaluate the run again")
+        except DataError as exc:
+            logger.warning("%s", exc)
+            continue
+        run = str(file.parent.relative_to(root))
+        for split, values in (meta.items() if isinstance(meta, dict) else []):
+            for key in EVALUATION_SETTINGS:
+                if isinstance(values, dict) and key in values:
+                    seen.setdefault((split, key), {}).setdefault(str(values[key]), []).append(run)
+    notes = []
+    for (split, key), by_value in sorted(seen.items()):
+        if len(by_value) > 1:
+            parts = [
+                f"{value} ({len(runs)} run(s){', e.g. ' + runs[0] if len(runs) < sum(map(len, by_value.values())) / 2 else ''})"
+                for value, runs in sorted(by_value.items(), key=lambda item: -len(item[1]))
+            ]
+            notes.append(
+                f"runs under {root} were evaluated on {split} with different {key}: {'; '.join(parts)}; their "
+                f"metrics are not comparable, so evaluate them with one setting (usagg evaluate RUN_DIR)"
+            )
+    return notes
+
+
 def load_inputs(path: str | os.PathLike) -> AnalysisInputs:
     """Read a results table (CSV or parquet) or a study output directory.
 
@@ -97,6 +145,7 @@ def load_inputs(path: str | os.PathLike) -> AnalysisInputs:
         per_image = read_per_image_scores(origin)
         if per_image is None:
             notes.append(f"no {PER_IMAGE_FILE} under {origin}: intervals come from seeds only")
+        notes.extend(evaluation_setting_notes(origin))
         root: Path | None = origin
     else:
         table = read_results(origin)

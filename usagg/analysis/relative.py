@@ -18,6 +18,7 @@ import polars as pl
 
 from usagg.errors import AnalysisError
 from usagg.results import validate_results
+from usagg.tasks import HIGHER_IS_BETTER
 
 logger = logging.getLogger(__name__)
 
@@ -128,6 +129,12 @@ def relative_change_with_warnings(
     table = validate_results(results).filter(pl.col("metric") != "train_images")
     chosen, warnings = choose_metrics(table, metrics, all_metrics)
     table = table.join(chosen, on=["task", "metric"], how="semi")
+    unknown = sorted(set(table["metric"].to_list()) - set(HIGHER_IS_BETTER))
+    if unknown:
+        warnings.append(
+            f"metric(s) {', '.join(unknown)} are not ones usagg knows, so their higher_is_better is taken from the "
+            "table unchecked; a wrong direction flips the sign of every relative change of that metric"
+        )
     # Data fractions written by different tools may differ in the last bits; compare them rounded.
     table = table.with_columns(pl.col("data_fraction").round(6))
 

@@ -182,9 +182,12 @@ def _parse_k(value: str | None) -> int | str | None:
     if value == "auto":
         return "auto"
     try:
-        return int(value)
+        k = int(value)
     except ValueError:
         raise AnalysisError(f"--recommend {value!r} is invalid; give a number of groups (e.g. 4) or 'auto'") from None
+    if k < 1:
+        raise AnalysisError(f"--recommend {k} is invalid; give a number of groups of 1 or more, or 'auto'")
+    return k
 
 
 def transfer_matrix(

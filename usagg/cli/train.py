@@ -114,7 +114,8 @@ def train(
     if launcher == "local":
         table = Table(title=escape(f"usagg train: {study.name}"))
         for column in ("run", "status", "steps", "train s", "img/s"):
-            table.add_column(column, justify="left" if column in ("run", "status") else "right")
+            # Long run ids wrap rather than lose their fraction and seed on a narrow terminal.
+            table.add_column(column, justify="left" if column in ("run", "status") else "right", overflow="fold")
         for result in outcome:
             if result.status == "skipped":
                 # Nothing was trained in this call. The run's own numbers are in its run.json.

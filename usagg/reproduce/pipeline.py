@@ -176,17 +176,44 @@ def check_data(study_file: Path) -> str:
     return f"{len(report.tasks)} task(s), {images} image(s), {len(problems)} warning(s)"
 
 
-def train_study(study, output: Path, device: str, progress: bool) -> str:
-    """Train and evaluate every planned run; finished runs are skipped and interrupted ones resume."""
-    from usagg.train.distributed import init_distributed, shutdown
-    from usagg.train.loop import TrainOptions
+def planned_runs(study) -> list:
+    """Return the runs ``usagg reproduce`` trains for ``study``: every paradigm, plus the study's pair runs."""
     from usagg.train.plan import plan_runs
-    from usagg.train.run import execute_plan
 
     specs = plan_runs(study)
     if study.pairs:
         # Measured affinity reads pair runs at the largest data fraction only, so no other fraction is trained.
         specs += plan_runs(study, paradigms=["pair"], pairs=True, fractions=[max(study.fractions)])
+    return specs
+
+
+def unfinished_runs_note(study, output: Path) -> str | None:
+    """Return a report line when some planned runs are not finished (None when every one is)."""
+    from usagg.train.rundir import unfinished_reason
+
+    specs = planned_runs(study)
+    missing = []
+    for spec in specs:
+        run_dir = spec.run_dir(output)
+        reason = unfinished_reason(run_dir) if (run_dir / "run.json").exists() else "not started"
+        if reason is not None:
+            missing.append(f"{spec.run_id} ({reason})")
+    if not missing:
+        return None
+    listed = "; ".join(missing[:5]) + (f"; and {len(missing) - 5} more" if len(missing) > 5 else "")
+    return (
+        f"{len(specs) - len(missing)} of {len(specs)} planned runs are finished, so the results below may lack "
+        f"tasks, paradigms or seeds; not finished: {listed}. Rerun without --no-train to train them"
+    )
+
+
+def train_study(study, output: Path, device: str, progress: bool) -> str:
+    """Train and evaluate every planned run; finished runs are skipped and interrupted ones resume."""
+    from usagg.train.distributed import init_distributed, shutdown
+    from usagg.train.loop import TrainOptions
+    from usagg.train.run import execute_plan
+
+    specs = planned_runs(study)
     options = TrainOptions(output=output, device=device, progress=progress)
     env = init_distributed(device)
     try:
@@ -346,9 +373,10 @@ def _reproduce(options: ReproduceOptions) -> ReproduceResult:
     analysis_report = _analysis_stage(stages, study_dir, _relations_file(study_file, study), n_bootstrap)
     figures, figure_messages = _figures_stage(stages, study_dir, figures_dir, options.formats, n_bootstrap)
 
+    unfinished = unfinished_runs_note(study, output)
     content = ReportContent(
         title=f"usagg study report: {study.name}",
-        summary=key_findings(analysis_report),
+        summary=([f"Incomplete study: {unfinished}"] if unfinished else []) + key_findings(analysis_report),
         figures=figures,
         tables=key_tables(analysis_report),
         messages=figure_messages + list(analysis_report.messages),

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import functools
+import hashlib
 import logging
 import math
 import random
@@ -32,6 +34,7 @@ from usagg.train.rundir import (
     LOG_FILE,
     check_finished_config,
     is_finished,
+    read_run_json,
     truncate_train_log,
     update_run_json,
     write_config,
@@ -96,6 +99,22 @@ def to_device(value: Any, device: torch.device) -> Any:
     if isinstance(value, dict):
         return {k: to_device(v, device) for k, v in value.items()}
     return value
+
+
+@functools.lru_cache(maxsize=1)
+def code_version() -> dict[str, str]:
+    """Return usagg's version and a digest of its source files, so a run records the code that trained it.
+
+    The version alone does not change between commits of an editable install; the digest does.
+    """
+    package = Path(__file__).resolve().parents[1]
+    digest = hashlib.sha256()
+    for file in sorted(package.rglob("*.py")):
+        digest.update(str(file.relative_to(package)).encode("utf-8"))
+        digest.update(file.read_bytes())
+    from usagg import __version__
+
+    return {"version": __version__, "digest": digest.hexdigest()[:12]}
 
 
 def _seed_loader(loader: Any, seed: int) -> None:
@@ -282,9 +301,18 @@ class _Trainer:
         if self.writes:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             write_config(self.run_dir, self.study, self.spec)
+            code = code_version()
+            earlier = (read_run_json(self.run_dir) or {}).get("code")
+            if isinstance(earlier, dict) and earlier.get("digest") not in (None, code["digest"]):
+                logger.warning(
+                    "%s: this run started with other usagg code (%s %s, now %s %s); its steps before and after "
+                    "this point come from different code", self.spec.run_id, earlier.get("version"),
+                    earlier.get("digest"), code["version"], code["digest"],
+                )
             update_run_json(
                 self.run_dir,
                 spec=self.spec.to_dict(),
+                code=code,
                 status="running",
                 steps=self.size.steps,
                 batch_size=self.size.batch_size,
@@ -346,7 +374,14 @@ class _Trainer:
             yield
         except KeyboardInterrupt:  # Ctrl-C, or SIGTERM through the handler of the usagg command
             if self.writes:
-                update_run_json(self.run_dir, status="interrupted", **self._step_field())
+                fields = self._step_field()
+                update_run_json(self.run_dir, status="interrupted", **fields)
+                if "step" in fields:
+                    saved = fields.get("checkpoint_step", 0)
+                    logger.warning(
+                        "%s: interrupted at step %d; a rerun resumes from %s", self.spec.run_id, fields["step"],
+                        f"the checkpoint of step {saved}" if saved else "step 0 (no checkpoint yet)",
+                    )
             raise
         except Exception as exc:
             if self.writes:
@@ -354,8 +389,15 @@ class _Trainer:
             raise
 
     def _step_field(self) -> dict[str, int]:
-        """Return the step to record with a failure; none before a resumed run has restored its step."""
-        return {"step": self.step} if self.step else {}
+        """Return the step reached and the step of the latest checkpoint, to record with a failure.
+
+        None before a resumed run has restored its step. A rerun resumes from ``checkpoint_step``, so the steps
+        after it are trained again.
+        """
+        if not self.step:
+            return {}
+        pointer = ckpt.read_pointer(self.run_dir, "latest")
+        return {"step": self.step, "checkpoint_step": int(pointer["step"]) if pointer else 0}
 
     def _loop(self, batches: Iterator) -> None:
         total_steps = self.options.benchmark_steps or self.size.steps

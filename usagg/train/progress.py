@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from rich.console import Console
+from rich.table import Column
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 
@@ -13,16 +14,19 @@ class TrainProgress:
         self.enabled = enabled
         self._progress: Progress | None = None
         if enabled:
+            # On a narrow terminal the run id and then the loss text are cut with an ellipsis, so the step count,
+            # the bar and the times stay visible.
             self._progress = Progress(
-                TextColumn("[bold]{task.description}"),
-                BarColumn(),
+                TextColumn("[bold]{task.description}", table_column=Column(no_wrap=True, overflow="ellipsis", max_width=28)),
                 MofNCompleteColumn(),
-                TextColumn("{task.fields[info]}"),
+                BarColumn(bar_width=10),
+                TextColumn("{task.fields[info]}", table_column=Column(no_wrap=True, overflow="ellipsis", ratio=1)),
                 TimeElapsedColumn(),
                 TextColumn("ETA"),
                 TimeRemainingColumn(),
                 console=Console(stderr=True),
                 transient=False,
+                expand=True,
             )
             self._task = self._progress.add_task(run_id, total=total_steps, completed=start_step, info="")
 
@@ -38,5 +42,5 @@ class TrainProgress:
     def update(self, step: int, task: str, loss: float, images_per_s: float) -> None:
         if self._progress is None:
             return
-        info = f"{task}  loss {loss:.4f}  {images_per_s:.1f} img/s"
+        info = f"loss {loss:.4f}  {images_per_s:.1f} img/s  {task}"
         self._progress.update(self._task, completed=step, info=info)
