@@ -130,8 +130,25 @@ def test_study_split_keeps_shared_images_together():
         assert _paths(splits["seg"][split]) == _paths(splits["cls"][split])
     assert {k: len(v) for k, v in splits["seg"].items()} == {"train": 140, "val": 30, "test": 30}
     # Alone, each task carves its own split from its own random stream, and test images leak into train.
+    alone = split_records(seg, SEG, small_config())
+    assert _paths(alone["test"]) & _paths(splits["cls"]["train"])
+
+
+def test_study_split_stratifies_classes_whatever_the_card_order():
+    """The classification task is split first, stratified, and the segmentation task over its images follows."""
+    from collections import Counter
+
+    from usagg.data.splits import split_study_records
+
+    cls = _records(200)
+    seg = [SampleRecord(task="seg", image_path=r.image_path) for r in cls]
+    first = split_study_records([SEG, CLS], {"seg": seg, "cls": cls}, small_config())
+    second = split_study_records([CLS, SEG], {"seg": seg, "cls": cls}, small_config())
+    for split in ("train", "val", "test"):
+        assert _paths(first["cls"][split]) == _paths(second["cls"][split]) == _paths(first["seg"][split])
     alone = split_records(cls, CLS, small_config())
-    assert _paths(alone["test"]) & _paths(splits["seg"]["train"])
+    for split in ("train", "val", "test"):
+        assert Counter(r.label for r in first["cls"][split]) == Counter(r.label for r in alone[split])
 
 
 def test_study_split_inherits_fixed_splits_and_cases():

@@ -164,7 +164,12 @@ def split_study_records(
     """
     present = [card for card in cards if card.name in records]
     # A task whose source fixes splits goes first, so that the fixed splits are what the other tasks inherit.
-    ordered = sorted(present, key=lambda card: not any(r.split is not None for r in records[card.name]))
+    # Classification tasks go next: they are split stratified by class, which a split inherited from another
+    # task would not be. So the card order no longer decides whether the classes stay balanced.
+    ordered = sorted(
+        present,
+        key=lambda card: (not any(r.split is not None for r in records[card.name]), card.type is not TaskType.classification),
+    )
     placed: dict[str, str] = {}
     result: dict[str, dict[str, list[SampleRecord]]] = {}
     for card in ordered:
