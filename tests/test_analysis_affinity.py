@@ -284,7 +284,7 @@ def test_grouping_names_tasks_and_pairs_without_affinity(tmp_path):
     report = json.loads((tmp_path / "out" / "analysis_report.json").read_text())
     messages = " ".join(report["messages"])
     assert "grouping: d have no entry in the measured affinity" in messages
-    assert "grouping: 1 of 3 task pairs have no measured affinity and count as 0" in messages
+    assert "grouping: 1 of 3 task pairs have no measured affinity; they are left out of the means" in messages
     block = (tmp_path / "out" / "groups.yaml").read_text()
     assert "# not grouped (no affinity entry): d; add them to a group by hand" in block
     assert CliRunner().invoke(app, ["transfer-matrix", str(path), "--recommend", "0"]).exit_code != 0

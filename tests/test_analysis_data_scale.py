@@ -231,7 +231,7 @@ def test_tiny_study_warns_with_a_remedy():
     assert fit.tasks_per_type == {"classification": 1, "segmentation": 1}
     [small] = [w for w in fit.warnings if w.startswith("small sample")]
     assert "1 residual degree(s) of freedom (fewer than 10)" in small
-    assert small.endswith("add tasks, data fractions or seeds")
+    assert small.endswith("add tasks or data fractions (seeds are averaged first)")
     assert any(w.startswith("too few tasks to resample") for w in fit.warnings)
 
 
@@ -260,7 +260,7 @@ def test_advice_from_a_thin_fit_is_not_clear():
     assert advice.recommendations["confidence"].to_list() == ["insufficient evidence", "insufficient evidence"]
     reason = advice.recommendations.filter(pl.col("task") == "lesion_seg")["reason"][0]
     assert "the model has 1 residual degree(s) of freedom (fewer than 10)" in reason
-    assert "the model has 1 residual degree(s) of freedom (fewer than 10); add tasks, data fractions or seeds" in reason
+    assert "the model has 1 residual degree(s) of freedom (fewer than 10); add tasks or data fractions (seeds are averaged, so more seeds do not add any)" in reason
     assert (
         "only 1 distinct set(s) in all (classification 1 task(s), 1 set(s), segmentation 1 task(s), 1 set(s); "
         "10 needed, which takes 3 tasks of a type); add tasks of type classification or segmentation"
@@ -399,7 +399,7 @@ def test_resample_gap_names_the_type():
     assert fit.evidence_gaps("classification") == [expected]
     reason = advise(fit, rel, task="cls_a").recommendations["reason"][0]
     assert reason.endswith(f"; evidence insufficient: {expected}")
-    assert "data fractions or seeds" not in reason
+    assert "residual degree" not in reason
     note = fit.crossings.filter((pl.col("paradigm") == "grouped") & (pl.col("task_type") == "classification"))["note"][0]
     assert note == f"too few tasks to resample: {expected}; no interval"
     [warning] = [w for w in fit.warnings if w.startswith("too few tasks to resample")]
@@ -487,7 +487,7 @@ def test_safer_paradigm_skips_observed_loss():
 
     rec = advice.recommendations.filter(pl.col("task") == "cls_d").row(0, named=True)
 
-    kept = [r for r in rows if not (r["observed_ci_hi"] is not None and r["observed_ci_hi"] < 0) and r["verdict"] != "loss"]
+    kept = [r for r in rows if not (r["observed_ci_hi"] is not None and r["observed_ci_hi"] < 0) and r["predicted"] >= 0]
     expected = max(kept, key=lambda r: r["ci_lo"])["paradigm"] if kept else "task_specific"
     assert rec["safer_paradigm"] == expected
     assert rec["safer_paradigm"] != "grouped"
@@ -510,3 +510,38 @@ def test_safer_paradigm_is_task_specific_when_every_paradigm_is_predicted_to_los
     assert set(advice.predictions["verdict"]) == {"loss"}
     assert set(advice.recommendations["recommendation"]) == {"task_specific"}
     assert set(advice.recommendations["safer_paradigm"]) == {"task_specific"}
+
+
+def test_own_losses_under_every_paradigm_give_clear_task_specific():
+    """Direct evidence wins over the model: cls_d's own runs lose under grouped and under unified."""
+
+    def change(paradigm, task, task_type, n_train, seed):
+        if task == "cls_d":
+            return -0.06 + 0.005 * (seed - 1)
+        gain = {"classification": 0.12, "segmentation": 0.05}[task_type] if paradigm == "grouped" else 0.03
+        return gain + 0.01 * ((seed + ord(task[-1])) % 3 - 1) + 0.005 * math.sin(n_train + ord(task[-1]))
+
+    rel = relative_change(_study(SPLIT_SIZES, change))
+    rec = advise(fit_data_scale(rel, n_bootstrap=0, mixed=False), rel, task="cls_d").recommendations.row(0, named=True)
+    assert (rec["recommendation"], rec["confidence"], rec["safer_paradigm"]) == ("task_specific", "clear", "task_specific")
+    assert rec["reason"].startswith("this task's own runs lose under every aggregated paradigm: grouped -6.0 % (95 % interval")
+
+
+def test_crossing_not_bounded_when_most_replicates_are_collinear():
+    """With two tasks of a type at one size each, most replicates draw one task twice and cannot fit that type's
+    slope; the replicates kept are then not a random sample, so no crossing interval is called bounded."""
+    tasks = {
+        "cls_a": ("classification", 120), "cls_b": ("classification", 400), "cls_c": ("classification", 1500),
+        "cls_d": ("classification", 4000), "seg_a": ("segmentation", 300), "seg_b": ("segmentation", 3000),
+        "seg_c": ("detection", 200), "seg_d": ("detection", 2500),
+    }
+
+    def change(paradigm, task, task_type, n_train, seed):
+        return 0.1 - 0.04 * math.log10(n_train) + 0.01 * math.sin(ord(task[-1]) + (paradigm == "grouped"))
+
+    rel = relative_change(_study(tasks, change, fractions=(1.0,), seeds=(0,)), metrics={"detection": "auc"})
+    fit = fit_data_scale(rel, n_bootstrap=400)
+    assert any("of 400 bootstrap replicates had collinear terms and were skipped" in m for m in fit.messages)
+    classification = fit.crossings.filter(pl.col("task_type") == "classification")
+    assert not classification["bounded"].any()
+    assert classification["note"].str.contains("replicates had collinear terms, so the kept ones are not a random sample").all()

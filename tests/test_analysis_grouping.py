@@ -109,3 +109,17 @@ def test_invalid_k_raises():
         recommend_groups((tasks, matrix), "best")
     with pytest.raises(AnalysisError, match="shape"):
         recommend_groups((tasks, matrix[:3]), 2)
+
+
+def test_unmeasured_pairs_are_not_merged_on_a_tie():
+    """Two measured pairs and no evidence between them: auto keeps the pairs apart instead of merging all four."""
+    nan = float("nan")
+    matrix = np.array([
+        [nan, 0.2, nan, nan],
+        [0.2, nan, nan, nan],
+        [nan, nan, nan, 0.1],
+        [nan, nan, 0.1, nan],
+    ])
+    result = recommend_groups((["a", "b", "c", "d"], matrix), "auto", n_random=0)
+    assert sorted(map(sorted, result.groups)) == [["a", "b"], ["c", "d"]]
+    assert result.score == pytest.approx(0.6)

@@ -305,3 +305,22 @@ def test_unknown_metric_direction_is_flagged_as_unchecked(known_table):
     custom = known_table.with_columns(pl.lit("ef_error").alias("metric"), pl.lit(False).alias("higher_is_better"))
     _, warnings = relative_change_with_warnings(custom, metrics={"segmentation": "ef_error", "regression": "ef_error"})
     assert any(w.startswith("metric(s) ef_error are not ones usagg knows") for w in warnings)
+
+
+def test_misspelt_metric_gets_a_suggestion(known_table):
+    typo = known_table.with_columns(
+        pl.when(pl.col("task") == "fetal_head").then(pl.lit("mre")).otherwise(pl.col("metric")).alias("metric")
+    )
+    _, warnings = relative_change_with_warnings(typo)
+    left_out = next(w for w in warnings if w.startswith("task 'fetal_head'"))
+    assert left_out.endswith("Choose one with --metric fetal_head=METRIC. If mre for mre_px is a misspelling, rename it in the table.")
+
+
+def test_empty_reference_seed_names_the_fix(known_table):
+    seed_type = known_table.schema["seed"]
+    table_ = pl.concat([
+        known_table.filter(pl.col("paradigm") != "task_specific").with_columns(pl.lit(s, dtype=seed_type).alias("seed"))
+        for s in (0, 1)
+    ] + [known_table.filter(pl.col("paradigm") == "task_specific").with_columns(pl.lit(None, dtype=seed_type).alias("seed"))] * 2)
+    with pytest.raises(AnalysisError, match="the other paradigms have seeds, so give each task-specific row the seed"):
+        relative_change(table_)

@@ -27,7 +27,7 @@ def test_check_fmc_uia_sample(shared_data):
         "breast_2cls": ("classification", "2 classes", 60),
         "breast_lesion_det": ("detection", "1 box class", 40),
         "fetal_head": ("segmentation", "2 classes", 40),
-        "fetal_head_axis": ("keypoints", "2 points", 40),
+        "fetal_head_axis": ("regression (keypoints)", "2 points", 40),
         "nerve_vessel": ("segmentation", "3 classes", 40),
     }
     for task, (kind, labels, total) in expected.items():

@@ -256,3 +256,14 @@ def test_task_with_two_task_types(tmp_path):
     with pytest.raises(DataError) as caught:
         read_results(_csv_with(tmp_path, "task_type", "classification"))
     assert "rows 2 and 3: task 'lesion' has task_type 'segmentation' in one and 'classification' in the other" in str(caught.value)
+
+
+def test_fractional_count_in_parquet_is_refused(tmp_path):
+    """A float column cast to a count would truncate 240.5 to 240 silently."""
+    table = pl.concat([rows("r1", 0.5), rows("r2", 0.6)]).with_columns(pl.Series("n_train", [240.0, 240.5]))
+    path = tmp_path / "results.parquet"
+    table.write_parquet(path)
+    with pytest.raises(DataError, match=r"row 3: column 'n_train' has 240.5, which is not a whole number"):
+        read_results(path)
+    table.with_columns(pl.Series("n_train", [240.0, 241.0])).write_parquet(path)
+    assert read_results(path)["n_train"].to_list() == [240, 241]

@@ -304,7 +304,7 @@ def expand_env(value: Any, file: Path, key_path: str = "") -> Any:
 def read_yaml(path: str | os.PathLike) -> Any:
     file = Path(path)
     if not file.is_file():
-        raise ConfigError(f"{file}: file not found")
+        raise ConfigError(f"{file}: file not found; check the path and the file name")
     try:
         with open(file, encoding="utf-8") as fh:
             return yaml.safe_load(fh)

@@ -83,6 +83,13 @@ def _row_number(index: int) -> int:
 def _cast_column(df: pl.DataFrame, column: str, dtype: pl.DataType, origin: str) -> pl.Series:
     """Cast one column to ``dtype``, or raise naming the first cell that cannot be read as ``dtype``."""
     source = df.get_column(column)
+    if dtype.is_integer() and source.dtype.is_float():
+        # A float-to-integer cast truncates 5000.5 to 5000 without a word, so a fractional count is named here.
+        fractional = (source.is_not_null() & source.is_not_nan() & (source != source.floor())).arg_true()
+        if fractional.len():
+            index = int(fractional[0])
+            kind, fix = CELL_FIXES.get(column, ("a whole number", "write a whole number"))
+            raise DataError(f"{origin}: row {_row_number(index)}: column {column!r} has {source[index]!r}, which is not {kind}; {fix}")
     try:
         if dtype == pl.Boolean and source.dtype == pl.String:
             cast = (

@@ -17,9 +17,11 @@ interval, where there is one, excludes 0), the reason notes this with both numbe
 confidence stay as the rule gives them.
 
 The safer paradigm is the one with the highest lower bound: its worst plausible change is the least bad. A
-paradigm predicted to lose (interval below 0) or under which the task's own runs show a loss (observed interval
-below 0) is never the safer one, since task-specific training, whose change is 0 by definition, beats it; when
-that holds for every aggregated paradigm the safer choice is task_specific. Such a paradigm is not
+paradigm with a negative predicted change or under which the task's own runs show a loss (observed interval
+below 0) is never the safer one, since task-specific training, whose change is 0 by definition, is expected to
+do better; when that holds for every aggregated paradigm the safer choice is task_specific. When the task's own
+runs lose under every aggregated paradigm, the advice is task_specific with confidence clear, whatever the
+model predicts, and the reason lists the observed losses. Such a paradigm is not
 recommended either: rules 1 and 3 choose among the others, and the reason names what was passed over.
 """
 
@@ -43,8 +45,9 @@ ADVICE_RULE = (
     f"freedom or the task's type gives fewer than {MIN_DISTINCT_RESAMPLES} distinct bootstrap resamples of tasks; "
     "the reason notes every paradigm whose observed change for the task has the opposite sign to its prediction "
     "(when the observed change has a 95 % interval, only if that interval excludes 0); the safer paradigm has the "
-    "highest lower bound among those neither predicted to lose nor shown to lose by the task's own runs, else "
-    "task_specific; a paradigm "
+    "highest lower bound among those with a predicted change of 0 or more that the task's own runs do not show "
+    "losing, else task_specific; task_specific (clear) when the task's own runs lose under every aggregated "
+    "paradigm; a paradigm "
     "under which the task's own runs show a loss (observed interval below 0) is never recommended"
 )
 
@@ -105,9 +108,9 @@ def _observed_loss(row: dict) -> bool:
 
 
 def _safer(rows: list[dict]) -> str:
-    """Return the paradigm with the highest predicted lower bound among those neither predicted to lose nor
-    shown losing by the task's own runs, or task_specific when none is left."""
-    candidates = [r for r in rows if not _observed_loss(r) and r["verdict"] != "loss"]
+    """Return the paradigm with the highest predicted lower bound among those with a predicted change of 0 or
+    more that the task's own runs do not show losing, or task_specific when none is left."""
+    candidates = [r for r in rows if not _observed_loss(r) and r["predicted"] >= 0]
     if not candidates:
         return "task_specific"
     return max(candidates, key=lambda r: r["ci_lo"])["paradigm"]
@@ -137,6 +140,14 @@ def _recommend(rows: list[dict]) -> tuple[str, str, str, str]:
             f"includes 0 ({100 * best['ci_lo']:+.1f} to {100 * best['ci_hi']:+.1f} %)"
         )
         return best["paradigm"], "uncertain", safer, reason + note
+    if not eligible:
+        # The task's own runs are direct evidence, and they lose under every aggregated paradigm.
+        losses = "; ".join(
+            f"{r['paradigm']} {100 * r['observed']:+.1f} % (95 % interval {100 * r['observed_ci_lo']:+.1f} to "
+            f"{100 * r['observed_ci_hi']:+.1f} %)"
+            for r in rows
+        )
+        return "task_specific", "clear", safer, f"this task's own runs lose under every aggregated paradigm: {losses}"
     if passed_over:
         return "task_specific", "uncertain", safer, "no other aggregated paradigm has a positive predicted change" + note
     reason = "no aggregated paradigm has a positive predicted change, and no interval excludes 0"

@@ -57,6 +57,10 @@ FORMULA_LADDER: tuple[tuple[str, tuple[str, ...]], ...] = (
 # and no recommendation from it is labelled clear.
 MIN_RESID_DF = 10
 
+# Crossings beyond this many training images are reported as inf: no study is that large, and such a value only
+# says that the fitted line is nearly flat.
+MAX_CROSSING_IMAGES = 1e12
+
 # Resampling the n tasks of a task type with replacement gives C(2n − 1, n) distinct sets: 1, 3 and 10 for
 # n = 1, 2 and 3. With fewer than 10 the percentile interval is a few repeated values (zero width for one task
 # per type), so it is not reported as bounded.
@@ -130,7 +134,7 @@ class DataScaleFit:
         if df_resid < MIN_RESID_DF:
             gaps.append(
                 f"the model has {df_resid} residual degree(s) of freedom (fewer than {MIN_RESID_DF}); "
-                "add tasks, data fractions or seeds"
+                "add tasks or data fractions (seeds are averaged, so more seeds do not add any)"
             )
         shortfall = resample_shortfall(self.tasks_per_type, self.formula, task_type)
         if shortfall is not None:
@@ -462,13 +466,18 @@ def _crossings(
             share = float(np.mean(same_sign))
             if same_sign.sum() >= 2:
                 b_cross = -b_int[same_sign] / b_slope[same_sign]
-                # A nearly flat replicate puts its crossing beyond 10^308 images, which is reported as inf.
+                # A nearly flat replicate puts its crossing at an absurd size; beyond MAX_CROSSING_IMAGES it is inf.
                 with np.errstate(over="ignore"):
                     ci_lo, ci_hi = (10.0 ** np.percentile(b_cross, [2.5, 97.5])).tolist()
+                ci_lo, ci_hi = (v if v <= MAX_CROSSING_IMAGES else math.inf for v in (ci_lo, ci_hi))
             # A slope whose sign flips in more than 5 % of replicates has no bounded crossing interval.
             bounded = share >= 0.95
             if not bounded:
                 note = "slope sign uncertain: the interval is not bounded"
+            if rejected > n_boot / 2:
+                # The replicates kept are those whose resampled tasks span every cell: not a random subset.
+                bounded = False
+                note = f"{rejected} of {n_boot} replicates had collinear terms, so the kept ones are not a random sample; the interval is not bounded"
             shortfall = resample_shortfall(tasks_per_type, fit_formula, ttype)
             if shortfall is not None:
                 ci_lo = ci_hi = math.nan
@@ -482,7 +491,7 @@ def _crossings(
             n_cross = math.nan
             note = "flat prediction: no crossing"
         else:
-            n_cross = float(10 ** cross[k]) if cross[k] < 300 else math.inf
+            n_cross = float(10 ** cross[k]) if cross[k] < math.log10(MAX_CROSSING_IMAGES) else math.inf
         n_min, n_max = (float(v) for v in size_range.loc[(par, ttype) if per_type else par])
         within = bool(np.isfinite(cross[k]) and np.log10(n_min) <= cross[k] <= np.log10(n_max))
         rows.append(
@@ -595,7 +604,7 @@ def fit_data_scale(
         caught.append(
             f"small sample: the model rel_change ~ {formula} has {int(ols.df_resid)} residual degree(s) of freedom "
             f"(fewer than {MIN_RESID_DF}), so its R², p-values and intervals are unreliable and no recommendation "
-            "from it is labelled clear; add tasks, data fractions or seeds"
+            "from it is labelled clear; add tasks or data fractions (seeds are averaged first)"
         )
     tasks_per_type = _tasks_per_type(frame)
     shortfalls = {t: resample_shortfall(tasks_per_type, formula, t) for t in sorted(tasks_per_type)}

@@ -167,8 +167,9 @@ def add_grouping(
     grouping.unmeasured_pairs = int((~measured[np.triu_indices(n, 1)]).sum())
     if grouping.unmeasured_pairs:
         report.messages.append(
-            f"grouping: {grouping.unmeasured_pairs} of {n * (n - 1) // 2} task pairs have no {chosen} affinity and "
-            "count as 0, so a group joining tasks with no measured pair between them rests on no evidence"
+            f"grouping: {grouping.unmeasured_pairs} of {n * (n - 1) // 2} task pairs have no {chosen} affinity; they "
+            "are left out of the means, and where scores tie the search keeps such tasks apart, but a group that "
+            "still joins tasks with no measured pair between them rests on no evidence"
         )
     report.grouping = grouping
 

@@ -3,7 +3,9 @@
 The score of a partition follows the network-selection objective of Standley et al. (ICML 2020) and Fifty et
 al. (NeurIPS 2021): each task j in a group G with |G| ≥ 2 scores the mean affinity it receives from its group
 mates, a_j(G) = mean_{i ∈ G, i ≠ j} A[i, j], and a task alone scores 0 (it loses nothing and gains nothing).
-The total is Σ_G Σ_{j ∈ G} a_j(G). NaN entries (unmeasured pairs) are left out of the means.
+The total is Σ_G Σ_{j ∈ G} a_j(G). NaN entries (unmeasured pairs) are left out of the means, so joining two
+tasks with no measured pair costs nothing; to keep such evidence-free merges out of ties, the search subtracts
+``UNMEASURED_PENALTY`` per unmeasured ordered pair inside a group, too little to outweigh any measured affinity.
 
 Search: with up to ``EXHAUSTIVE_MAX_TASKS`` tasks, dynamic programming over subsets finds the exact best
 partition into exactly K non-empty groups (every partition is covered, in O(3^T) time instead of listing the
@@ -29,6 +31,7 @@ logger = logging.getLogger(__name__)
 
 EXHAUSTIVE_MAX_TASKS = 12
 BEAM_WIDTH = 64
+UNMEASURED_PENALTY = 1e-9
 
 
 @dataclass
@@ -122,7 +125,9 @@ def _subset_scores(values: np.ndarray, finite: np.ndarray) -> np.ndarray:
     counts = member @ finite
     with np.errstate(divide="ignore", invalid="ignore"):
         means = np.where(counts > 0, sums / counts, 0.0)
-    return (member * means).sum(axis=1)
+    size = member.sum(axis=1)
+    unmeasured = size * (size - 1) - (member * counts).sum(axis=1)
+    return (member * means).sum(axis=1) - UNMEASURED_PENALTY * unmeasured
 
 
 def _subset_pairs(n: int) -> tuple[np.ndarray, np.ndarray]:
@@ -189,7 +194,8 @@ def _group_score(mask_members: list[int], values: np.ndarray, finite: np.ndarray
     sub_v = values[np.ix_(idx, idx)]
     sub_f = finite[np.ix_(idx, idx)]
     counts = sub_f.sum(axis=0)
-    return float(np.sum(np.where(counts > 0, sub_v.sum(axis=0) / np.maximum(counts, 1), 0.0)))
+    unmeasured = len(idx) * (len(idx) - 1) - counts.sum()
+    return float(np.sum(np.where(counts > 0, sub_v.sum(axis=0) / np.maximum(counts, 1), 0.0))) - UNMEASURED_PENALTY * unmeasured
 
 
 def _beam(values: np.ndarray, finite: np.ndarray, k: int | None, width: int) -> tuple[float, list[list[int]]]:

@@ -11,6 +11,7 @@ single-tasking of multiple tasks"; Vandenhende et al., TPAMI 2021) is the mean o
 
 from __future__ import annotations
 
+import difflib
 import logging
 from collections.abc import Mapping, Sequence
 
@@ -107,10 +108,12 @@ def choose_metrics(
             preferred = DEFAULT_PRIMARY_METRICS.get(task_type, ())
         chosen = next((m for m in preferred if m in present), None)
         if chosen is None:
+            typos = [f"{m} for {close[0]}" for m in sorted(present) if (close := difflib.get_close_matches(m, preferred, n=1, cutoff=0.5))]
+            hint = f" If {', '.join(typos)} is a misspelling, rename it in the table." if typos else ""
             warnings.append(
                 f"task {task!r} ({task_type}): primary metric {' or '.join(preferred) or '(none for this type)'} "
                 f"not in the results table (it has {', '.join(sorted(present))}); the task is left out. "
-                f"Choose one with --metric {task}=METRIC"
+                f"Choose one with --metric {task}=METRIC.{hint}"
             )
             continue
         rows.append({"task": task, "metric": chosen})
@@ -131,8 +134,10 @@ def relative_change_with_warnings(
     table = table.join(chosen, on=["task", "metric"], how="semi")
     unknown = sorted(set(table["metric"].to_list()) - set(HIGHER_IS_BETTER))
     if unknown:
+        close = [f"{m} (did you mean {difflib.get_close_matches(m, list(HIGHER_IS_BETTER), n=1)[0]}?)"
+                 if difflib.get_close_matches(m, list(HIGHER_IS_BETTER), n=1) else m for m in unknown]
         warnings.append(
-            f"metric(s) {', '.join(unknown)} are not ones usagg knows, so their higher_is_better is taken from the "
+            f"metric(s) {', '.join(close)} are not ones usagg knows, so their higher_is_better is taken from the "
             "table unchecked; a wrong direction flips the sign of every relative change of that metric"
         )
     # Data fractions written by different tools may differ in the last bits; compare them rounded.
@@ -148,10 +153,14 @@ def relative_change_with_warnings(
     if duplicates.height:
         first = duplicates.row(0, named=True)
         key = ", ".join(f"{k}={'empty' if first[k] is None else first[k]}" for k in MATCH_KEYS)
-        raise AnalysisError(
-            f"results table has {first['len']} task-specific rows for {key}; keep one row per "
-            f"study, task, metric, split, data fraction and seed (e.g. drop repeated evaluations)"
-        )
+        if first["seed"] is None and aggregated["seed"].drop_nulls().len():
+            fix = (
+                "the other paradigms have seeds, so give each task-specific row the seed of the runs it is compared "
+                "with (or leave the seed empty in every paradigm for numbers reported once)"
+            )
+        else:
+            fix = "keep one row per study, task, metric, split, data fraction and seed (e.g. drop repeated evaluations)"
+        raise AnalysisError(f"results table has {first['len']} task-specific rows for {key}; {fix}")
 
     # Reported numbers have a null seed; a sentinel key lets them match each other in the join.
     seed_key = pl.col("seed").fill_null(NULL_SEED_KEY).alias("_seed_key")

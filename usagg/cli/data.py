@@ -72,7 +72,8 @@ def _summary_table(result) -> Table:
         errors, warnings = len(report.errors), len(report.warnings)
         table.add_row(
             escape(report.card.name),
-            report.card.kind,
+            # The card's type, as the results table and the analyses name it, with the kind of regression.
+            report.card.type.value + (f" ({report.card.kind})" if report.card.kind in ("keypoints", "scalar") else ""),
             escape(report.labels_text()),
             str(counts["train"]),
             str(counts["val"]),
