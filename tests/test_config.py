@@ -371,3 +371,26 @@ def test_study_lists_that_would_plan_nonsense_runs(tmp_path, extra, expected):
 def test_study_name_is_a_folder_name(tmp_path):
     message = error_of(write(tmp_path, VALID_STUDY.replace("name: ", "name: a/", 1)))
     assert "must start with a letter or digit" in message
+
+
+@pytest.mark.parametrize(
+    ("extra", "expected"),
+    [
+        ("data: {val_fraction: 0.6, test_fraction: 0.5}\n", "add up to 1 or more, which leaves no training images"),
+        ("seeds: []\n", "seeds: List should have at least 1 item"),
+        ("paradigms: []\n", "paradigms: List should have at least 1 item"),
+    ],
+)
+def test_study_settings_that_leave_nothing_to_train(tmp_path, extra, expected):
+    assert expected in error_of(write(tmp_path, VALID_STUDY + extra))
+
+
+def test_empty_task_list_and_empty_path_are_refused(tmp_path):
+    assert "tasks: List should have at least 1 item" in error_of(write(tmp_path, "name: demo\ntasks: []\n"))
+    message = error_of(write(tmp_path, VALID_STUDY.replace("root: data/train", "root: ''")))
+    assert "source.root: the path is empty" in message
+
+
+def test_detection_classes_follow_class_names(tmp_path):
+    card = load_task_card(write(tmp_path, "name: d\ntype: detection\nclass_names: [lesion, cyst]\n", "card.yaml"))
+    assert card.num_classes == 2

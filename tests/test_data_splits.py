@@ -207,3 +207,24 @@ def test_fraction_does_not_depend_on_where_data_lie():
     moved = [SampleRecord(task="cls", image_path=Path("/elsewhere/copy") / r.image_path.relative_to("/")) for r in here]
     names = lambda records: [Path(r.image_path).name for r in records]  # noqa: E731
     assert names(select_fraction(here, SEG, 0.25, seed=1)) == names(select_fraction(moved, SEG, 0.25, seed=1))
+
+
+def test_equal_case_ids_of_unrelated_datasets_do_not_link_tasks():
+    """Case 7 of one dataset and case 7 of another are different patients: no shared split, no conflict."""
+    from usagg.data.splits import cross_task_conflicts, dataset_scopes, split_study_records
+
+    cls = _records(60, cases=30)
+    seg = [SampleRecord(task="seg", image_path=Path(f"/other/img_{i:04d}.png"), case_id=str(i % 30)) for i in range(60)]
+    # A third task labels the first dataset's images, so it shares that dataset's cases.
+    axis = [SampleRecord(task="axis", image_path=r.image_path, case_id=r.case_id) for r in cls[:20]]
+    records = {"cls": cls, "seg": seg, "axis": axis}
+    assert dataset_scopes(records) == {"cls": "cls", "seg": "seg", "axis": "cls"}
+    axis_card = SEG.model_copy(update={"name": "axis"})
+    splits = split_study_records([SEG, CLS, axis_card], records, small_config())
+    assert cross_task_conflicts(splits) == []
+    for split in ("train", "val", "test"):
+        cases = {r.case_id for r in splits["cls"][split]}
+        assert {r.case_id for r in splits["axis"][split]} <= cases
+    # The unrelated dataset carves its own split: its case 7 need not follow the first dataset's case 7.
+    alone = split_records(seg, SEG, small_config())
+    assert {k: _paths(v) for k, v in splits["seg"].items()} == {k: _paths(v) for k, v in alone.items()}

@@ -145,3 +145,13 @@ def test_results_collect_without_runs(tmp_path, monkeypatch):
     code, stderr = run_main(["results", "collect", str(tmp_path)], monkeypatch)
     assert code == 2
     assert "no run results found" in stderr
+
+
+def test_dry_run_warns_about_a_task_with_less_than_one_batch(shared_data, tmp_path, monkeypatch):
+    train = {"budget": "steps", "steps": 2, "batch_size": 4, "task_sampling": "proportional"}
+    study = study_dict(shared_data, tmp_path / "runs", ["breast_2cls", "fetal_head_axis"], train=train)
+    study_file = write_study(tmp_path / "study.yaml", study)
+    code, stderr = run_main(["train", str(study_file), "--dry-run", "-p", "unified"], monkeypatch)
+    assert code == 0
+    text = " ".join(stderr.split())
+    assert "expected to get less than one batch of 4 training images in 2 steps" in text

@@ -66,6 +66,15 @@ class DataConfig(StrictModel):
         _check_multiple_of_16(value)
         return value
 
+    @model_validator(mode="after")
+    def _check_fractions(self) -> "DataConfig":
+        if self.val_fraction + self.test_fraction >= 1:
+            raise ValueError(
+                f"val_fraction {self.val_fraction} and test_fraction {self.test_fraction} add up to 1 or more, which "
+                "leaves no training images; lower them"
+            )
+        return self
+
     @property
     def size_hw(self) -> tuple[int, int]:
         return _check_multiple_of_16(self.img_size)
@@ -205,11 +214,11 @@ class StudyConfig(StrictModel):
     name: str
     description: str = ""
     output: ConfigPath = Path("runs")
-    tasks: list[TaskCard]
+    tasks: list[TaskCard] = Field(min_length=1)
     groups: dict[str, list[str]] | None = None  # partition for the grouped paradigm; default: clinical groups
-    paradigms: list[Paradigm] = [Paradigm.task_specific, Paradigm.grouped, Paradigm.unified]
-    fractions: list[float] = [1.0]
-    seeds: list[int] = [0]
+    paradigms: list[Paradigm] = Field(default=[Paradigm.task_specific, Paradigm.grouped, Paradigm.unified], min_length=1)
+    fractions: list[float] = Field(default=[1.0], min_length=1)
+    seeds: list[int] = Field(default=[0], min_length=1)
     pairs: list[tuple[str, str]] | None = None  # task pairs for measured affinity (usagg train --pairs)
     data: DataConfig = DataConfig()
     model: ModelConfig = ModelConfig()

@@ -5,10 +5,10 @@ from __future__ import annotations
 import re
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Literal, Union
+from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
-from pydantic.functional_validators import AfterValidator
+from pydantic.functional_validators import AfterValidator, BeforeValidator
 
 
 def _resolve_path(value: Path, info: ValidationInfo) -> Path:
@@ -20,8 +20,15 @@ def _resolve_path(value: Path, info: ValidationInfo) -> Path:
     return value
 
 
+def _reject_empty(value: Any) -> Any:
+    # Path("") is ".", the file's own folder, so an empty value would pass silently and fail much later.
+    if isinstance(value, str) and not value.strip():
+        raise ValueError("the path is empty; write a folder or file (an empty ${VAR} also gives this)")
+    return value
+
+
 # A filesystem path from a config file; relative paths are taken relative to that file's folder.
-ConfigPath = Annotated[Path, AfterValidator(_resolve_path)]
+ConfigPath = Annotated[Path, BeforeValidator(_reject_empty), AfterValidator(_resolve_path)]
 
 
 class StrictModel(BaseModel):
@@ -283,7 +290,7 @@ class TaskCard(StrictModel):
                 raise ValueError("classification tasks need num_classes >= 2")
         elif self.type is TaskType.detection:
             if self.num_classes is None:
-                self.num_classes = 1
+                self.num_classes = len(self.class_names) if self.class_names else 1
         elif self.type is TaskType.regression:
             if (self.num_keypoints is None) == (self.target is None):
                 raise ValueError(

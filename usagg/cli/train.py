@@ -67,7 +67,10 @@ def train(
     study = load_study(study_file, _parse_overrides(overrides))
     from usagg.model.backbone import check_model_config
 
-    check_model_config(study.model)  # before any run starts, so a mistake does not first show up in a Slurm job
+    try:
+        check_model_config(study.model)  # before any run starts, so a mistake does not first show up in a Slurm job
+    except ConfigError as exc:
+        raise ConfigError(f"{study_file}: {exc}") from None
     if output is not None:
         study = study.model_copy(update={"output": output.resolve()})
     partition = load_groups_file(groups_file, study) if groups_file is not None else None

@@ -25,7 +25,7 @@ import logging
 import math
 import zlib
 from collections import defaultdict
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -65,21 +65,55 @@ def _group_units(card: TaskCard, records: Sequence[tuple[int, SampleRecord]]) ->
     return dict(sorted(strata.items()))
 
 
-def shared_keys(record: SampleRecord) -> list[str]:
-    """Return the keys by which tasks share a sample: its image file and, when the source gives one, its case."""
+def shared_keys(record: SampleRecord, scope: str | None = None) -> list[str]:
+    """Return the keys by which tasks share a sample: its image file and, when the source gives one, its case.
+
+    ``scope`` (from :func:`dataset_scopes`) qualifies the case, so that equal case ids of unrelated datasets
+    (patient 217 of HC18 and case 217 of BUS-BRA) do not link their tasks.
+    """
     keys = [f"image:{record.image_path}"]
     if record.case_id is not None:
-        keys.append(case_key(record))
+        keys.append(case_key(record) if scope is None else f"case:{scope}:{record.case_id}")
     return keys
 
 
+def dataset_scopes(records_by_task: Mapping[str, Iterable[SampleRecord]]) -> dict[str, str]:
+    """Map each task to a name shared by the tasks it is linked to through common image files (one dataset).
+
+    Tasks that label the same images read one dataset, so their case ids name the same patients; tasks with no
+    image in common may come from datasets whose case ids merely coincide. The name is the first task of the group.
+    """
+    parent = {task: task for task in records_by_task}
+    order = {task: position for position, task in enumerate(records_by_task)}
+
+    def root(task: str) -> str:
+        while parent[task] != task:
+            parent[task] = parent[parent[task]]
+            task = parent[task]
+        return task
+
+    owner: dict[Path, str] = {}
+    for task, records in records_by_task.items():
+        for record in records:
+            other = owner.setdefault(record.image_path, task)
+            if other != task:
+                first, second = sorted((root(task), root(other)), key=order.__getitem__)
+                parent[second] = first
+    return {task: root(task) for task in records_by_task}
+
+
 def split_records(
-    records: Sequence[SampleRecord], card: TaskCard, data_cfg, placed: Mapping[str, str] | None = None
+    records: Sequence[SampleRecord],
+    card: TaskCard,
+    data_cfg,
+    placed: Mapping[str, str] | None = None,
+    scope: str | None = None,
 ) -> dict[str, list[SampleRecord]]:
     """Split a task's records into train/val/test (see the module rules); each list keeps the input order.
 
-    ``placed`` maps :func:`shared_keys` of images and cases that other tasks of the study have already put in a
-    split. A record without a split of its own that matches one joins that split and is not carved.
+    ``placed`` maps :func:`shared_keys` (with ``scope``) of images and cases that other tasks of the study have
+    already put in a split. A record without a split of its own that matches one joins that split and is not
+    carved.
     """
     placed = placed or {}
     assigned: dict[int, str] = {}
@@ -91,7 +125,7 @@ def split_records(
             assigned[index] = record.split
             if record.case_id is not None:
                 case_split.setdefault(case_key(record), record.split)
-            if any(k in placed for k in shared_keys(record)):
+            if any(k in placed for k in shared_keys(record, scope)):
                 placed_elsewhere.add(index)
     present = set(assigned.values())  # the splits this task's own source fixes
 
@@ -104,7 +138,7 @@ def split_records(
         fixed = case_split.get(key) if record.case_id is not None else None
         from_other_task = key in inherited_cases
         if fixed is None:
-            fixed = next((placed[k] for k in shared_keys(record) if k in placed), None)
+            fixed = next((placed[k] for k in shared_keys(record, scope) if k in placed), None)
             from_other_task = fixed is not None
             if from_other_task and record.case_id is not None:
                 case_split[key] = fixed
@@ -170,13 +204,14 @@ def split_study_records(
         present,
         key=lambda card: (not any(r.split is not None for r in records[card.name]), card.type is not TaskType.classification),
     )
+    scopes = dataset_scopes({card.name: records[card.name] for card in present})
     placed: dict[str, str] = {}
     result: dict[str, dict[str, list[SampleRecord]]] = {}
     for card in ordered:
-        splits = split_records(records[card.name], card, data_cfg, placed)
+        splits = split_records(records[card.name], card, data_cfg, placed, scopes[card.name])
         for split, members in splits.items():
             for record in members:
-                for key in shared_keys(record):
+                for key in shared_keys(record, scopes[card.name]):
                     placed.setdefault(key, split)
         result[card.name] = splits
     return {card.name: result[card.name] for card in present}
@@ -187,11 +222,12 @@ def cross_task_conflicts(splits: Mapping[str, Mapping[str, Sequence[SampleRecord
 
     After :func:`split_study_records` these come only from sources that fix different splits for one image.
     """
+    scopes = dataset_scopes({task: [r for members in task_splits.values() for r in members] for task, task_splits in splits.items()})
     seen: dict[str, dict[str, str]] = defaultdict(dict)
     for task, task_splits in splits.items():
         for split, members in task_splits.items():
             for record in members:
-                for key in shared_keys(record):
+                for key in shared_keys(record, scopes[task]):
                     seen[key].setdefault(task, split)
     return [(key, by_task) for key, by_task in seen.items() if len(set(by_task.values())) > 1]
 

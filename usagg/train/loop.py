@@ -27,7 +27,7 @@ from usagg.train import checkpoint as ckpt
 from usagg.train.affinity import AffinityRecorder
 from usagg.train.distributed import DistEnv, all_true, barrier, mean_across_ranks
 from usagg.train.optim import LossWeighting, build_optimizer, build_scheduler
-from usagg.train.plan import RunSize, RunSpec, size_run
+from usagg.train.plan import RunSize, RunSpec, size_run, warn_underfed
 from usagg.train.progress import TrainProgress
 from usagg.train.rundata import RecordCache, RunRecords
 from usagg.train.rundir import (
@@ -145,6 +145,8 @@ def train_run(
     cache = cache or RecordCache(study)
     records = cache.run_records(spec)
     size = size_run(study, spec, records.n_train())
+    if env.is_main and options.benchmark_steps is None:
+        warn_underfed(spec, size)
     trainer = _Trainer(study, spec, options, env, records, size, run_dir)
     return trainer.run()
 

@@ -85,6 +85,22 @@ class RunSize:
     def images(self) -> int:
         return self.steps * self.batch_size
 
+    def underfed_tasks(self) -> list[str]:
+        """Return the tasks expected to get less than one batch of training images under the task sampling."""
+        return [task for task, images in self.images_per_task.items() if images < self.batch_size]
+
+
+def warn_underfed(spec: "RunSpec", size: RunSize) -> None:
+    """Warn when a multi-task run's budget leaves a task with less than one expected batch."""
+    underfed = size.underfed_tasks() if len(size.n_train) > 1 else []
+    if underfed:
+        listed = ", ".join(f"{t} (~{size.images_per_task[t]:.0f} images)" for t in underfed)
+        logger.warning(
+            "%s: %s expected to get less than one batch of %d training images in %d steps, so their results say "
+            "little about transfer; raise the budget or use train.task_sampling: uniform",
+            spec.run_id, listed + (" is" if len(underfed) == 1 else " are"), size.batch_size, size.steps,
+        )
+
 
 def load_groups_file(path: str | os.PathLike, study: StudyConfig) -> dict[str, list[str]]:
     """Read a ``groups:`` block (group name -> task names) and check it against the study's tasks."""

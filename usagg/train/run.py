@@ -12,7 +12,7 @@ from usagg.io import remove_stale_temporaries
 from usagg.train import checkpoint as ckpt
 from usagg.train.distributed import DistEnv
 from usagg.train.loop import RunOutcome, TrainOptions, train_run
-from usagg.train.plan import RunSpec, check_budget_sampling, size_run
+from usagg.train.plan import RunSpec, check_budget_sampling, size_run, warn_underfed
 from usagg.train.rundata import RecordCache
 from usagg.train.rundir import check_finished_config, config_changes, is_finished, lock_holder, run_lock
 
@@ -38,6 +38,7 @@ def describe_plan(study: StudyConfig, specs: Sequence[RunSpec], options: TrainOp
     for spec in specs:
         records = cache.run_records(spec)
         size = size_run(study, spec, records.n_train())
+        warn_underfed(spec, size)
         run_dir = spec.run_dir(options.output)
         changed = bool(config_changes(run_dir, study, spec))
         pointer = ckpt.read_pointer(run_dir, "latest")
