@@ -51,7 +51,7 @@ def test_matrix_scales_small_entries():
     print_matrix(console, "lookahead affinity", ["a", "b", "c"], matrix)
 
     text = buffer.getvalue()
-    assert "values x 1e-4" in text
+    assert "entries multiplied by 1e4 (1.000 means 0.0001)" in " ".join(text.split())
     assert "3.000" in text
     assert "-2.000" in text
     assert "200.000" in text

@@ -66,7 +66,7 @@ def test_data_scale_panels_and_marks(drawn):
     drawn_crossings = crossings.filter(pl.col("drawn"))["n_train"].to_list()
     markers = [line for ax in panels for line in ax.get_lines() if line.get_marker() == "D"]
     assert len(markers) == len(drawn_crossings) > 0
-    assert plot.figure.axes[0].get_ylabel() == "relative change to task-specific (%)"
+    assert plot.figure.axes[0].get_ylabel() == "relative change to task-specific (%, + is better)"
 
 
 def test_data_scale_fit_stays_in_observed_sizes(drawn):
@@ -524,3 +524,24 @@ def test_training_two_columns_fit_their_titles(study_dir_27):
     short = draw_figure("training", FigureInputs.from_paths([study_dir_27]), max_columns=2, runs=["grouped/breast"])
     assert "\nand validation metric" in short.figure._suptitle.get_text()
     assert layout_problems(short.figure) == []
+
+
+def test_affinity_cell_labels_of_small_values_are_scaled():
+    """Pair-run changes of a few percent would print as 0.041 and -0.0067, wider than a cell."""
+    from usagg.results import RESULTS_SCHEMA
+
+    def row(paradigm, group, task, value):
+        return {
+            "study": "s", "run_id": f"{paradigm}/{group}/0", "paradigm": paradigm, "group": group, "task": task,
+            "task_type": "segmentation", "organ": "o", "clinical_group": "g", "n_train": 10, "data_fraction": 1.0,
+            "seed": 0, "split": "test", "metric": "dice", "value": value, "higher_is_better": True, "source": "run",
+        }
+
+    rows = [row("task_specific", t, t, 0.5) for t in "abc"]
+    rows += [row("pair", "a+b", "a", 0.5205), row("pair", "a+b", "b", 0.524), row("pair", "b+c", "b", 0.4967),
+             row("pair", "b+c", "c", 0.51), row("pair", "a+c", "a", 0.511), row("pair", "a+c", "c", 0.4985)]
+    plot = draw_figure("affinity", FigureInputs(results=pl.DataFrame(rows, schema=RESULTS_SCHEMA)), methods=["measured"])
+    labels = [text.get_text() for ax in plot.figure.axes for text in ax.texts]
+    assert "4.1" in labels and "-0.66" in labels
+    assert any("cell labels × 10^2" in ax.get_xlabel() for ax in plot.figure.axes)
+    assert layout_problems(plot.figure) == []

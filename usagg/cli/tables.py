@@ -41,7 +41,7 @@ def print_matrix(console: Console, title: str, labels: Sequence[str], matrix: np
 
     Rows carry the number and the label, columns only the number, so a 15 x 15 matrix of long task names stays
     readable. Non-finite entries print as "–". A matrix whose largest off-diagonal entry is below 0.1 is printed
-    scaled by a power of ten that the title names.
+    multiplied by a power of ten that the title names.
     """
     values = np.asarray(matrix, dtype=float)
     off_diagonal = values[~np.eye(len(values), dtype=bool)] if values.shape[0] > 1 else values.ravel()
@@ -51,7 +51,7 @@ def print_matrix(console: Console, title: str, labels: Sequence[str], matrix: np
     exponent = math.floor(math.log10(finite.max())) if finite.size and finite.max() > 0 else 0
     if exponent < -1:
         values = values * 10.0**-exponent
-        title = f"{title}, values x 1e{exponent}"
+        title = f"{title}, entries multiplied by 1e{-exponent} (1.000 means {10.0**exponent:g})"
     cells = [["–" if not math.isfinite(v) else format(v, fmt) for v in row] for row in values.tolist()]
     n = len(labels)
     blocks: list[range] = []

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from pathlib import Path
 
 import matplotlib
@@ -226,11 +227,14 @@ def affinity(inputs: FigureInputs, *, methods: list[str] | None = None) -> Figur
             spine.set_visible(False)
         ax.set_title(METHOD_LABELS[method])
         ax.set_xlabel("target task")
+        scale_note = ""
         if n <= ANNOTATE_MAX_TASKS:
-            _annotate(ax, transfer_values, cmap, norm)
+            exponent = _annotate(ax, transfer_values, cmap, norm)
+            if exponent:
+                scale_note = f"; cell labels × 10^{-exponent}"
         colorbar = fig.colorbar(image, cax=cax, orientation="horizontal")
         colorbar.ax.xaxis.set_major_locator(MaxNLocator(nbins=5))  # labels like -0.015 collide at the default density
-        colorbar.set_label(f"affinity ({method})")
+        colorbar.set_label(f"affinity ({method}){scale_note}")
         colorbar.ax.tick_params(labelsize=SMALL_FONT_SIZE)
         for i, source in enumerate(ordered):
             for j, target in enumerate(ordered):
@@ -265,10 +269,20 @@ def _label_size(n: int) -> float:
     return SMALL_FONT_SIZE if n <= 20 else SMALL_FONT_SIZE - 1.0
 
 
-def _annotate(ax, values: np.ndarray, cmap, norm) -> None:
+def _annotate(ax, values: np.ndarray, cmap, norm) -> int:
+    """Write each finite value in its cell; return the power of ten removed from the labels (0 when none).
+
+    Small affinities (lookahead, measured pair changes) would print as 0.041 and -0.0067, wider than a cell, so a
+    matrix whose largest entry is below 0.1 is labelled multiplied by a power of ten, which the colour bar names.
+    """
     from usagg.plots.common import text_color_for
 
+    finite = np.abs(values[np.isfinite(values)])
+    exponent = math.floor(math.log10(finite.max())) if finite.size and finite.max() > 0 else 0
+    exponent = exponent if exponent < -1 else 0
     for i in range(values.shape[0]):
         for j in range(values.shape[1]):
             if np.isfinite(values[i, j]):
-                ax.text(j, i, f"{values[i, j]:.2g}", ha="center", va="center", fontsize=SMALL_FONT_SIZE - 1, color=text_color_for(cmap, norm, values[i, j]))
+                label = f"{values[i, j] * 10.0**-exponent:.2g}"
+                ax.text(j, i, label, ha="center", va="center", fontsize=SMALL_FONT_SIZE - 1, color=text_color_for(cmap, norm, values[i, j]))
+    return exponent

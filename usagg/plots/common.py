@@ -24,6 +24,10 @@ from usagg.plots.style import (
 
 logger = logging.getLogger(__name__)
 
+# Axis and colour-bar label of every figure of relative change. The sign convention is part of the label, since
+# for error metrics (MRE) a fall of the error is a positive change.
+RELATIVE_CHANGE_LABEL = "relative change to task-specific (%, + is better)"
+
 # Rows of a results table with this metric carry a count of training images, not a score: value is the
 # number of images of an aggregate (a clinical group or a task type) that a publication reports.
 TRAIN_IMAGES_METRIC = "train_images"

@@ -12,6 +12,7 @@ from matplotlib.transforms import offset_copy
 
 from usagg.errors import ConfigError
 from usagg.plots.common import (
+    RELATIVE_CHANGE_LABEL,
     clinical_group_handles,
     compute_relative_change,
     pick_split,
@@ -137,7 +138,7 @@ def data_scale(
         _log_axis(ax, n_min, n_max)
         ax.set_title(paradigm_label(paradigm))
         ax.set_xlabel("training images (log scale)")
-    axes[0].set_ylabel("relative change to task-specific (%)")
+    axes[0].set_ylabel(RELATIVE_CHANGE_LABEL)
     room = any(row["ci_drawn"] for row in crossing_rows)
     clip_notes = _limit_y(axes, paradigms, observations, _rows_frame(fit_rows), ylim, room_below_zero=room)
     outline_notes = _outline_wide_bands(bands)

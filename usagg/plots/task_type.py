@@ -7,7 +7,7 @@ import math
 import numpy as np
 import polars as pl
 
-from usagg.plots.common import compute_relative_change, pick_fraction, pick_split
+from usagg.plots.common import RELATIVE_CHANGE_LABEL, compute_relative_change, pick_fraction, pick_split
 from usagg.plots.inputs import FigureInputs
 from usagg.plots.registry import FigurePlot, register_figure
 from usagg.plots.style import (
@@ -77,7 +77,7 @@ def task_type(
         ax.set_xticklabels([f"{t}\n(n = {s.size})" for t, s in zip(types, samples)])
         ax.set_xlim(-0.6, len(types) - 0.4)
         ax.set_title(f"{paradigm_label(paradigm)}\n{_test_label(tests.get(paradigm))}")
-    axes[0].set_ylabel("relative change to task-specific (%)")
+    axes[0].set_ylabel(RELATIVE_CHANGE_LABEL)
     fig.suptitle(f"Relative change by task type (one point per task; fraction {fraction:g}, {split} split)")
 
     test_rows = pl.DataFrame(

@@ -9,6 +9,7 @@ from matplotlib.colors import TwoSlopeNorm, to_rgb
 from matplotlib.patches import Rectangle
 
 from usagg.plots.common import (
+    RELATIVE_CHANGE_LABEL,
     compute_relative_change,
     pick_fraction,
     pick_split,
@@ -223,7 +224,7 @@ def _draw(
         )
 
     colorbar = fig.colorbar(image, cax=cbar_ax, orientation="horizontal", extend="both" if clipped else "neither")
-    colorbar.set_label("relative change to task-specific (%)")
+    colorbar.set_label(RELATIVE_CHANGE_LABEL)
     colorbar.ax.tick_params(labelsize=SMALL_FONT_SIZE)
 
     fig.suptitle(f"Transfer matrix (data fraction {fraction:g}, {split} split)")
