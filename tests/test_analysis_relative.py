@@ -324,3 +324,17 @@ def test_empty_reference_seed_names_the_fix(known_table):
     ] + [known_table.filter(pl.col("paradigm") == "task_specific").with_columns(pl.lit(None, dtype=seed_type).alias("seed"))] * 2)
     with pytest.raises(AnalysisError, match="the other paradigms have seeds, so give each task-specific row the seed"):
         relative_change(table_)
+
+
+def test_data_scale_on_reported_numbers_keeps_the_group_view():
+    """Numbers from a publication have no per-task training sizes: no regression, but the group view and a note."""
+    from typer.testing import CliRunner
+
+    from usagg.cli import app
+
+    result = CliRunner().invoke(app, ["data-scale", str(REPO / "analysis" / "paper_reported.csv")])
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.output.split())
+    assert "Clinical groups: Δm against total training images" in text
+    assert "note: regression not fitted: data-scale analysis: no aggregated result with a positive n_train" in text
+    assert "Coefficients" not in text

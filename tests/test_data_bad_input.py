@@ -636,3 +636,12 @@ def test_mask_folder_mask_in_unread_format(shared_data, tmp_path, suffix, reason
     problem = _only_problem(card, "no mask for image bus_0019-r.png", f"mask_0019-r{suffix} was found but {reason}")
     assert problem.fix.startswith("save the mask as PNG (.png, .bmp, .tif, .tiff, .npy files are read)")
     assert ("export it again" in problem.fix) == (suffix == ".jpg")
+
+
+def test_keypoint_count_larger_than_the_csv_points_at_the_card(shared_data, tmp_path):
+    root = copy_fmc_task(shared_data, tmp_path, "fetal_head_axis")
+    _assert_load_error(
+        fmc_card("fetal_head_axis", root, num_keypoints=3),
+        "missing column(s) point_3_xy",
+        "set num_keypoints: 2 in the task card if the CSV's 2 point column(s) are all",
+    )

@@ -180,6 +180,9 @@ def test_grouping_partitions_side_by_side(drawn):
     assert middle.get_title(loc="right").startswith("recommended groups")
     assert len(middle.get_yticklabels()) == 27
     assert set(plot.data["clinical_group"]) == set(GROUPS_27)
+    # Groups carry the names of the groups: block that transfer-matrix --recommend writes.
+    names = sorted(set(plot.data["recommended_group"]), key=lambda name: int(name.split("_")[1]))
+    assert names == [f"affinity_{i + 1}" for i in range(len(names))]
 
 
 def test_training_two_axes_per_task(drawn):

@@ -254,8 +254,14 @@ def transfer_matrix(
         _console().print(f"tables written to {escape(str(out))}", highlight=False)
 
 
-def _data_scale_report(results: Path, metric: Optional[list[str]], bootstrap: int, seed: int, task: Optional[str] = None):
-    """Load ``results``, compute relative changes and fit the data-scale model (shared by data-scale and advise)."""
+def _data_scale_report(
+    results: Path, metric: Optional[list[str]], bootstrap: int, seed: int, task: Optional[str] = None, need_fit: bool = True
+):
+    """Load ``results``, compute relative changes and fit the data-scale model (shared by data-scale and advise).
+
+    Without ``need_fit``, a table the regression cannot use (no per-task training sizes, as in numbers typed in
+    from a publication) still gives the clinical-group view and the task-type tests, with the reason noted.
+    """
     from usagg.analysis.full import add_data_scale, add_transfer
     from usagg.analysis.inputs import load_inputs
     from usagg.analysis.relative import parse_metric_overrides
@@ -264,7 +270,12 @@ def _data_scale_report(results: Path, metric: Optional[list[str]], bootstrap: in
     inputs = load_inputs(results)
     report = AnalysisReport(origin=str(inputs.origin))
     add_transfer(report, inputs, parse_metric_overrides(metric or []), n_boot=bootstrap, seed=seed)
-    add_data_scale(report, report.transfer.rel, inputs.sizes, bootstrap, seed, task=task)
+    try:
+        add_data_scale(report, report.transfer.rel, inputs.sizes, bootstrap, seed, task=task)
+    except AnalysisError as exc:
+        if need_fit or "data_scale_groups" not in report.tables:
+            raise
+        report.messages.append(f"regression not fitted: {exc}")
     return report
 
 
@@ -276,15 +287,16 @@ def data_scale(
     seed: Annotated[int, typer.Option("--seed", help="Random seed of the bootstrap.")] = 0,
 ) -> None:
     """Regress relative change on log10(training images) with task type and paradigm; crossings and tests."""
-    report = _data_scale_report(results, metric, bootstrap, seed)
+    report = _data_scale_report(results, metric, bootstrap, seed, need_fit=False)
     fit = report.data_scale
-    _console().print(
-        f"model: rel_change ~ {escape(fit.formula)} (OLS, HC3 errors); n = {fit.n} observations of {fit.n_tasks} tasks; "
-        f"R² = {fit.r2:.3f} (adjusted {fit.r2_adj:.3f})",
-        highlight=False,
-    )
-    _print_frame("Coefficients", fit.table)
-    if fit.crossings.height:
+    if fit is not None:
+        _console().print(
+            f"model: rel_change ~ {escape(fit.formula)} (OLS, HC3 errors); n = {fit.n} observations of {fit.n_tasks} "
+            f"tasks; R² = {fit.r2:.3f} (adjusted {fit.r2_adj:.3f})",
+            highlight=False,
+        )
+        _print_frame("Coefficients", fit.table)
+    if fit is not None and fit.crossings.height:
         crossings = fit.crossings.select(
             "paradigm", "task_type", "slope_per_log10", "n_train_cross", "ci_lo", "ci_hi", "bounded", "within_data_range"
         )

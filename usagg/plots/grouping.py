@@ -53,7 +53,9 @@ def grouping(inputs: FigureInputs, *, method: str | None = None, k: str = "auto"
     left_pos = {t: i for i, t in enumerate(left)}
     # Recommended groups in the order of their members' mean position on the left, so that lines cross less.
     by_position = sorted(result.groups, key=lambda members: sum(left_pos[t] for t in members) / len(members))
-    recommended = [(f"group {i + 1}", sorted(members, key=left_pos.get)) for i, members in enumerate(by_position)]
+    # Each group is labelled with its name in the groups: block that usagg transfer-matrix --recommend writes.
+    name_of = {frozenset(members): name for name, members in result.as_mapping().items()}
+    recommended = [(name_of[frozenset(members)], sorted(members, key=left_pos.get)) for members in by_position]
     right = [t for _, members in recommended for t in members]
     right_pos = {t: i for i, t in enumerate(right)}
     n = len(left)

@@ -203,12 +203,12 @@ def _read_rows(
             required = [point_column(i) for i in range(1, card.num_keypoints + 1)]
         missing = [c for c in required if c not in frame.columns]
         if missing:
-            log.error(
-                task,
-                f"CSV for task_name {name!r} is missing column(s) {', '.join(missing)}",
-                f"add the column(s); {name} rows need {', '.join(required)}",
-                file=file,
-            )
+            fix = f"add the column(s); {name} rows need {', '.join(required)}"
+            if name == "Regression":
+                present = sum(1 for i in range(1, len(frame.columns) + 1) if point_column(i) in frame.columns)
+                # A card that asks for more points than the file has is the likelier mistake.
+                fix = f"set num_keypoints: {present} in the task card if the CSV's {present} point column(s) are all, or {fix}"
+            log.error(task, f"CSV for task_name {name!r} is missing column(s) {', '.join(missing)}", fix, file=file)
             return []
     expected = _expected_count(card)
     records: list[SampleRecord] = []
