@@ -206,7 +206,7 @@ def _read_rows(
             fix = f"add the column(s); {name} rows need {', '.join(required)}"
             if name == "Regression":
                 present = sum(1 for i in range(1, len(frame.columns) + 1) if point_column(i) in frame.columns)
-                # A card that asks for more points than the file has is the likelier mistake.
+                # A card that wants more points than the file has is the likelier mistake.
                 fix = f"set num_keypoints: {present} in the task card if the CSV's {present} point column(s) are all, or {fix}"
             log.error(task, f"CSV for task_name {name!r} is missing column(s) {', '.join(missing)}", fix, file=file)
             return []
