@@ -11,6 +11,7 @@ from matplotlib.patches import Rectangle
 from test_plots_fixtures import TASKS_27, make_results, study_dir_27  # noqa: F401  (pytest fixture)
 
 from usagg.errors import ConfigError, DataError
+from usagg.results import RESULTS_SCHEMA
 from usagg.plots.inputs import FigureInputs
 from usagg.plots.layout import layout_problems
 from usagg.plots.registry import FIGURE_MODULES, draw_figure, get_figure, load_figures, parse_options
@@ -529,22 +530,35 @@ def test_training_two_columns_fit_their_titles(study_dir_27):
     assert layout_problems(short.figure) == []
 
 
+def _result_row(paradigm, group, task, value):
+    """One Dice row of a tiny study with pair runs (affinity figure tests)."""
+    return {
+        "study": "s", "run_id": f"{paradigm}/{group}/0", "paradigm": paradigm, "group": group, "task": task,
+        "task_type": "segmentation", "organ": "o", "clinical_group": "g", "n_train": 10, "data_fraction": 1.0,
+        "seed": 0, "split": "test", "metric": "dice", "value": value, "higher_is_better": True, "source": "run",
+    }
+
+
 def test_affinity_cell_labels_of_small_values_are_scaled():
     """Pair-run changes of a few percent would print as 0.041 and -0.0067, wider than a cell."""
-    from usagg.results import RESULTS_SCHEMA
-
-    def row(paradigm, group, task, value):
-        return {
-            "study": "s", "run_id": f"{paradigm}/{group}/0", "paradigm": paradigm, "group": group, "task": task,
-            "task_type": "segmentation", "organ": "o", "clinical_group": "g", "n_train": 10, "data_fraction": 1.0,
-            "seed": 0, "split": "test", "metric": "dice", "value": value, "higher_is_better": True, "source": "run",
-        }
-
-    rows = [row("task_specific", t, t, 0.5) for t in "abc"]
-    rows += [row("pair", "a+b", "a", 0.5205), row("pair", "a+b", "b", 0.524), row("pair", "b+c", "b", 0.4967),
-             row("pair", "b+c", "c", 0.51), row("pair", "a+c", "a", 0.511), row("pair", "a+c", "c", 0.4985)]
+    rows = [_result_row("task_specific", t, t, 0.5) for t in "abc"]
+    pairs = [("a+b", "a", 0.5205), ("a+b", "b", 0.524), ("b+c", "b", 0.4967), ("b+c", "c", 0.51), ("a+c", "a", 0.511),
+             ("a+c", "c", 0.4985)]
+    rows += [_result_row("pair", group, task, value) for group, task, value in pairs]
     plot = draw_figure("affinity", FigureInputs(results=pl.DataFrame(rows, schema=RESULTS_SCHEMA)), methods=["measured"])
     labels = [text.get_text() for ax in plot.figure.axes for text in ax.texts]
     assert "4.1" in labels and "-0.66" in labels
     assert any("cell labels × 10^2" in ax.get_xlabel() for ax in plot.figure.axes)
     assert layout_problems(plot.figure) == []
+    assert plot.notes == []  # every pair of the three tasks was measured
+
+
+def test_affinity_notes_a_sparse_matrix():
+    rows = [_result_row("task_specific", t, t, 0.5) for t in "abcd"]
+    rows += [_result_row("pair", "a+b", "a", 0.55), _result_row("pair", "a+b", "b", 0.52)]
+    rows += [_result_row("pair", "c+d", "c", 0.45), _result_row("pair", "c+d", "d", 0.51)]
+    plot = draw_figure("affinity", FigureInputs(results=pl.DataFrame(rows, schema=RESULTS_SCHEMA)), methods=["measured"])
+    assert plot.notes == [
+        "measured: only 33 % of the task pairs have a value, so the clustering and its order rest on few entries; "
+        "empty cells are unmeasured pairs"
+    ]

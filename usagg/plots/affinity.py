@@ -250,7 +250,14 @@ def affinity(inputs: FigureInputs, *, methods: list[str] | None = None) -> Figur
     dendro_ax.axis("off")
     title = "Task affinity, clustered" if len(chosen) == 1 else f"Task affinity (order: clustering of {chosen[0]})"
     fig.suptitle(title)
-    return FigurePlot(fig, pl.DataFrame(rows))
+    notes = []
+    coverage = _coverage(first)
+    if tree is not None and coverage < 0.5:
+        notes.append(
+            f"{chosen[0]}: only {100 * coverage:.0f} % of the task pairs have a value, so the clustering and its "
+            "order rest on few entries; empty cells are unmeasured pairs"
+        )
+    return FigurePlot(fig, pl.DataFrame(rows), notes)
 
 
 def _reindex(matrix: Matrix, tasks: list[str]) -> Matrix:
