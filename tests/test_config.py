@@ -358,39 +358,32 @@ def test_metric_must_be_computed_for_the_kind(tmp_path):
 @pytest.mark.parametrize(
     ("extra", "expected"),
     [
+        # Lists that would plan the same run twice or a run without tasks.
         ("seeds: [0, 1, 0]\n", "seeds lists 0 more than once"),
         ("paradigms: [unified, unified]\n", "paradigms lists unified more than once"),
         ("pairs: [[lesion, lesion]]\n", "pairs: ['lesion', 'lesion'] pairs a task with itself"),
         ("groups: {a: [lesion, lesion_cls, head_axis, head_circumference], b: []}\n", "groups.b: the group has no tasks"),
-    ],
-)
-def test_study_lists_that_would_plan_nonsense_runs(tmp_path, extra, expected):
-    assert expected in error_of(write(tmp_path, VALID_STUDY + extra))
-
-
-def test_study_name_is_a_folder_name(tmp_path):
-    message = error_of(write(tmp_path, VALID_STUDY.replace("name: ", "name: a/", 1)))
-    assert "must start with a letter or digit" in message
-
-
-@pytest.mark.parametrize(
-    ("extra", "expected"),
-    [
+        # Settings that leave nothing to train.
         ("data: {val_fraction: 0.6, test_fraction: 0.5}\n", "add up to 1 or more, which leaves no training images"),
         ("seeds: []\n", "seeds: List should have at least 1 item"),
         ("paradigms: []\n", "paradigms: List should have at least 1 item"),
     ],
 )
-def test_study_settings_that_leave_nothing_to_train(tmp_path, extra, expected):
+def test_invalid_study_lists_rejected(tmp_path, extra, expected):
     assert expected in error_of(write(tmp_path, VALID_STUDY + extra))
 
 
-def test_empty_task_list_and_empty_path_are_refused(tmp_path):
+def test_study_name_must_be_folder_name(tmp_path):
+    message = error_of(write(tmp_path, VALID_STUDY.replace("name: ", "name: a/", 1)))
+    assert "must start with a letter or digit" in message
+
+
+def test_empty_tasks_and_path_rejected(tmp_path):
     assert "tasks: List should have at least 1 item" in error_of(write(tmp_path, "name: demo\ntasks: []\n"))
     message = error_of(write(tmp_path, VALID_STUDY.replace("root: data/train", "root: ''")))
     assert "source.root: the path is empty" in message
 
 
-def test_detection_classes_follow_class_names(tmp_path):
+def test_detection_classes_from_class_names(tmp_path):
     card = load_task_card(write(tmp_path, "name: d\ntype: detection\nclass_names: [lesion, cyst]\n", "card.yaml"))
     assert card.num_classes == 2

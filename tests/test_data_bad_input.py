@@ -38,6 +38,16 @@ def _rewrite(root: Path, task: str, edit) -> Path:
     return path
 
 
+def _set_cell(root: Path, task: str, row: int, column: str, value: str) -> Path:
+    """Write ``value`` into ``column`` of data row ``row`` (1-based) of a task CSV of a copied root."""
+
+    def edit(header, rows):
+        rows[row - 1][header.index(column)] = value
+        return header, rows
+
+    return _rewrite(root, task, edit)
+
+
 def _file_of(root: Path, task: str, column: str, row: int) -> Path:
     header, rows = read_csv_rows(root / "csv_files" / f"{task}.csv")
     return (root / "csv_files" / rows[row - 1][header.index(column)]).resolve()
@@ -121,33 +131,21 @@ def test_mask_value_out_of_range(shared_data, tmp_path):
 def test_class_label_invalid(shared_data, tmp_path, value, fragment):
     root = copy_fmc_task(shared_data, tmp_path, "breast_2cls")
 
-    def edit(header, rows):
-        rows[1][header.index("mask")] = value
-        return header, rows
-
-    _rewrite(root, "breast_2cls", edit)
+    _set_cell(root, "breast_2cls", 2, "mask", value)
     _assert_load_error(fmc_card("breast_2cls", root), "row 2", fragment)
 
 
 def test_integral_float_label_accepted(shared_data, tmp_path):
     root = copy_fmc_task(shared_data, tmp_path, "breast_2cls")
 
-    def edit(header, rows):
-        rows[0][header.index("mask")] = "1.0"
-        return header, rows
-
-    _rewrite(root, "breast_2cls", edit)
+    _set_cell(root, "breast_2cls", 1, "mask", "1.0")
     assert load_task_records(fmc_card("breast_2cls", root))[0].label == 1
 
 
 def test_keypoint_outside_image(shared_data, tmp_path):
     root = copy_fmc_task(shared_data, tmp_path, "fetal_head_axis")
 
-    def edit(header, rows):
-        rows[2][header.index("point_2_xy")] = "[5000.0, 10.0]"
-        return header, rows
-
-    _rewrite(root, "fetal_head_axis", edit)
+    _set_cell(root, "fetal_head_axis", 3, "point_2_xy", "[5000.0, 10.0]")
     card = fmc_card("fetal_head_axis", root)
     _only_problem(card, "row 3", "keypoint 2 (5000, 10) lies outside the 800x540 px image")
     dataset = TaskDataset(card, load_task_records(card), small_config(), train=False)
@@ -158,22 +156,14 @@ def test_keypoint_outside_image(shared_data, tmp_path):
 def test_keypoint_not_json(shared_data, tmp_path):
     root = copy_fmc_task(shared_data, tmp_path, "fetal_head_axis")
 
-    def edit(header, rows):
-        rows[0][header.index("point_1_xy")] = "331.3 413.0"
-        return header, rows
-
-    _rewrite(root, "fetal_head_axis", edit)
+    _set_cell(root, "fetal_head_axis", 1, "point_1_xy", "331.3 413.0")
     _assert_load_error(fmc_card("fetal_head_axis", root), "row 1", "point_1_xy", "is not a JSON point")
 
 
 def test_box_outside_image(shared_data, tmp_path):
     root = copy_fmc_task(shared_data, tmp_path, "breast_lesion_det")
 
-    def edit(header, rows):
-        rows[0][header.index("x_max")] = "10000"
-        return header, rows
-
-    _rewrite(root, "breast_lesion_det", edit)
+    _set_cell(root, "breast_lesion_det", 1, "x_max", "10000")
     _only_problem(fmc_card("breast_lesion_det", root), "row 1", "box 1 (59, 82, 10000, 195) lies outside")
 
 
@@ -425,11 +415,7 @@ def test_class_folders_sorted_numerically(tmp_path):
 def test_detection_num_classes_mismatch(shared_data, tmp_path):
     root = copy_fmc_task(shared_data, tmp_path, "breast_lesion_det")
 
-    def edit(header, rows):
-        rows[2][header.index("num_classes")] = "2"
-        return header, rows
-
-    _rewrite(root, "breast_lesion_det", edit)
+    _set_cell(root, "breast_lesion_det", 3, "num_classes", "2")
     _assert_load_error(
         fmc_card("breast_lesion_det", root), "row 3", "num_classes is 2 in the CSV but the task card's num_classes is 1",
         "correct this row's num_classes, or set num_classes: 2 in the task card if every row has 2",

@@ -60,7 +60,7 @@ def add_transfer(
 
 
 def _no_comparison_reason(inputs: AnalysisInputs) -> str:
-    """Say why no aggregated result could be compared: which rows the table lacks, or which keys do not match."""
+    """Return why no aggregated result could be compared: the rows the table lacks, or the keys that do not match."""
     origin = inputs.origin
     scores = inputs.results.filter(pl.col("metric") != "train_images")
     paradigms = set(scores["paradigm"].to_list())
@@ -74,13 +74,18 @@ def _no_comparison_reason(inputs: AnalysisInputs) -> str:
             f"{origin}: only task-specific{' and pair' if 'pair' in paradigms else ''} rows, so there is nothing to "
             "compare; add grouped or unified results"
         )
-    seeds = sorted({"empty" if s is None else str(s) for s in scores.filter(pl.col("paradigm") == "task_specific")["seed"].to_list()})
-    other = sorted({"empty" if s is None else str(s) for s in scores.filter(pl.col("paradigm") != "task_specific")["seed"].to_list()})
+    is_reference = pl.col("paradigm") == "task_specific"
+    seeds, other = (_seed_names(scores.filter(chosen)["seed"]) for chosen in (is_reference, ~is_reference))
     return (
         f"{origin}: no grouped or unified result has a task_specific result with the same study, metric, data "
         f"fraction, seed and split (task-specific seeds: {', '.join(seeds)}; other seeds: {', '.join(other)}); "
         "make these columns match, e.g. give reported numbers an empty seed in every paradigm"
     )
+
+
+def _seed_names(seeds: pl.Series) -> list[str]:
+    """Return the distinct seeds of a column as sorted text, an empty seed as "empty"."""
+    return sorted({"empty" if s is None else str(s) for s in seeds.to_list()})
 
 
 def add_data_scale(

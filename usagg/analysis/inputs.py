@@ -51,17 +51,9 @@ def split_size_rows(results: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]:
 
 
 def _collect_run_results(root: Path) -> pl.DataFrame:
-    from usagg.train.rundir import RUN_FILE, unfinished_reason
+    from usagg.train.rundir import finished_result_files
 
-    files = [f for f in sorted(root.rglob("results.parquet")) if f.parent != root]
-    # Rows of a run that stopped before its last step (usagg evaluate --allow-unfinished) are not its results.
-    unfinished = [f for f in files if (f.parent / RUN_FILE).exists() and unfinished_reason(f.parent)]
-    if unfinished:
-        logger.warning(
-            "%d unfinished run(s) left out of the analysis: %s",
-            len(unfinished), ", ".join(str(f.parent.relative_to(root)) for f in unfinished),
-        )
-        files = [f for f in files if f not in unfinished]
+    files, _ = finished_result_files(root, [f for f in sorted(root.rglob("results.parquet")) if f.parent != root])
     if not files:
         raise DataError(
             f"{root}: no results.parquet in this folder or its run directories; give a results table "

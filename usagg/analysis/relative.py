@@ -108,7 +108,11 @@ def choose_metrics(
             preferred = DEFAULT_PRIMARY_METRICS.get(task_type, ())
         chosen = next((m for m in preferred if m in present), None)
         if chosen is None:
-            typos = [f"{m} for {close[0]}" for m in sorted(present) if (close := difflib.get_close_matches(m, preferred, n=1, cutoff=0.5))]
+            typos = []
+            for metric in sorted(present):
+                guess = difflib.get_close_matches(metric, preferred, n=1, cutoff=0.5)
+                if guess:
+                    typos.append(f"{metric} for {guess[0]}")
             hint = f" If {', '.join(typos)} is a misspelling, rename it in the table." if typos else ""
             warnings.append(
                 f"task {task!r} ({task_type}): primary metric {' or '.join(preferred) or '(none for this type)'} "
@@ -134,8 +138,10 @@ def relative_change_with_warnings(
     table = table.join(chosen, on=["task", "metric"], how="semi")
     unknown = sorted(set(table["metric"].to_list()) - set(HIGHER_IS_BETTER))
     if unknown:
-        close = [f"{m} (did you mean {difflib.get_close_matches(m, list(HIGHER_IS_BETTER), n=1)[0]}?)"
-                 if difflib.get_close_matches(m, list(HIGHER_IS_BETTER), n=1) else m for m in unknown]
+        close = []
+        for metric in unknown:
+            guess = difflib.get_close_matches(metric, list(HIGHER_IS_BETTER), n=1)
+            close.append(f"{metric} (did you mean {guess[0]}?)" if guess else metric)
         warnings.append(
             f"metric(s) {', '.join(close)} are not ones usagg knows, so their higher_is_better is taken from the "
             "table unchecked; a wrong direction flips the sign of every relative change of that metric"

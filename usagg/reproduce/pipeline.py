@@ -189,13 +189,13 @@ def planned_runs(study) -> list:
 
 def unfinished_runs_note(study, output: Path) -> str | None:
     """Return a report line when some planned runs are not finished (None when every one is)."""
-    from usagg.train.rundir import unfinished_reason
+    from usagg.train.rundir import RUN_FILE, unfinished_reason
 
     specs = planned_runs(study)
     missing = []
     for spec in specs:
         run_dir = spec.run_dir(output)
-        reason = unfinished_reason(run_dir) if (run_dir / "run.json").exists() else "not started"
+        reason = unfinished_reason(run_dir) if (run_dir / RUN_FILE).exists() else "not started"
         if reason is not None:
             missing.append(f"{spec.run_id} ({reason})")
     if not missing:

@@ -316,6 +316,28 @@ def _replace_split_rows(file: Path, new: pl.DataFrame, split: str) -> None:
         new.write_parquet(tmp)
 
 
+def finished_result_files(root: Path, files: list[Path]) -> tuple[list[Path], list[str]]:
+    """Split results files into those of finished runs and a description of each unfinished run left out.
+
+    A results file outside a run folder (no run.json beside it) is kept. Results of a run that stopped before its
+    last step (evaluated with ``--allow-unfinished``) are not that run's results, so they are left out with a
+    logged warning.
+    """
+    kept, left_out = [], []
+    for file in files:
+        reason = unfinished_reason(file.parent) if (file.parent / RUN_FILE).exists() else None
+        if reason:
+            left_out.append(f"{os.path.relpath(file.parent, root)} ({reason})")
+        else:
+            kept.append(file)
+    if left_out:
+        logger.warning(
+            "%d run(s) with results are not finished and are left out: %s; finish them with usagg train STUDY",
+            len(left_out), "; ".join(left_out),
+        )
+    return kept, left_out
+
+
 def collect_results(study_folder: str | os.PathLike) -> tuple[Path, int, int]:
     """Merge every run's results.parquet under ``study_folder`` into ``study_folder/results.parquet``.
 
@@ -325,16 +347,9 @@ def collect_results(study_folder: str | os.PathLike) -> tuple[Path, int, int]:
     folder = Path(study_folder)
     if not folder.is_dir():
         raise DataError(f"{folder}: not a directory; give a study output directory such as runs/<study>")
-    files = sorted(p for p in folder.rglob(RESULTS_FILE) if (p.parent / RUN_FILE).exists())
-    # Results of a run that stopped before its last step (evaluated with --allow-unfinished) are not its results.
-    unfinished = {f: unfinished_reason(f.parent) for f in files}
-    left_out = [f"{os.path.relpath(f.parent, folder)} ({reason})" for f, reason in unfinished.items() if reason]
-    files = [f for f in files if not unfinished[f]]
-    if left_out:
-        logger.warning(
-            "%d run(s) with results are not finished and are left out: %s; finish them with usagg train STUDY",
-            len(left_out), "; ".join(left_out),
-        )
+    files, left_out = finished_result_files(
+        folder, sorted(p for p in folder.rglob(RESULTS_FILE) if (p.parent / RUN_FILE).exists())
+    )
     if not files:
         found = "no results of finished runs" if left_out else "no run results"
         raise DataError(f"{folder}: {found} found below this folder; train or evaluate runs first")
