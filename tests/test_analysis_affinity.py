@@ -268,8 +268,8 @@ def test_scores_list_missing_tasks():
     assert table["tasks_missing"][0] == "d"
 
 
-def test_grouping_names_tasks_and_pairs_without_affinity(tmp_path):
-    """A groups: block meant to be pasted into a study says which tasks it leaves out and how thin it is."""
+def test_grouping_notes_missing_affinity(tmp_path):
+    """A groups: block meant for a study lists the tasks it leaves out and the unmeasured pairs."""
     from typer.testing import CliRunner
 
     from usagg.cli import app

@@ -181,7 +181,8 @@ def test_bad_inputs_name_the_problem(small_table, known_table, tmp_path):
     # Without training sizes data-scale still prints the group view, with the reason; advise needs the model.
     result = invoke("data-scale", known_table)
     assert result.exit_code == 0, result.output
-    assert "regression not fitted" in result.output and "n_train" in result.output
+    assert "regression not fitted" in result.output
+    assert "n_train" in result.output
     result = invoke("advise", known_table)
     assert isinstance(result.exception, AnalysisError)
     assert "n_train" in str(result.exception)

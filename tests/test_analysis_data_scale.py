@@ -498,7 +498,7 @@ def test_safer_paradigm_skips_observed_loss():
     assert "under grouped this task's own results changed by" in rec["reason"]
 
 
-def test_safer_paradigm_is_task_specific_when_every_paradigm_is_predicted_to_lose():
+def test_safer_is_task_specific_when_all_lose():
     """A paradigm whose whole predicted interval lies below 0 is worse than task-specific training (0)."""
 
     def change(paradigm, task, task_type, n_train, seed):
@@ -512,7 +512,7 @@ def test_safer_paradigm_is_task_specific_when_every_paradigm_is_predicted_to_los
     assert set(advice.recommendations["safer_paradigm"]) == {"task_specific"}
 
 
-def test_own_losses_under_every_paradigm_give_clear_task_specific():
+def test_own_losses_give_clear_task_specific():
     """Direct evidence wins over the model: cls_d's own runs lose under grouped and under unified."""
 
     def change(paradigm, task, task_type, n_train, seed):
@@ -527,9 +527,11 @@ def test_own_losses_under_every_paradigm_give_clear_task_specific():
     assert rec["reason"].startswith("this task's own runs lose under every aggregated paradigm: grouped -6.0 % (95 % interval")
 
 
-def test_crossing_not_bounded_when_most_replicates_are_collinear():
-    """With two tasks of a type at one size each, most replicates draw one task twice and cannot fit that type's
-    slope; the replicates kept are then not a random sample, so no crossing interval is called bounded."""
+def test_crossing_unbounded_when_replicates_collinear():
+    """Most replicates draw one of a type's two single-size tasks twice and cannot fit that type's slope.
+
+    The replicates kept are then not a random sample, so no crossing interval is called bounded.
+    """
     tasks = {
         "cls_a": ("classification", 120), "cls_b": ("classification", 400), "cls_c": ("classification", 1500),
         "cls_d": ("classification", 4000), "seg_a": ("segmentation", 300), "seg_b": ("segmentation", 3000),

@@ -326,7 +326,7 @@ def test_empty_reference_seed_names_the_fix(known_table):
         relative_change(table_)
 
 
-def test_data_scale_on_reported_numbers_keeps_the_group_view():
+def test_data_scale_reported_group_view():
     """Numbers from a publication have no per-task training sizes: no regression, but the group view and a note."""
     from typer.testing import CliRunner
 

@@ -339,7 +339,7 @@ def test_group_name_with_slash_rejected(tmp_path):
     ],
 )
 def test_card_type_must_match_source_format(tmp_path, card, expected):
-    """A source that cannot hold the card's labels is refused on load, before any data is read."""
+    """A source that cannot supply the card's labels is rejected on load, before any data is read."""
     with pytest.raises(ConfigError) as info:
         load_task_card(write(tmp_path, f"name: t\n{card}\n", "card.yaml"))
     assert expected + ": change the card's type or its source" in str(info.value)

@@ -624,7 +624,7 @@ def test_mask_folder_mask_in_unread_format(shared_data, tmp_path, suffix, reason
     assert ("export it again" in problem.fix) == (suffix == ".jpg")
 
 
-def test_keypoint_count_larger_than_the_csv_points_at_the_card(shared_data, tmp_path):
+def test_keypoint_count_above_csv(shared_data, tmp_path):
     root = copy_fmc_task(shared_data, tmp_path, "fetal_head_axis")
     _assert_load_error(
         fmc_card("fetal_head_axis", root, num_keypoints=3),

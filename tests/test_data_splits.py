@@ -134,7 +134,7 @@ def test_study_split_keeps_shared_images_together():
     assert _paths(alone["test"]) & _paths(splits["cls"]["train"])
 
 
-def test_study_split_stratifies_classes_whatever_the_card_order():
+def test_study_split_stratified_any_order():
     """The classification task is split first, stratified, and the segmentation task over its images follows."""
     from collections import Counter
 
@@ -209,7 +209,7 @@ def test_fraction_does_not_depend_on_where_data_lie():
     assert names(select_fraction(here, SEG, 0.25, seed=1)) == names(select_fraction(moved, SEG, 0.25, seed=1))
 
 
-def test_equal_case_ids_of_unrelated_datasets_do_not_link_tasks():
+def test_case_ids_scoped_to_dataset():
     """Case 7 of one dataset and case 7 of another are different patients: no shared split, no conflict."""
     from usagg.data.splits import cross_task_conflicts, dataset_scopes, split_study_records
 

@@ -539,7 +539,7 @@ def _result_row(paradigm, group, task, value):
     }
 
 
-def test_affinity_cell_labels_of_small_values_are_scaled():
+def test_affinity_small_values_scaled():
     """Pair-run changes of a few percent would print as 0.041 and -0.0067, wider than a cell."""
     rows = [_result_row("task_specific", t, t, 0.5) for t in "abc"]
     pairs = [("a+b", "a", 0.5205), ("a+b", "b", 0.524), ("b+c", "b", 0.4967), ("b+c", "c", 0.51), ("a+c", "a", 0.511),
@@ -547,13 +547,14 @@ def test_affinity_cell_labels_of_small_values_are_scaled():
     rows += [_result_row("pair", group, task, value) for group, task, value in pairs]
     plot = draw_figure("affinity", FigureInputs(results=pl.DataFrame(rows, schema=RESULTS_SCHEMA)), methods=["measured"])
     labels = [text.get_text() for ax in plot.figure.axes for text in ax.texts]
-    assert "4.1" in labels and "-0.66" in labels
+    assert "4.1" in labels
+    assert "-0.66" in labels
     assert any("cell labels × 10^2" in ax.get_xlabel() for ax in plot.figure.axes)
     assert layout_problems(plot.figure) == []
     assert plot.notes == []  # every pair of the three tasks was measured
 
 
-def test_affinity_notes_a_sparse_matrix():
+def test_affinity_sparse_matrix_noted():
     rows = [_result_row("task_specific", t, t, 0.5) for t in "abcd"]
     rows += [_result_row("pair", "a+b", "a", 0.55), _result_row("pair", "a+b", "b", 0.52)]
     rows += [_result_row("pair", "c+d", "c", 0.45), _result_row("pair", "c+d", "d", 0.51)]

@@ -183,8 +183,8 @@ def test_quick_writes_runs_to_the_current_folder(tmp_path, monkeypatch):
     assert output_root(ReproduceOptions(study=tmp_path / "s.yaml"), study) == REPO / "usagg-output" / "runs"
 
 
-def test_report_says_when_planned_runs_are_missing(reproduced):
-    """The fixture folder holds results for every task but run folders for only a few runs: the report says so."""
+def test_report_notes_missing_runs(reproduced):
+    """The fixture folder has results for every task but run folders for only a few runs, and the report states it."""
     _, result = reproduced
     text = result.report_md.read_text(encoding="utf-8")
     findings = text[text.index("## Key findings"):]

@@ -242,7 +242,7 @@ def test_semicolon_csv_names_delimiter(tmp_path):
 
 
 def test_fraction_metric_outside_its_range(tmp_path):
-    """A Dice typed as a percentage (91 for 0.91) would read as a 99 % loss; it is refused with the fix."""
+    """A Dice typed as a percentage (91 for 0.91) would read as a 99 % loss; it is rejected with the fix."""
     with pytest.raises(DataError) as caught:
         read_results(_csv_with(tmp_path, "value", "91.0"))
     assert str(caught.value).endswith(
@@ -258,7 +258,7 @@ def test_task_with_two_task_types(tmp_path):
     assert "rows 2 and 3: task 'lesion' has task_type 'segmentation' in one and 'classification' in the other" in str(caught.value)
 
 
-def test_fractional_count_in_parquet_is_refused(tmp_path):
+def test_fractional_parquet_count_rejected(tmp_path):
     """A float column cast to a count would truncate 240.5 to 240 silently."""
     table = pl.concat([rows("r1", 0.5), rows("r2", 0.6)]).with_columns(pl.Series("n_train", [240.0, 240.5]))
     path = tmp_path / "results.parquet"

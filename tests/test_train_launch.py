@@ -107,7 +107,7 @@ def test_train_dry_run_checks_model_settings(shared_data, tmp_path, monkeypatch)
     assert "model.feature_blocks: the heads need at least one block" in stderr
 
 
-def test_train_dry_run_warns_about_budget_and_sampling(shared_data, tmp_path, monkeypatch):
+def test_dry_run_warns_budget_sampling(shared_data, tmp_path, monkeypatch):
     train = {"budget": "epochs", "epochs": 1, "task_sampling": "uniform"}
     study_file = write_study(tmp_path / "study.yaml", study_dict(shared_data, tmp_path / "runs", ["breast_2cls"], train=train))
     code, stderr = run_main(["train", str(study_file), "--dry-run"], monkeypatch)
@@ -147,7 +147,7 @@ def test_results_collect_without_runs(tmp_path, monkeypatch):
     assert "no run results found" in stderr
 
 
-def test_dry_run_warns_about_a_task_with_less_than_one_batch(shared_data, tmp_path, monkeypatch):
+def test_dry_run_warns_underfed_task(shared_data, tmp_path, monkeypatch):
     train = {"budget": "steps", "steps": 2, "batch_size": 4, "task_sampling": "proportional"}
     study = study_dict(shared_data, tmp_path / "runs", ["breast_2cls", "fetal_head_axis"], train=train)
     study_file = write_study(tmp_path / "study.yaml", study)

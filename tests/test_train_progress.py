@@ -17,14 +17,17 @@ def _render(width: int) -> str:
     return out.getvalue().rstrip("\n")
 
 
-def test_narrow_terminal_keeps_step_count_and_times():
+def test_narrow_terminal_keeps_counts():
     line = _render(80)
-    assert "\n" not in line and len(line) <= 80
-    assert "21/1056" in line and "ETA" in line and "loss 1." in line
+    assert "\n" not in line
+    assert len(line) <= 80
+    assert "21/1056" in line
+    assert "ETA" in line
+    assert "loss 1." in line
     assert "task_specific/thyroid_echog…" in line  # the run id is cut, not the numbers
 
 
-def test_wide_terminal_shows_everything():
+def test_wide_terminal_shows_all():
     line = _render(150)
     assert "task_specific/thyroid_echog…" in line
     assert "loss 1.6415  3.8 img/s  thyroid_echogenicity_cls" in line

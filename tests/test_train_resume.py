@@ -210,7 +210,7 @@ def test_resume_does_not_need_the_pretrained_file(shared_data, tmp_path, monkeyp
     assert status["status"] == "failed"
     assert status["step"] == 4
 
-    # The run records the code that trains it, and a resume under other code says so.
+    # The run records the code that trains it, and a resume under other code logs a warning.
     from usagg.train.loop import code_version
     from usagg.train.rundir import update_run_json
 
@@ -223,9 +223,11 @@ def test_resume_does_not_need_the_pretrained_file(shared_data, tmp_path, monkeyp
     assert [line["step"] for line in _log(run_dir) if line.get("event") == "resume"] == [2]
 
 
-def test_unfinished_run_is_not_evaluated_into_the_study(shared_data, tmp_path, monkeypatch):
-    """An interrupted run's checkpoint is not its trained model: evaluate refuses it unless told, and its rows
-    never reach the study table or a collected one."""
+def test_unfinished_run_kept_out_of_study(shared_data, tmp_path, monkeypatch):
+    """An interrupted run's checkpoint is not its trained model.
+
+    evaluate raises unless given allow_unfinished, and the rows never reach the study table or a collected one.
+    """
     from usagg.errors import DataError
     from usagg.train.finalize import evaluate_run
     from usagg.train.rundir import collect_results
@@ -235,7 +237,8 @@ def test_unfinished_run_is_not_evaluated_into_the_study(shared_data, tmp_path, m
     with pytest.raises(DataError, match=r"the run is not finished \(interrupted, last checkpoint at step 2 of 4\)"):
         evaluate_run(run_dir, device="cpu")
     rows = evaluate_run(run_dir, device="cpu", allow_unfinished=True)
-    assert rows.height > 0 and (run_dir / "results.parquet").exists()
+    assert rows.height > 0
+    assert (run_dir / "results.parquet").exists()
     assert not (study_folder / "results.parquet").exists()
     with pytest.raises(DataError, match="no results of finished runs found"):
         collect_results(study_folder)
@@ -245,7 +248,7 @@ def test_unfinished_run_is_not_evaluated_into_the_study(shared_data, tmp_path, m
     assert n_runs == 1
 
 
-def test_run_trained_by_another_process_is_skipped(shared_data, tmp_path, monkeypatch):
+def test_run_locked_by_other_process_skipped(shared_data, tmp_path, monkeypatch):
     """A second train of the same study leaves a run alone while another process holds its lock."""
     import fcntl
 
@@ -274,8 +277,8 @@ def test_run_trained_by_another_process_is_skipped(shared_data, tmp_path, monkey
     finally:
         holder.kill()
         holder.wait()
-    # The kernel drops the lock with its process, so a killed trainer leaves nothing stale; the temporary files
-    # of writes torn by a kill are removed when the run is next trained.
+    # The kernel drops the lock with its process, so a killed trainer leaves no stale lock. Temporary files of
+    # writes torn by a kill are removed when the run is next trained.
     (run_dir / "checkpoints").mkdir()
     torn = [run_dir / "checkpoints" / ".latest-0000001.pt.x1y2.tmp", run_dir / ".run.json.a1b2.tmp"]
     for path in torn:

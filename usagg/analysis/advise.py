@@ -18,8 +18,8 @@ confidence stay as the rule gives them.
 
 The safer paradigm is the one with the highest lower bound: its worst plausible change is the least bad. A
 paradigm with a negative predicted change or under which the task's own runs show a loss (observed interval
-below 0) is never the safer one, since task-specific training, whose change is 0 by definition, is expected to
-do better; when that holds for every aggregated paradigm the safer choice is task_specific. When the task's own
+below 0) is never the safer one, because task-specific training, whose change is 0 by definition, is expected to
+do better. When that is true of every aggregated paradigm, the safer choice is task_specific. When the task's own
 runs lose under every aggregated paradigm, the advice is task_specific with confidence clear, whatever the
 model predicts, and the reason lists the observed losses. Such a paradigm is not
 recommended either: rules 1 and 3 choose among the others, and the reason names what was passed over.

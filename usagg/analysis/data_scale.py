@@ -58,7 +58,7 @@ FORMULA_LADDER: tuple[tuple[str, tuple[str, ...]], ...] = (
 MIN_RESID_DF = 10
 
 # Crossings beyond this many training images are reported as inf: no study is that large, and such a value only
-# says that the fitted line is nearly flat.
+# shows that the fitted line is nearly flat.
 MAX_CROSSING_IMAGES = 1e12
 
 # Resampling the n tasks of a task type with replacement gives C(2n − 1, n) distinct sets: 1, 3 and 10 for
@@ -573,7 +573,8 @@ def fit_data_scale(
         want_mixed = _has_repeated_measures(rows) if mixed is None else mixed
         if want_mixed and rows["task"].nunique() >= 3:
             try:
-                # The mixed model sees every seed: the random intercept absorbs what a task's rows share.
+                # The mixed model is fitted on every seed's row, because its random intercept absorbs what the rows
+                # of one task share.
                 (row_design,) = patsy.build_design_matrices([design.design_info], rows, return_type="dataframe")
                 model = MixedLM(rows[RESPONSE].astype(float), row_design, groups=rows["task"].to_numpy())
                 mixed_result = model.fit(reml=True)

@@ -4,8 +4,10 @@ The score of a partition follows the network-selection objective of Standley et 
 al. (NeurIPS 2021): each task j in a group G with |G| ≥ 2 scores the mean affinity it receives from its group
 mates, a_j(G) = mean_{i ∈ G, i ≠ j} A[i, j], and a task alone scores 0 (it loses nothing and gains nothing).
 The total is Σ_G Σ_{j ∈ G} a_j(G). NaN entries (unmeasured pairs) are left out of the means, so joining two
-tasks with no measured pair costs nothing; to keep such evidence-free merges out of ties, the search subtracts
-``UNMEASURED_PENALTY`` per unmeasured ordered pair inside a group, too little to outweigh any measured affinity.
+tasks with no measured pair costs nothing. To keep such evidence-free merges out of ties, the search subtracts
+``UNMEASURED_PENALTY`` per unmeasured ordered pair inside a group.
+NOTE: the penalty is meant to decide ties only. An affinity difference below it (about 1e-9) would be decided
+by the penalty too; the estimators here give differences many orders larger, but that is not checked.
 
 Search: with up to ``EXHAUSTIVE_MAX_TASKS`` tasks, dynamic programming over subsets finds the exact best
 partition into exactly K non-empty groups (every partition is covered, in O(3^T) time instead of listing the

@@ -80,7 +80,7 @@ def shared_keys(record: SampleRecord, scope: str | None = None) -> list[str]:
 def dataset_scopes(records_by_task: Mapping[str, Iterable[SampleRecord]]) -> dict[str, str]:
     """Map each task to a name shared by the tasks it is linked to through common image files (one dataset).
 
-    Tasks that label the same images read one dataset, so their case ids name the same patients; tasks with no
+    Tasks that label the same images read one dataset, so their case ids name the same patients. Tasks with no
     image in common may come from datasets whose case ids merely coincide. The name is the first task of the group.
     """
     parent = {task: task for task in records_by_task}

@@ -103,8 +103,8 @@ def evaluate_run(
 ) -> pl.DataFrame:
     """Evaluate a saved run on demand (``usagg evaluate``) and return the rows it wrote.
 
-    A run that stopped before its last step raises ``DataError`` unless ``allow_unfinished``; its rows are
-    then kept in the run folder only, not merged into the study's results table. With ``fisher_images``, also
+    A run that stopped before its last step raises ``DataError`` unless ``allow_unfinished`` is set. Its rows
+    are then kept in the run folder only, not merged into the study's results table. With ``fisher_images``, also
     add the Fisher affinity of ``checkpoint`` (default latest) to the run's affinity.json, on the same model and
     records. The run is checked for it before anything is written.
     """

@@ -197,8 +197,8 @@ def is_finished(run_dir: Path) -> bool:
 def unfinished_reason(run_dir: Path) -> str | None:
     """Return why a run's weights are not its trained model (None when they are).
 
-    A run is trained when run.json says finished, or when its latest checkpoint reached the planned steps
-    (training ended, and only the evaluation after it is missing or failed).
+    A run is trained when its run.json status is finished, or when its latest checkpoint reached the planned
+    steps (training ended, and only the evaluation after it is missing or failed).
     """
     from usagg.train import checkpoint as ckpt
 
@@ -253,7 +253,7 @@ def run_lock(run_dir: Path) -> Iterator[str | None]:
     """Try to hold the run's training lock; yield None when held, else the holder's description.
 
     An advisory POSIX record lock (``lockf``) on ``run_dir/.train.lock``. The kernel drops it when the holding
-    process dies, so a killed run leaves no stale lock; unlike ``flock`` it is not shared with forked children,
+    process dies, so a killed run leaves no stale lock. Unlike ``flock`` it is not shared with forked children,
     so DataLoader workers that outlive a killed trainer for a moment do not keep it. The holder writes its host
     and process id into the file.
     NOTE: on network file systems without lock support two hosts may both take it.
@@ -279,7 +279,7 @@ def run_lock(run_dir: Path) -> Iterator[str | None]:
 
 
 def lock_holder(run_dir: Path) -> str | None:
-    """Return who holds the run's training lock now, or None when no process trains it."""
+    """Return the description of the process holding the run's training lock, or None when there is none."""
     if not (run_dir / TRAIN_LOCK_FILE).exists():
         return None
     with run_lock(run_dir) as holder:

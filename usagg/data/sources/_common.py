@@ -186,7 +186,7 @@ def iter_path_value_rows(path: Path, task: str, log: ProblemLog, path_column: st
 def read_spacing_table(path: Path, task: str, log: ProblemLog, path_column: str, spacing_column: str) -> dict[str, float]:
     """Map each row's path text to its pixel spacing (mm per pixel) from a per-image side table.
 
-    Rows with an empty spacing are left out, so those images keep the source default; a spacing that is not a
+    Rows with an empty spacing are left out, so those images keep the source default. A spacing that is not a
     positive number is logged with its file and row.
     """
     spacings: dict[str, float] = {}
