@@ -114,6 +114,30 @@ def delta_m_table(rel: pl.DataFrame, n_boot: int = 1000, seed: int = 0, level: f
     )
 
 
+def one_task_group_notes(rel: pl.DataFrame) -> list[str]:
+    """Name grouped-paradigm groups with one task whose scores equal its task-specific run's in every row.
+
+    A group of one task trains the task-specific model again, and deterministic training gives it a change of
+    exactly 0, which pulls grouped Δm towards 0 by its share of the tasks. A group with one task in the table
+    but a nonzero change (a publication's table listing one task of a larger group) is not named.
+    """
+    grouped = rel.filter((pl.col("paradigm") == "grouped") & pl.col("group").is_not_null())
+    if grouped.is_empty():
+        return []
+    sizes = (
+        grouped.group_by("study", "group")
+        .agg(pl.col("task").unique().sort().alias("tasks"), (pl.col("rel_change").abs() <= 1e-12).all().alias("same"))
+        .filter((pl.col("tasks").list.len() == 1) & pl.col("same"))
+        .sort("study", "group")
+    )
+    return [
+        f"{row['study']}: group {row['group']!r} holds one task ({row['tasks'][0]}) that scores the same as its "
+        "task-specific run, so its change of 0 enters grouped Δm; merge it into another group, or read grouped Δm "
+        "as including it"
+        for row in sizes.iter_rows(named=True)
+    ]
+
+
 def analyse_transfer(
     results: pl.DataFrame,
     per_image: pl.DataFrame | None = None,
@@ -130,6 +154,7 @@ def analyse_transfer(
     rel, warnings = relative_change_with_warnings(results, metrics, all_metrics)
     summary, notes = seed_summary(rel, per_image, n_boot=n_boot, seed=seed)
     warnings.extend(notes)
+    warnings.extend(one_task_group_notes(rel))
     messages = []
     if n_boot < 1 and rel.height:
         text = (
