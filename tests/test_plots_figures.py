@@ -280,7 +280,8 @@ def _legend_rows(fig):
     rows: dict[float, list[tuple[float, str]]] = {}
     for text in fig.legends[0].get_texts():
         box = text.get_window_extent(renderer)
-        rows.setdefault(round(box.y0, 1), []).append((box.x0, text.get_text()))
+        if text.get_text().strip():  # padding entries end a legend section
+            rows.setdefault(round(box.y0, 1), []).append((box.x0, text.get_text()))
     return [[label for _, label in sorted(rows[y])] for y in sorted(rows, reverse=True)]
 
 
@@ -354,10 +355,10 @@ def test_data_scale_legend_rows(drawn):
     assert crossings.filter(pl.col("drawn")).height > 0
     assert not crossings["ci_drawn"].any()  # one or two tasks per type: no interval
     rows = _legend_rows(plot.figure)
-    # Balanced rows that read left to right: the task types fill the first row.
+    # Rows read left to right: colours and the crossing marker first, the clinical-group markers on a row of their own.
     assert rows == [
-        ["segmentation", "classification", "detection", "regression"],
-        ["breast", "obstetrics", "thyroid", "zero crossing"],
+        ["segmentation", "classification", "detection", "regression", "zero crossing"],
+        ["breast", "obstetrics", "thyroid"],
     ]
     # No crossing drawn (only the grouped panel, whose lines stay on one side of 0): no legend entry.
     grouped_only = _hand_results().filter(pl.col("paradigm") != "unified")
@@ -368,8 +369,13 @@ def test_data_scale_legend_rows(drawn):
     # The 27-task fixture has crossings with intervals, and the entry names the bar.
     fixture, _, _ = drawn["data-scale"]
     labels = [t.get_text() for t in fixture.figure.legends[0].get_texts()]
-    assert "zero crossing (bar: 95 % CI, arrowhead where cut)" in labels
-    assert all(len(row) == len(_legend_rows(fixture.figure)[0]) for row in _legend_rows(fixture.figure)[:-1])
+    assert "zero crossing (95 % CI)" in labels
+    assert any(note.startswith("an arrowhead ends") for note in fixture.notes)
+    fixture_rows = _legend_rows(fixture.figure)
+    groups = set(fixture.data.filter(pl.col("layer") == "point")["clinical_group"].drop_nulls())
+    first_group_row = next(k for k, row in enumerate(fixture_rows) if set(row) & groups)
+    assert all(set(row) <= groups for row in fixture_rows[first_group_row:])
+    assert not any(set(row) & groups for row in fixture_rows[:first_group_row])
 
 
 def test_transfer_matrix_follows_table_flag():

@@ -144,7 +144,8 @@ def data_scale(
     outline_notes = _outline_wide_bands(bands)
     clip_notes += outline_notes
 
-    handles = task_type_handles(task_types, marker="o") + clinical_group_handles(markers)
+    # Colours and line styles share the first rows of the legend, clinical-group markers start a row of their own.
+    handles = task_type_handles(task_types, marker="o")
     if "task_type" not in fit.uses:
         handles.append(Line2D([], [], color="black", linewidth=1.2, label="fit (no task-type term)"))
     if outline_notes:
@@ -152,7 +153,7 @@ def data_scale(
     drawn_crossings = [row for row in crossing_rows if row["drawn"]]
     if drawn_crossings:
         handles.append(_crossing_handle(with_interval=any(row["ci_drawn"] for row in drawn_crossings)))
-    handles, ncols = _rows_first(handles, 7 if n_panels > 1 else 3)
+    handles, ncols = _rows_first([handles, clinical_group_handles(markers)], 7 if n_panels > 1 else 3)
     fig.legend(
         handles=handles,
         loc="outside lower center",
@@ -182,6 +183,11 @@ def data_scale(
     )
     notes = [f"fitted model: rel_change ~ {fit.formula} (OLS, HC3 errors; bands are 95 % confidence intervals)"]
     notes += clip_notes + list(fit.messages) + list(fit.warnings)
+    if any(row["ci_cut"] for row in crossing_rows):
+        notes.append(
+            "an arrowhead ends a zero-crossing interval where it reaches beyond its task type's training sizes; "
+            "the whole interval is in the crossing rows of the data CSV (ci_lo, ci_hi)"
+        )
     return FigurePlot(fig, data, notes)
 
 
@@ -202,6 +208,7 @@ def _draw_crossings(
             row["within_data_range"] and n_cross is not None and np.isfinite(n_cross) and n_min <= n_cross <= n_max
         )
         ci_drawn = bool(drawn and row["bounded"] and np.isfinite(row["ci_lo"]) and np.isfinite(row["ci_hi"]))
+        ci_cut = bool(ci_drawn and (row["ci_lo"] < n_min or row["ci_hi"] > n_max))
         if drawn:
             color = "black" if row["task_type"] == "all" else task_type_color(row["task_type"])
             if ci_drawn:
@@ -224,6 +231,7 @@ def _draw_crossings(
                 "bounded": row["bounded"],
                 "drawn": drawn,
                 "ci_drawn": ci_drawn,
+                "ci_cut": ci_cut,
                 "note": row["note"],
             }
         )
@@ -231,28 +239,32 @@ def _draw_crossings(
 
 
 def _crossing_handle(with_interval: bool) -> Line2D:
-    label = "zero crossing (bar: 95 % CI, arrowhead where cut)" if with_interval else "zero crossing"
+    label = "zero crossing (95 % CI)" if with_interval else "zero crossing"
     return Line2D(
         [], [], linestyle="none", marker="D", markersize=4.5, markerfacecolor="white", markeredgecolor="#333333",
         label=label,
     )
 
 
-def _rows_first(handles: list, max_columns: int) -> tuple[list, int]:
-    """Order legend handles so that they read left to right, row by row, in balanced rows.
+def _rows_first(sections: list[list], max_columns: int) -> tuple[list, int]:
+    """Order legend handles so that they read left to right, row by row, each section starting a new row.
 
-    Matplotlib fills a legend column by column and gives the extra entries to the first columns, so 8 entries
-    in 7 columns put the second entry alone under the first. Here the entries are spread over as few rows as
-    ``max_columns`` allows, with as few columns as those rows need, and reordered so that each row continues
-    where the one above ended.
+    Matplotlib fills a legend column by column. Here the columns are as many as the widest section needs (at
+    most ``max_columns``), a longer section wraps onto further rows, the last row of each section is
+    padded with empty entries, and the handles are reordered column by column so that each row reads on from
+    the one above.
     """
-    n = len(handles)
-    if n == 0:
-        return handles, 1
-    n_rows = math.ceil(n / max_columns)
-    n_columns = math.ceil(n / n_rows)
-    ordered = [handles[r * n_columns + c] for c in range(n_columns) for r in range(n_rows) if r * n_columns + c < n]
-    return ordered, n_columns
+    sections = [section for section in sections if section]
+    if not sections:
+        return [], 1
+    # A section longer than a row is spread evenly over the rows it needs (10 entries in 7 columns: 5 + 5).
+    n_columns = max(math.ceil(len(section) / math.ceil(len(section) / max_columns)) for section in sections)
+    rows: list[list] = []
+    for section in sections:
+        for start in range(0, len(section), n_columns):
+            row = section[start : start + n_columns]
+            rows.append(row + [Line2D([], [], linestyle="none", label=" ") for _ in range(n_columns - len(row))])
+    return [row[c] for c in range(n_columns) for row in rows], n_columns
 
 
 def _check_ylim(ylim: list[float] | None) -> tuple[float, float] | None:
