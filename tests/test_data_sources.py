@@ -343,3 +343,16 @@ def test_spacing_nan_when_unknown(shared_data):
     card = discover_fmc_uia(shared_data / "fmc_uia_sample")[0]
     item = TaskDataset(card, load_task_records(card)[:1], small_config(), train=False)[0]
     assert math.isnan(float(item["spacing_mm_per_px"]))
+
+
+def test_detect_class_csv_with_ragged_row(tmp_path):
+    """Detection reads a CSV as the task reader does: blank lines before the header, a row with an extra field."""
+    for k in range(3):
+        Image.fromarray(np.full((8, 8), 40 * k, dtype=np.uint8)).save(tmp_path / f"img{k}.png")
+    (tmp_path / "labels.csv").write_text("\n\nimage,label\nimg0.png,0\nimg1.png,2,oops\nimg2.png,1\n")
+    log = ProblemLog(strict=False)
+    (card,) = detect_layouts(tmp_path, log)
+    assert (card.source.format, card.num_classes) == ("class_csv", 3)
+    records = read_source(card, log)
+    assert [r.row for r in records] == [1, 3]
+    assert [(p.row, p.message) for p in log.problems] == [(2, "the row has 3 fields but the header has 2 columns")]

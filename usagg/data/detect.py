@@ -14,11 +14,10 @@ import logging
 import os
 from pathlib import Path
 
-import polars as pl
 
 from usagg.data.decode import IMAGE_SUFFIXES, MASK_SUFFIXES, read_mask
 from usagg.data.problems import ProblemLog, problem_from_error
-from usagg.data.sources._common import parse_int
+from usagg.data.sources._common import parse_int, read_csv_columns
 from usagg.data.sources.fmc_uia import _card_name, discover_fmc_uia
 from usagg.data.sources.mask_folder import list_files
 from usagg.errors import DataError
@@ -73,20 +72,22 @@ def _mask_folder_card(root: Path, name: str, log: ProblemLog) -> TaskCard | None
     return card
 
 
-def _root_csvs(root: Path) -> list[tuple[Path, list[str]]]:
+def _root_csvs(root: Path) -> list[tuple[Path, list[str], list[list[str]]]]:
+    """Return (file, header, data records) of each CSV at the root that parses, with the same reader as the tasks."""
     found = []
     for file in sorted(root.glob("*.csv")):
-        try:
-            columns = pl.read_csv(file, n_rows=0, infer_schema=False).columns
-        except (pl.exceptions.PolarsError, OSError):
+        parsed = read_csv_columns(file)
+        if parsed is None:
+            logger.info("%s: cannot be parsed as CSV, so it is not used to detect a layout", file)
             continue
-        found.append((file, columns))
+        header, records = parsed
+        found.append((file, header, records))
     return found
 
 
 def _side_table(root: Path, value_columns: tuple[str, ...]) -> tuple[str, str, str] | None:
     """Return (file name, path column, value column) of the first root CSV with an image path and one of ``value_columns``."""
-    for file, columns in _root_csvs(root):
+    for file, columns, _ in _root_csvs(root):
         path_column = next((c for c in PATH_COLUMNS if c in columns), None)
         value_column = next((c for c in value_columns if c in columns), None)
         if path_column and value_column:
@@ -96,7 +97,7 @@ def _side_table(root: Path, value_columns: tuple[str, ...]) -> tuple[str, str, s
 
 def _csv_cards(root: Path, base: str, log: ProblemLog) -> list[TaskCard]:
     cards = []
-    for file, columns in _root_csvs(root):
+    for file, columns, records in _root_csvs(root):
         path_column = next((c for c in PATH_COLUMNS if c in columns), None)
         if path_column is None:
             continue
@@ -111,8 +112,8 @@ def _csv_cards(root: Path, base: str, log: ProblemLog) -> list[TaskCard]:
         if split_column:
             common["split_column"] = split_column
         if label_column is not None:
-            labels = pl.read_csv(file, infer_schema=False, columns=[label_column])[label_column].to_list()
-            values = [parse_int(v) for v in labels]
+            index = columns.index(label_column)
+            values = [parse_int(fields[index]) for fields in records if index < len(fields)]
             largest = max((v for v in values if v is not None), default=1)
             source = {"format": "class_csv", "label_column": label_column, **common}
             cards.append(TaskCard.model_validate({"name": f"{base}_cls", "type": "classification", "num_classes": max(2, largest + 1), "source": source}))

@@ -115,6 +115,17 @@ def _read_csv_records(path: Path) -> tuple[list[str], list[list[str]]]:
     return header, records
 
 
+def read_csv_columns(path: Path) -> tuple[list[str], list[list[str]]] | None:
+    """Return a CSV's header and data records without reporting problems, or None when it cannot be parsed.
+
+    For a first look at a file (layout detection); the task's reader reports what is wrong with it later.
+    """
+    try:
+        return _read_csv_records(path)
+    except (UnicodeDecodeError, _CsvSyntaxError, OSError):
+        return None
+
+
 def _is_blank_row(fields: list[str]) -> bool:
     """Return whether a record has no text: an empty line, or only commas and spaces."""
     return all(not field.strip() for field in fields)
