@@ -306,3 +306,17 @@ def test_show_help_lists_figure_suffixes():
     result = runner.invoke(app, ["data", "show", "--help"], env={"COLUMNS": "300"})
     text = " ".join(result.output.split())
     assert ", ".join(FIGURE_SUFFIXES[:-1]) + f" or {FIGURE_SUFFIXES[-1]}" in text
+
+
+def test_check_one_task_shows_the_splits_of_the_whole_study(shared_data):
+    """--task checks one task but splits it with the others, so its counts are those training will use."""
+    from usagg.data.check import inspect_path
+
+    # BUS-BRA gives a mask folder and a class CSV over the same images; the class task is split first.
+    root = shared_data / "busbra_breast"
+    whole = {r.card.name: r.splits for r in inspect_path(root).tasks}
+    for task in whole:
+        (alone,) = inspect_path(root, tasks=[task]).tasks
+        assert {s: [r.image_path for r in rs] for s, rs in alone.splits.items()} == {
+            s: [r.image_path for r in rs] for s, rs in whole[task].items()
+        }

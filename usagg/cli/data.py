@@ -123,7 +123,7 @@ def check(
     _widen_for_files()
     log = ProblemLog(strict=False)
     # Resolve the path, study and task names before any progress display, so that an error prints alone.
-    cards, data_cfg, kind = select_cards(path, task or None, log)
+    cards, data_cfg, kind, others = select_cards(path, task or None, log)
     # The progress display is for terminals; in a pipe or file it would only leave an empty line.
     progress = Progress(
         SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
@@ -134,7 +134,7 @@ def check(
         return lambda k: progress.advance(handle, k)
 
     with progress:
-        result = inspect_cards(path, cards, data_cfg, kind, log.problems, on_task)
+        result = inspect_cards(path, cards, data_cfg, kind, log.problems, on_task, others)
     console.print(_summary_table(result))
     problems = sorted(result.all_problems, key=lambda p: (not p.fatal, p.task))
     if problems:
@@ -199,7 +199,7 @@ def show(
     """Draw a grid of samples with their masks, boxes, keypoints or labels over the image. Samples that cannot be
     decoded, or whose labels do not fit the image, are left out with a warning naming the file and row. So are rows
     of a label file with a bad cell or a missing image (training stops on those; `usagg data check` lists them all)."""
-    from usagg.data.check import cards_for_path
+    from usagg.data.check import cards_for_path, read_split_context
     from usagg.data.problems import ProblemLog
     from usagg.data.show import figure_path, render_samples
     from usagg.data.sources import read_source
@@ -225,7 +225,7 @@ def show(
         raise UsaggError(f"task {card.name}: no sample could be read{first}")
     if split is not None:
         # Split with the other tasks, as training does: an image they share lands in one split for all of them.
-        others = {c.name: read_source(c, ProblemLog(strict=False)) for c in cards if c.name != card.name}
+        others = read_split_context([c for c in cards if c.name != card.name])
         records = split_study_records(cards, {**others, card.name: records}, data_cfg)[card.name][split]
     drawing = render_samples(card, records, out, n=n, data_cfg=data_cfg, transformed=transformed,
                            title=f"{card.name} ({card.kind})" + (f", {split} split" if split else "") + (", transformed" if transformed else ""))

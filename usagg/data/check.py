@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import os
 from collections import Counter, defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -341,14 +341,28 @@ def cards_for_path(path: str | os.PathLike, log: ProblemLog):
 
 
 def select_cards(path: str | os.PathLike, tasks: list[str] | None, log: ProblemLog):
-    """Return (cards, data config, kind) for a study YAML or a dataset root, keeping only ``tasks`` when given."""
+    """Return (cards, data config, kind, other cards) for a study YAML or a dataset root.
+
+    With ``tasks`` only those are checked; the other cards are still read (not decoded) for the shared splits.
+    """
     cards, data_cfg, kind = cards_for_path(path, log)
+    others: list[TaskCard] = []
     if tasks:
         unknown = sorted(set(tasks) - {c.name for c in cards})
         if unknown:
             raise DataError(f"{path}: unknown task(s) {', '.join(unknown)}; tasks here: {', '.join(c.name for c in cards)}")
+        others = [c for c in cards if c.name not in tasks]
         cards = [c for c in cards if c.name in tasks]
-    return cards, data_cfg, kind
+    return cards, data_cfg, kind, others
+
+
+def read_split_context(cards: Sequence[TaskCard]) -> dict[str, list[SampleRecord]]:
+    """Read the records of tasks that are not checked or drawn, to split the others as training does.
+
+    Training splits every task of a study together, so an image or case shared with one of these tasks lands in
+    the split that task gives it. Their problems are not reported here; checking those tasks reports them.
+    """
+    return {card.name: read_source(card, ProblemLog(strict=False)) for card in cards}
 
 
 def inspect_path(
@@ -358,8 +372,8 @@ def inspect_path(
 ) -> DataCheckReport:
     """Check a study YAML or a dataset root; ``tasks`` limits the check to some task names."""
     log = ProblemLog(strict=False)
-    cards, data_cfg, kind = select_cards(path, tasks, log)
-    return inspect_cards(path, cards, data_cfg, kind, log.problems, on_task)
+    cards, data_cfg, kind, others = select_cards(path, tasks, log)
+    return inspect_cards(path, cards, data_cfg, kind, log.problems, on_task, others)
 
 
 def inspect_cards(
@@ -369,17 +383,19 @@ def inspect_cards(
     kind: str,
     problems: list[DataProblem] | None = None,
     on_task: Callable[[TaskCard, int], Callable[[int], None] | None] | None = None,
+    others: Sequence[TaskCard] = (),
 ) -> DataCheckReport:
     """Check the tasks of ``cards`` (from :func:`select_cards`); ``problems`` are those found while selecting them.
 
-    The tasks are split together, as training splits them, so the report shows the splits training will use.
-    NOTE: with a subset of a study's tasks (``--task``), images shared with the other tasks are not seen.
+    The tasks are split together with ``others`` (the study's tasks left out of the check), as training splits
+    them, so the report shows the splits training will use.
     """
     reports = []
     for card in cards:
         progress = on_task(card, 0) if on_task is not None else None
         reports.append(_read_and_decode(card, None, progress))
-    splits = split_study_records(cards, {r.card.name: r.records for r in reports}, data_cfg)
+    records = {**read_split_context(others), **{r.card.name: r.records for r in reports}}
+    splits = split_study_records([*others, *cards], records, data_cfg)
     for report in reports:
         report.splits = splits[report.card.name]
         _summarise_splits(report)
