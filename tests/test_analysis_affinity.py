@@ -252,7 +252,7 @@ def test_relations_csv_errors(tmp_path):
     with pytest.raises(DataError, match="same order"):
         read_relations(path)
     path.write_text("task,a,b\na,1,x\nb,0,1\n")
-    with pytest.raises(DataError, match="row 2, column 'b': 'x' is not a number"):
+    with pytest.raises(DataError, match="row 1, column 'b': 'x' is not a number"):
         read_relations(path)
     path.write_text("task,a,b\na,1,3\nb,0,1\n")
     with pytest.raises(DataError, match="\\[-1, 1\\]"):

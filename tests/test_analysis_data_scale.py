@@ -290,6 +290,9 @@ def test_fit_messages_not_logged(caplog):
     assert caplog.records == []
 
 
+METRIC_BY_TYPE = {"segmentation": "dice", "classification": "auc", "detection": "iou", "regression": "mae"}
+
+
 def _study(tasks, change, fractions=(0.4, 0.7, 1.0), seeds=(0, 1, 2)):
     """A results table: ``tasks`` maps task -> (task type, full training size); ``change`` gives each relative change.
 
@@ -307,8 +310,10 @@ def _study(tasks, change, fractions=(0.4, 0.7, 1.0), seeds=(0, 1, 2)):
                         "study": "s", "run_id": f"{paradigm}/{group}/{fraction}/{seed}", "paradigm": paradigm,
                         "group": group, "task": task, "task_type": task_type, "organ": "breast",
                         "clinical_group": "breast", "n_train": n_train, "data_fraction": fraction, "seed": seed,
-                        "split": "test", "metric": "dice" if task_type == "segmentation" else "auc",
-                        "value": 0.5 * (1 + rel), "higher_is_better": True, "source": "run",
+                        "split": "test", "metric": METRIC_BY_TYPE[task_type],
+                        # A regression error falls when the task gains, so its relative change is -(v - 0.5) / 0.5.
+                        "value": 0.5 * (1 - rel if task_type == "regression" else 1 + rel),
+                        "higher_is_better": task_type != "regression", "source": "run",
                     })
     return pl.DataFrame(rows, schema=RESULTS_SCHEMA)
 
@@ -541,9 +546,29 @@ def test_crossing_unbounded_when_replicates_collinear():
     def change(paradigm, task, task_type, n_train, seed):
         return 0.1 - 0.04 * math.log10(n_train) + 0.01 * math.sin(ord(task[-1]) + (paradigm == "grouped"))
 
-    rel = relative_change(_study(tasks, change, fractions=(1.0,), seeds=(0,)), metrics={"detection": "auc"})
+    rel = relative_change(_study(tasks, change, fractions=(1.0,), seeds=(0,)))
     fit = fit_data_scale(rel, n_bootstrap=400)
     assert any("of 400 bootstrap replicates had collinear terms and were skipped" in m for m in fit.messages)
     classification = fit.crossings.filter(pl.col("task_type") == "classification")
     assert not classification["bounded"].any()
     assert classification["note"].str.contains("replicates had collinear terms, so the kept ones are not a random sample").all()
+
+
+def test_own_losses_stay_clear_when_the_fit_is_thin_or_predicts_losses():
+    """A lone regression task losing under both paradigms: its own runs decide, not the thin, all-loss model."""
+    tasks = {**SPLIT_SIZES, "reg_a": ("regression", 500)}
+
+    def change(paradigm, task, task_type, n_train, seed):
+        if task == "reg_a":
+            return (-0.03 if paradigm == "grouped" else -0.06) + 0.004 * (seed - 1)
+        return -0.04 + 0.01 * ((seed + ord(task[-1])) % 3 - 1) + 0.004 * math.sin(n_train + ord(task[-1]))
+
+    rel = relative_change(_study(tasks, change))
+    fit = fit_data_scale(rel, n_bootstrap=0, mixed=False)
+    assert fit.evidence_gaps("regression")
+    advice = advise(fit, rel, task="reg_a")
+    assert set(advice.predictions["verdict"]) == {"loss"}
+    rec = advice.recommendations.row(0, named=True)
+    assert (rec["recommendation"], rec["confidence"]) == ("task_specific", "clear")
+    assert rec["reason"].startswith("this task's own runs lose under every aggregated paradigm: grouped -3.0 %")
+    assert "evidence insufficient" not in rec["reason"]

@@ -10,7 +10,7 @@ import pytest
 
 from usagg.analysis.inputs import load_inputs
 from usagg.analysis.relative import delta_m, parse_metric_overrides, relative_change, relative_change_with_warnings
-from usagg.errors import AnalysisError
+from usagg.errors import AnalysisError, DataError
 from usagg.results import RESULTS_SCHEMA, read_results, write_results
 
 REPO = Path(__file__).resolve().parents[1]
@@ -202,10 +202,23 @@ def test_moderate_change_no_warning():
 
 
 def test_duplicate_reference_rows_raise():
-    rows = [row("task_specific", "a", "dice", 0.8, True), row("task_specific", "a", "dice", 0.7, True),
-            row("unified", "a", "dice", 0.7, True)]
+    again = {**row("task_specific", "a", "dice", 0.7, True), "run_id": "task_specific/a/1.0/0-evaluated-again"}
+    rows = [row("task_specific", "a", "dice", 0.8, True), again, row("unified", "a", "dice", 0.7, True)]
     with pytest.raises(AnalysisError, match="2 task-specific rows for study=s, task=a"):
         relative_change(table(rows))
+
+
+def test_repeated_row_of_one_run_raises(tmp_path):
+    """A pasted-twice row would count as an extra seed; reading the table names both rows."""
+    rows = [row("task_specific", "a", "dice", 0.8, True), row("unified", "a", "dice", 0.7, True),
+            row("unified", "a", "dice", 0.6, True)]
+    path = tmp_path / "r.csv"
+    table(rows).write_csv(path)
+    with pytest.raises(DataError, match=(
+        r"r.csv: rows 2 and 3 both give run 'unified/all/1.0/0', task 'a', metric 'dice', split 'test' "
+        r"\(values 0.7 and 0.6\); keep one row per run, task, metric and split"
+    )):
+        read_results(path)
 
 
 def test_unknown_metric_override_raises():
@@ -319,9 +332,16 @@ def test_misspelt_metric_gets_a_suggestion(known_table):
 def test_empty_reference_seed_names_the_fix(known_table):
     seed_type = known_table.schema["seed"]
     table_ = pl.concat([
-        known_table.filter(pl.col("paradigm") != "task_specific").with_columns(pl.lit(s, dtype=seed_type).alias("seed"))
+        known_table.filter(pl.col("paradigm") != "task_specific").with_columns(
+            pl.lit(s, dtype=seed_type).alias("seed"), pl.col("run_id") + f"-seed{s}"
+        )
         for s in (0, 1)
-    ] + [known_table.filter(pl.col("paradigm") == "task_specific").with_columns(pl.lit(None, dtype=seed_type).alias("seed"))] * 2)
+    ] + [
+        known_table.filter(pl.col("paradigm") == "task_specific").with_columns(
+            pl.lit(None, dtype=seed_type).alias("seed"), pl.col("run_id") + f"-copy{k}"
+        )
+        for k in (0, 1)
+    ])
     with pytest.raises(AnalysisError, match="the other paradigms have seeds, so give each task-specific row the seed"):
         relative_change(table_)
 
@@ -338,3 +358,68 @@ def test_data_scale_reported_group_view():
     assert "Clinical groups: Δm against total training images" in text
     assert "note: regression not fitted: data-scale analysis: no aggregated result with a positive n_train" in text
     assert "Coefficients" not in text
+
+
+def test_one_task_group_with_unchanged_score_is_named(known_table):
+    from usagg.analysis.transfer import analyse_transfer
+
+    same = known_table.vstack(table([
+        row("grouped", "fetal_head", "mre_px", 30.4, False, task_type="regression", clinical_group="obstetrics"),
+    ]))
+    notes = [w for w in analyse_transfer(same, n_boot=0).warnings if "holds one task" in w]
+    assert notes == [
+        "s: group 'obstetrics' holds one task (fetal_head) that scores the same as its task-specific run, so its "
+        "change of 0 enters grouped Δm; merge it into another group, or read grouped Δm as including it"
+    ]
+    # breast_lesion is also alone in its group here, but its grouped score differs (a publication's one listed task).
+    assert not any("breast" in w for w in notes)
+
+
+def test_metric_misspelt_in_every_row_names_the_metric_not_the_keys(tmp_path, known_table):
+    from typer.testing import CliRunner
+
+    from usagg.cli import app
+
+    capitalised = known_table.with_columns(pl.col("metric").str.to_uppercase())
+    path = tmp_path / "results.csv"
+    capitalised.write_csv(path)
+    result = CliRunner().invoke(app, ["transfer-matrix", str(path)])
+    assert result.exit_code != 0
+    text = " ".join(str(result.exception or "").split() + result.output.split())
+    assert "no task has the metric it is compared by, so every task is left out" in text
+    assert "If DICE for dice is a misspelling, rename it in the table." in text
+    assert "same study, metric, data fraction" not in text
+
+
+def test_metric_misspelt_in_some_rows_is_warned(known_table):
+    second_seed = known_table.with_columns(pl.lit(1, dtype=known_table.schema["seed"]).alias("seed"), pl.col("run_id") + "-1")
+    typo = second_seed.with_columns(
+        pl.when((pl.col("task") == "breast_lesion") & (pl.col("paradigm") == "grouped")).then(pl.lit("dcie"))
+        .otherwise(pl.col("metric")).alias("metric")
+    )
+    rel, warnings = relative_change_with_warnings(pl.concat([known_table, typo]))
+    assert rel.filter((pl.col("task") == "breast_lesion") & (pl.col("paradigm") == "grouped"))["seed"].to_list() == [0]
+    assert (
+        "task 'breast_lesion': 1 row(s) have metric 'dcie', which looks like a misspelling of 'dice', the metric the "
+        "task is compared by; they are left out (run(s) grouped/breast/1.0/0-1), so rename the metric in those rows"
+    ) in warnings
+
+
+def test_metric_override_absent_from_the_table_raises(known_table):
+    with pytest.raises(AnalysisError, match=(
+        r"--metric segmentation=dcie: no row of segmentation has metric 'dcie' \(did you mean 'dice'\?\); "
+        r"its rows have dice"
+    )):
+        relative_change_with_warnings(known_table, {"segmentation": "dcie"})
+
+
+def test_differing_training_sizes_of_one_task_are_warned(known_table):
+    sizes = known_table.with_columns(
+        pl.when(pl.col("paradigm") == "grouped").then(1000).otherwise(pl.col("n_train")).alias("n_train")
+    )
+    _, warnings = relative_change_with_warnings(sizes)
+    assert warnings == [
+        "task 'breast_lesion' at data fraction 1 has different n_train in different rows (100 (2 run(s)); 1000 "
+        "(1 run(s), e.g. grouped/breast/1.0/0)); every run of a task at one fraction trains on the same images, so "
+        "correct the count"
+    ]

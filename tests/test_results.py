@@ -69,7 +69,7 @@ def test_empty_required_cell_names_row(tmp_path):
     path = tmp_path / "bad.csv"
     table = pl.concat([rows("r1", 0.5), rows("r2", 0.6).with_columns(pl.lit(None, pl.String).alias("task"))])
     table.write_csv(path)
-    with pytest.raises(DataError, match="row 3: column 'task' is empty"):
+    with pytest.raises(DataError, match="row 2: column 'task' is empty"):
         read_results(path)
 
 
@@ -121,7 +121,7 @@ def test_non_numeric_value_names_cell(tmp_path):
     with pytest.raises(DataError) as caught:
         read_results(path)
     message = str(caught.value)
-    assert message.startswith(f"{path}: row 3: column 'value' has '0,83', which is not a number; ")
+    assert message.startswith(f"{path}: row 2: column 'value' has '0,83', which is not a number; ")
     assert "dot as the decimal mark" in message
     assert "infer_schema_length" not in message
     assert "ignore_errors" not in message
@@ -130,16 +130,16 @@ def test_non_numeric_value_names_cell(tmp_path):
 
 
 def test_bad_boolean_and_integer_cells(tmp_path):
-    with pytest.raises(DataError, match="row 3: column 'higher_is_better' has 'yes', which is not true or false"):
+    with pytest.raises(DataError, match="row 2: column 'higher_is_better' has 'yes', which is not true or false"):
         read_results(_csv_with(tmp_path, "higher_is_better", "yes"))
-    with pytest.raises(DataError, match="row 3: column 'n_train' has '40.5', which is not a whole number"):
+    with pytest.raises(DataError, match="row 2: column 'n_train' has '40.5', which is not a whole number"):
         read_results(_csv_with(tmp_path, "n_train", "40.5"))
 
 
 def test_misspelled_paradigm_raises(tmp_path):
     path = _csv_with(tmp_path, "paradigm", "unifed")
     expected = (
-        "row 3: paradigm 'unifed' is not a known paradigm (did you mean 'unified'?); "
+        "row 2: paradigm 'unifed' is not a known paradigm (did you mean 'unified'?); "
         "use one of task_specific, grouped, unified, pair"
     )
     with pytest.raises(DataError) as caught:
@@ -152,7 +152,7 @@ def test_misspelled_paradigm_raises(tmp_path):
 
 def test_string_value_column_names_cell():
     frame = pl.concat([rows("r1", 0.5), rows("r2", 0.6)]).with_columns(pl.Series("value", ["0.5", "abc"]))
-    with pytest.raises(DataError, match="t.parquet: row 3: column 'value' has 'abc', which is not a number"):
+    with pytest.raises(DataError, match="t.parquet: row 2: column 'value' has 'abc', which is not a number"):
         validate_results(frame, origin="t.parquet")
 
 
@@ -163,7 +163,7 @@ def test_misspelled_task_type_raises(tmp_path):
         read_results(path)
 
     assert str(caught.value) == (
-        f"{path}: row 3: task_type 'segmentaton' is not a known task_type (did you mean 'segmentation'?); "
+        f"{path}: row 2: task_type 'segmentaton' is not a known task_type (did you mean 'segmentation'?); "
         "use one of segmentation, classification, detection, regression"
     )
 
@@ -175,7 +175,7 @@ def test_train_images_row_may_count_all_types():
     table = validate_results(pl.concat([rows("r1", 0.5), count]))
 
     assert table["task_type"].to_list() == ["segmentation", "all"]
-    with pytest.raises(DataError, match="row 3: task_type 'all' is not a known task_type"):
+    with pytest.raises(DataError, match="row 2: task_type 'all' is not a known task_type"):
         validate_results(pl.concat([rows("r1", 0.5), rows("r2", 0.6).with_columns(pl.lit("all").alias("task_type"))]))
 
 
@@ -186,7 +186,7 @@ def test_wrong_direction_of_known_metric(tmp_path):
         read_results(path)
 
     assert str(caught.value) == (
-        f"{path}: row 3: metric 'dice' has higher_is_better false, but a higher dice is better; write true"
+        f"{path}: row 2: metric 'dice' has higher_is_better false, but a higher dice is better; write true"
     )
 
 
@@ -199,7 +199,7 @@ def test_mixed_direction_of_one_metric():
         validate_results(custom, origin="t.csv")
 
     message = str(caught.value)
-    assert message.startswith("t.csv: rows 2 and 4: task 'lesion', metric 'lesion_score' has higher_is_better true")
+    assert message.startswith("t.csv: rows 1 and 3: task 'lesion', metric 'lesion_score' has higher_is_better true")
     assert message.endswith("give every row of a metric the same direction")
     other_task = custom.with_columns(pl.Series("task", ["lesion", "lesion", "nodule"]))
     assert validate_results(other_task).height == 3
@@ -246,16 +246,16 @@ def test_fraction_metric_outside_its_range(tmp_path):
     with pytest.raises(DataError) as caught:
         read_results(_csv_with(tmp_path, "value", "91.0"))
     assert str(caught.value).endswith(
-        "row 3: metric 'dice' has value 91, outside 0..1; write it as a fraction (write 0.91 for 91 %)"
+        "row 2: metric 'dice' has value 91, outside 0..1; write it as a fraction (write 0.91 for 91 %)"
     )
-    with pytest.raises(DataError, match="row 3: metric 'dice' has value -0.2, outside 0..1; write it as a fraction$"):
+    with pytest.raises(DataError, match="row 2: metric 'dice' has value -0.2, outside 0..1; write it as a fraction$"):
         read_results(_csv_with(tmp_path, "value", "-0.2"))
 
 
 def test_task_with_two_task_types(tmp_path):
     with pytest.raises(DataError) as caught:
         read_results(_csv_with(tmp_path, "task_type", "classification"))
-    assert "rows 2 and 3: task 'lesion' has task_type 'segmentation' in one and 'classification' in the other" in str(caught.value)
+    assert "rows 1 and 2: task 'lesion' has task_type 'segmentation' in one and 'classification' in the other" in str(caught.value)
 
 
 def test_fractional_parquet_count_rejected(tmp_path):
@@ -263,7 +263,7 @@ def test_fractional_parquet_count_rejected(tmp_path):
     table = pl.concat([rows("r1", 0.5), rows("r2", 0.6)]).with_columns(pl.Series("n_train", [240.0, 240.5]))
     path = tmp_path / "results.parquet"
     table.write_parquet(path)
-    with pytest.raises(DataError, match=r"row 3: column 'n_train' has 240.5, which is not a whole number"):
+    with pytest.raises(DataError, match=r"row 2: column 'n_train' has 240.5, which is not a whole number"):
         read_results(path)
     table.with_columns(pl.Series("n_train", [240.0, 241.0])).write_parquet(path)
     assert read_results(path)["n_train"].to_list() == [240, 241]

@@ -76,8 +76,8 @@ def empty_results() -> pl.DataFrame:
 
 
 def _row_number(index: int) -> int:
-    """Return the CSV line of 0-based row ``index``: +1 for the header line, +1 for 1-based lines."""
-    return index + 2
+    """Return the 1-based row number of 0-based row ``index``; in a CSV file the line after the header is row 1."""
+    return index + 1
 
 
 def _cast_column(df: pl.DataFrame, column: str, dtype: pl.DataType, origin: str) -> pl.Series:
@@ -120,7 +120,7 @@ def _cast_column(df: pl.DataFrame, column: str, dtype: pl.DataType, origin: str)
 def validate_results(df: pl.DataFrame, origin: str = "results table") -> pl.DataFrame:
     """Cast ``df`` to the results schema, or raise naming the missing columns or the first bad row.
 
-    Row numbers count lines of the CSV form of the table (the header is line 1).
+    Rows are numbered from 1, the header not counted, as the data readers number CSV rows.
     """
     missing = [c for c in RESULTS_SCHEMA if c not in df.columns]
     if missing:
@@ -144,7 +144,28 @@ def validate_results(df: pl.DataFrame, origin: str = "results table") -> pl.Data
     _check_directions(scores, origin)
     _check_task_types(scores, origin)
     _check_ranges(scores, origin)
+    _check_repeated_rows(scores, origin)
     return out
+
+
+# A results table holds one row per run, task, metric and split (per study, as tables of several studies merge).
+ROW_KEY = ("study", "run_id", "task", "metric", "split")
+
+
+def _check_repeated_rows(indexed: pl.DataFrame, origin: str) -> None:
+    """Raise when two score rows have the same run, task, metric and split: the analyses would count both as seeds."""
+    repeated = indexed.filter(pl.len().over(ROW_KEY) > 1).sort("row")
+    if repeated.height:
+        first = repeated.row(0, named=True)
+        other = repeated.filter(
+            pl.all_horizontal([pl.col(k).eq_missing(first[k]) for k in ROW_KEY]) & (pl.col("row") != first["row"])
+        ).row(0, named=True)
+        same = "the same value" if first["value"] == other["value"] else f"values {first['value']:g} and {other['value']:g}"
+        raise DataError(
+            f"{origin}: rows {_row_number(first['row'])} and {_row_number(other['row'])} both give run "
+            f"{first['run_id']!r}, task {first['task']!r}, metric {first['metric']!r}, split {first['split']!r} "
+            f"({same}); keep one row per run, task, metric and split, or give a repeated run its own run_id and seed"
+        )
 
 
 # Metrics whose values are fractions; a value outside these bounds is usually a percentage or a typo.

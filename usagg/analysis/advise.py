@@ -35,6 +35,7 @@ import polars as pl
 
 from usagg.analysis.data_scale import MIN_DISTINCT_RESAMPLES, MIN_RESID_DF, DataScaleFit
 from usagg.analysis.inference import t_interval
+from usagg.analysis.relative import format_percent
 from usagg.errors import AnalysisError
 
 ADVICE_RULE = (
@@ -123,31 +124,31 @@ def _recommend(rows: list[dict]) -> tuple[str, str, str, str]:
     # The observed numbers follow in the contradiction note, since a predicted gain with an observed loss is one.
     note = "".join(f"; {r['paradigm']} is not recommended, because this task's own runs lose under it" for r in passed_over)
     eligible = [r for r in rows if not _observed_loss(r)]
+    if not eligible:
+        # The task's own runs are direct evidence, and they lose under every aggregated paradigm.
+        losses = "; ".join(
+            f"{r['paradigm']} {format_percent(r['observed'])} % (95 % interval {format_percent(r['observed_ci_lo'])} to "
+            f"{format_percent(r['observed_ci_hi'])} %)"
+            for r in rows
+        )
+        return "task_specific", "clear", safer, f"this task's own runs lose under every aggregated paradigm: {losses}"
     gains = [r for r in eligible if r["verdict"] == "gain"]
     if gains:
         best = max(gains, key=lambda r: r["ci_lo"])
-        reason = f"{best['paradigm']} is predicted to gain {100 * best['predicted']:+.1f} % (95 % CI {100 * best['ci_lo']:+.1f} to {100 * best['ci_hi']:+.1f} %)"
+        reason = f"{best['paradigm']} is predicted to gain {format_percent(best['predicted'])} % (95 % CI {format_percent(best['ci_lo'])} to {format_percent(best['ci_hi'])} %)"
         return best["paradigm"], "clear", safer, reason + note
     if all(r["verdict"] == "loss" for r in rows):
         worst = max(rows, key=lambda r: r["ci_hi"])
-        reason = f"every aggregated paradigm is predicted to lose (best upper bound {100 * worst['ci_hi']:+.1f} % under {worst['paradigm']})"
+        reason = f"every aggregated paradigm is predicted to lose (best upper bound {format_percent(worst['ci_hi'])} % under {worst['paradigm']})"
         return "task_specific", "clear", safer, reason
     positive = [r for r in eligible if r["predicted"] > 0]
     if positive:
         best = max(positive, key=lambda r: r["predicted"])
         reason = (
-            f"{best['paradigm']} has a positive predicted change ({100 * best['predicted']:+.1f} %) but its interval "
-            f"includes 0 ({100 * best['ci_lo']:+.1f} to {100 * best['ci_hi']:+.1f} %)"
+            f"{best['paradigm']} has a positive predicted change ({format_percent(best['predicted'])} %) but its interval "
+            f"includes 0 ({format_percent(best['ci_lo'])} to {format_percent(best['ci_hi'])} %)"
         )
         return best["paradigm"], "uncertain", safer, reason + note
-    if not eligible:
-        # The task's own runs are direct evidence, and they lose under every aggregated paradigm.
-        losses = "; ".join(
-            f"{r['paradigm']} {100 * r['observed']:+.1f} % (95 % interval {100 * r['observed_ci_lo']:+.1f} to "
-            f"{100 * r['observed_ci_hi']:+.1f} %)"
-            for r in rows
-        )
-        return "task_specific", "clear", safer, f"this task's own runs lose under every aggregated paradigm: {losses}"
     if passed_over:
         return "task_specific", "uncertain", safer, "no other aggregated paradigm has a positive predicted change" + note
     reason = "no aggregated paradigm has a positive predicted change, and no interval excludes 0"
@@ -174,12 +175,12 @@ def _contradiction_note(rows: list[dict], choice: str) -> str:
     for r in found:
         words = _INTERVAL_WORDS.get(r["observed_ci_method"])
         if words is not None:
-            interval = f"{words} {100 * r['observed_ci_lo']:+.1f} to {100 * r['observed_ci_hi']:+.1f} %"
+            interval = f"{words} {format_percent(r['observed_ci_lo'])} to {format_percent(r['observed_ci_hi'])} %"
         else:
             interval = "no interval"
         parts.append(
-            f"under {r['paradigm']} this task's own results changed by {100 * r['observed']:+.1f} % ({interval}) "
-            f"where the model predicts {100 * r['predicted']:+.1f} %"
+            f"under {r['paradigm']} this task's own results changed by {format_percent(r['observed'])} % ({interval}) "
+            f"where the model predicts {format_percent(r['predicted'])} %"
         )
     if not parts:
         return ""
@@ -295,7 +296,8 @@ def advise(
             continue
         choice, confidence, safer, reason = _recommend(rows)
         gaps = fit.evidence_gaps(rows[0]["task_type"])
-        if gaps:
+        # Advice from the task's own losses does not rest on the model, so a thin fit does not weaken it.
+        if gaps and not all(_observed_loss(r) for r in rows):
             confidence = INSUFFICIENT
             reason += f"; evidence insufficient: {'; '.join(gaps)}"
         reason += _contradiction_note(rows, choice)

@@ -98,7 +98,7 @@ def read_matrix_csv(path: str | os.PathLike) -> Matrix:
     matrix = np.full((len(header), len(header)), np.nan)
     for i, row in enumerate(rows[1:]):
         if len(row) - 1 != len(header):
-            raise DataError(f"{file}: row {i + 2} ({row[0]!r}) has {len(row) - 1} values; expected {len(header)}")
+            raise DataError(f"{file}: row {i + 1} ({row[0]!r}) has {len(row) - 1} values; expected {len(header)}")
         for j, cell in enumerate(row[1:]):
             cell = cell.strip()
             if cell in ("", "nan", "NaN", "NA"):
@@ -106,7 +106,7 @@ def read_matrix_csv(path: str | os.PathLike) -> Matrix:
             try:
                 matrix[i, j] = float(cell)
             except ValueError:
-                raise DataError(f"{file}: row {i + 2}, column {header[j]!r}: {cell!r} is not a number") from None
+                raise DataError(f"{file}: row {i + 1}, column {header[j]!r}: {cell!r} is not a number") from None
     return header, matrix
 
 

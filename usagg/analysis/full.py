@@ -19,6 +19,7 @@ from usagg.analysis.data_scale import fit_data_scale, group_view
 from usagg.analysis.grouping import recommend_groups
 from usagg.analysis.inference import task_type_sensitivity
 from usagg.analysis.inputs import AnalysisInputs, load_inputs
+from usagg.analysis.relative import choose_metrics
 from usagg.analysis.report import AnalysisReport
 from usagg.analysis.transfer import analyse_transfer
 from usagg.errors import AnalysisError, DataError
@@ -56,13 +57,17 @@ def add_transfer(
     report.tables["negative_transfer"] = transfer.summary
     report.tables["delta_m"] = transfer.delta_m
     if transfer.rel.height == 0:
-        raise AnalysisError(_no_comparison_reason(inputs))
+        raise AnalysisError(_no_comparison_reason(inputs, metrics, all_metrics))
 
 
-def _no_comparison_reason(inputs: AnalysisInputs) -> str:
-    """Return why no aggregated result could be compared: the rows the table lacks, or the keys that do not match."""
+def _no_comparison_reason(inputs: AnalysisInputs, metrics: Mapping[str, str] | None, all_metrics: bool) -> str:
+    """Return why no aggregated result could be compared: the rows or metrics the table lacks, or unmatched keys."""
     origin = inputs.origin
     scores = inputs.results.filter(pl.col("metric") != "train_images")
+    chosen, metric_warnings = choose_metrics(scores, metrics, all_metrics)
+    if chosen.height == 0 and metric_warnings:
+        shown = " ".join(metric_warnings[:3]) + (f" (and {len(metric_warnings) - 3} more tasks)" if len(metric_warnings) > 3 else "")
+        return f"{origin}: no task has the metric it is compared by, so every task is left out. {shown}"
     paradigms = set(scores["paradigm"].to_list())
     if "task_specific" not in paradigms:
         return (

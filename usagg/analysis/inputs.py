@@ -10,6 +10,7 @@ from pathlib import Path
 
 import polars as pl
 
+from usagg.analysis.relative import describe_runs_by_value
 from usagg.errors import DataError
 from usagg.results import PER_IMAGE_FILE, PER_IMAGE_SCHEMA, read_results, validate_results
 
@@ -111,12 +112,8 @@ def evaluation_setting_notes(root: Path) -> list[str]:
     notes = []
     for (split, key), by_value in sorted(seen.items()):
         if len(by_value) > 1:
-            parts = [
-                f"{value} ({len(runs)} run(s){', e.g. ' + runs[0] if len(runs) < sum(map(len, by_value.values())) / 2 else ''})"
-                for value, runs in sorted(by_value.items(), key=lambda item: -len(item[1]))
-            ]
             notes.append(
-                f"runs under {root} were evaluated on {split} with different {key}: {'; '.join(parts)}; their "
+                f"runs under {root} were evaluated on {split} with different {key}: {describe_runs_by_value(by_value)}; their "
                 f"metrics are not comparable, so evaluate them with one setting (usagg evaluate RUN_DIR)"
             )
     return notes

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import difflib
 import logging
+import math
 from collections.abc import Mapping, Sequence
 
 import polars as pl
@@ -65,6 +66,14 @@ REL_COLUMNS = [
 ]
 
 
+def format_percent(fraction: float | None, digits: int = 1, signed: bool = True) -> str:
+    """Format a fraction as percent, signed for changes; "–" when missing. A value that rounds to 0 shows no minus."""
+    if fraction is None or not math.isfinite(fraction):
+        return "–"
+    value = round(100 * fraction, digits) + 0.0  # + 0.0 turns -0.0 into 0.0
+    return f"{value:{'+' if signed else ''}.{digits}f}"
+
+
 def parse_metric_overrides(items: Sequence[str]) -> dict[str, str]:
     """Parse ``KEY=METRIC`` options, where KEY is a task type or a task name, into a dict."""
     overrides: dict[str, str] = {}
@@ -94,6 +103,16 @@ def choose_metrics(
             f"--metric names {', '.join(unknown)}, which is neither a task type "
             f"({', '.join(DEFAULT_PRIMARY_METRICS)}) nor a task in the results table"
         )
+    for key, metric in sorted(overrides.items()):
+        rows_of_key = available.filter((pl.col("task") == key) | (pl.col("task_type") == key))
+        if metric not in set(rows_of_key["metric"]):
+            present = sorted(set(rows_of_key["metric"]))
+            guess = difflib.get_close_matches(metric, present, n=1, cutoff=0.5)
+            raise AnalysisError(
+                f"--metric {key}={metric}: no row of {key} has metric {metric!r}"
+                + (f" (did you mean {guess[0]!r}?)" if guess else "")
+                + f"; its rows have {', '.join(present) or 'no metric'}"
+            )
     if all_metrics:
         return available.select("task", "metric").sort("task", "metric"), []
 
@@ -110,7 +129,7 @@ def choose_metrics(
         if chosen is None:
             typos = []
             for metric in sorted(present):
-                guess = difflib.get_close_matches(metric, preferred, n=1, cutoff=0.5)
+                guess = difflib.get_close_matches(metric.lower(), preferred, n=1, cutoff=0.5)
                 if guess:
                     typos.append(f"{metric} for {guess[0]}")
             hint = f" If {', '.join(typos)} is a misspelling, rename it in the table." if typos else ""
@@ -121,8 +140,29 @@ def choose_metrics(
             )
             continue
         rows.append({"task": task, "metric": chosen})
+        warnings.extend(_misspelt_metric_warnings(results, task, chosen, present))
     schema = {"task": pl.String, "metric": pl.String}
     return pl.DataFrame(rows, schema=schema), warnings
+
+
+def _misspelt_metric_warnings(results: pl.DataFrame, task: str, chosen: str, present: set[str]) -> list[str]:
+    """Warn of a task's rows whose metric, unknown to usagg, looks like a misspelling of the one it is compared by.
+
+    Those rows are left out without a word otherwise: a 'dcie' or 'Dice' row among a task's 'dice' rows drops a
+    seed from its statistics.
+    """
+    warnings = []
+    for metric in sorted(present - {chosen} - set(HIGHER_IS_BETTER)):
+        if metric.lower() != chosen and not difflib.get_close_matches(metric.lower(), [chosen], n=1, cutoff=0.75):
+            continue
+        rows = results.filter((pl.col("task") == task) & (pl.col("metric") == metric))
+        runs = sorted(set(rows["run_id"].to_list()))
+        warnings.append(
+            f"task {task!r}: {rows.height} row(s) have metric {metric!r}, which looks like a misspelling of "
+            f"{chosen!r}, the metric the task is compared by; they are left out (run(s) {', '.join(runs[:5])}"
+            f"{' …' if len(runs) > 5 else ''}), so rename the metric in those rows"
+        )
+    return warnings
 
 
 def relative_change_with_warnings(
@@ -140,7 +180,7 @@ def relative_change_with_warnings(
     if unknown:
         close = []
         for metric in unknown:
-            guess = difflib.get_close_matches(metric, list(HIGHER_IS_BETTER), n=1)
+            guess = difflib.get_close_matches(metric.lower(), list(HIGHER_IS_BETTER), n=1)
             close.append(f"{metric} (did you mean {guess[0]}?)" if guess else metric)
         warnings.append(
             f"metric(s) {', '.join(close)} are not ones usagg knows, so their higher_is_better is taken from the "
@@ -214,6 +254,7 @@ def relative_change_with_warnings(
         )
     warnings.extend(_large_change_warning(rel))
     warnings.extend(_constant_score_warnings(table))
+    warnings.extend(_training_size_warnings(table))
     rel = rel.select(REL_COLUMNS).sort("paradigm", "task", "metric", "split", "data_fraction", "seed")
     if rel.height == 0 and aggregated.height:
         warnings.append("no aggregated run could be matched to a task-specific run; the relative-change table is empty")
@@ -245,6 +286,44 @@ def _where(row: dict) -> str:
         if row.get(key) is not None
     ]
     return ", " + ", ".join(parts) if parts else ""
+
+
+def _training_size_warnings(table: pl.DataFrame) -> list[str]:
+    """Warn of a task whose rows at one data fraction give different training-set sizes (n_train).
+
+    Every run of a task at one fraction trains on the same images, so differing counts are usually a typo, and the
+    data-scale analysis would place that task's points at several sizes.
+    """
+    sizes = table.filter(pl.col("n_train").is_not_null())
+    differing = (
+        sizes.group_by("study", "task", "data_fraction")
+        .agg(pl.col("n_train").unique().sort().alias("counts"), pl.len().alias("rows"))
+        .filter(pl.col("counts").list.len() > 1)
+        .sort("study", "task", "data_fraction")
+    )
+    warnings = []
+    for row in differing.iter_rows(named=True):
+        by_count = sizes.filter(
+            (pl.col("study") == row["study"]) & (pl.col("task") == row["task"]) & (pl.col("data_fraction") == row["data_fraction"])
+        ).group_by("n_train").agg(pl.col("run_id").unique().sort())
+        warnings.append(
+            f"task {row['task']!r} at data fraction {row['data_fraction']:g} has different n_train in different rows "
+            f"({describe_runs_by_value(dict(by_count.iter_rows()))}); every run of a task at one fraction trains on "
+            "the same images, so correct the count"
+        )
+    return warnings
+
+
+def describe_runs_by_value(by_value: Mapping[object, Sequence[str]]) -> str:
+    """Return "A (5 run(s)); B (1 run(s), e.g. r7)": each value with its run count, most common first.
+
+    A value held by fewer than half of the runs is the likely odd one out, so one of its runs is named.
+    """
+    total = sum(len(runs) for runs in by_value.values())
+    return "; ".join(
+        f"{value} ({len(runs)} run(s){', e.g. ' + sorted(runs)[0] if len(runs) < total / 2 else ''})"
+        for value, runs in sorted(by_value.items(), key=lambda item: -len(item[1]))
+    )
 
 
 def _constant_score_warnings(table: pl.DataFrame) -> list[str]:

@@ -33,9 +33,9 @@ METRIC_HELP = (
 
 def _pct(value: float | None, digits: int = 1, signed: bool = True) -> str:
     """Format a fraction as percent, with a sign for changes (``signed``) and without one for spreads."""
-    if value is None or not math.isfinite(value):
-        return "–"
-    return f"{100 * value:{'+' if signed else ''}.{digits}f}"
+    from usagg.analysis.relative import format_percent
+
+    return format_percent(value, digits, signed)
 
 
 def _interval(lo: float | None, hi: float | None) -> str:
