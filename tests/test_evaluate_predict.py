@@ -131,8 +131,28 @@ def test_predict_rejects_root_without_trained_tasks(tiny_trained_run, tmp_path, 
         write_fmc_uia_predictions(tiny_trained_run["run_dir"], root, tmp_path / "out", device="cpu")
 
 
+def test_predict_failure_leaves_the_output_folder_as_it_was(tiny_trained_run, tmp_path, shared_data):
+    """A bad row in a later task's CSV stops predict before any mask or JSON file of an earlier task is written."""
+    import shutil
+
+    from usagg.evaluate.predict import write_fmc_uia_predictions
+
+    root = tmp_path / "root"
+    shutil.copytree(shared_data / "fmc_uia_sample_val", root)
+    detection_csv = root / "csv_files" / "breast_lesion_det.csv"
+    header, *rows = detection_csv.read_text().splitlines()
+    detection_csv.write_text("\n".join([header, rows[0].replace(".png", "_missing.png", 1), *rows[1:]]) + "\n")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "classification_predictions.json").write_text('[{"task_id": "thyroid_2cls", "image_path": "a.png"}]')
+    with pytest.raises(DataError):
+        write_fmc_uia_predictions(tiny_trained_run["run_dir"], root, out, device="cpu")
+    assert sorted(p.name for p in out.iterdir()) == ["classification_predictions.json"]
+    assert json.loads((out / "classification_predictions.json").read_text()) == [{"task_id": "thyroid_2cls", "image_path": "a.png"}]
+
+
 def test_merge_keeps_other_tasks(tmp_path):
-    from usagg.evaluate.predict import _merge_into
+    from usagg.evaluate.predict import _merge_into, _read_existing
 
     file = tmp_path / "classification_predictions.json"
     earlier = [
@@ -141,30 +161,30 @@ def test_merge_keeps_other_tasks(tmp_path):
     ]
     file.write_text(json.dumps(earlier))
 
-    _merge_into(file, [{"image_path": "b.png", "task_id": "breast_2cls", "predicted_class": 1}], {"breast_2cls"})
+    _merge_into(file, _read_existing(file), [{"image_path": "b.png", "task_id": "breast_2cls", "predicted_class": 1}], {"breast_2cls"})
 
     merged = json.loads(file.read_text())
     assert merged == [
         {"image_path": "a.png", "task_id": "thyroid_2cls", "predicted_class": 1},
         {"image_path": "b.png", "task_id": "breast_2cls", "predicted_class": 1},
     ]
-    _merge_into(file, [], set())
+    _merge_into(file, _read_existing(file), [], set())
     assert json.loads(file.read_text()) == merged
 
 
 def test_merge_rejects_broken_file(tmp_path):
-    from usagg.evaluate.predict import _merge_into
+    from usagg.evaluate.predict import _read_existing
 
     file = tmp_path / "detection_predictions.json"
     file.write_text("[{")
     with pytest.raises(DataError, match="cannot read the existing predictions: .*; move the file aside"):
-        _merge_into(file, [], set())
+        _read_existing(file)
     file.write_bytes(b"[\xff]")
     with pytest.raises(DataError, match="cannot read the existing predictions: 'utf-8' codec"):
-        _merge_into(file, [], set())
+        _read_existing(file)
     file.write_text('{"task_id": "x"}')
     with pytest.raises(DataError, match="not a JSON list of objects"):
-        _merge_into(file, [], set())
+        _read_existing(file)
     assert file.read_text() == '{"task_id": "x"}'
 
 

@@ -235,7 +235,10 @@ def predict(
     checkpoint: Annotated[Optional[str], typer.Option(help="best or latest; default the study's evaluation.checkpoint.")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
 ) -> None:
-    """Write predictions for every image of DATA_ROOT in the FMC_UIA challenge's submission format."""
+    """Write predictions for every image of DATA_ROOT in the FMC_UIA challenge's submission format.
+
+    Each CSV task of DATA_ROOT is matched to the run's task with the same task id (a task card's source.task_id
+    for the fmc_uia format, else its name); tasks the run did not train are skipped with a warning."""
     from usagg.evaluate.predict import write_fmc_uia_predictions
 
     if format != "fmc_uia":

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import os
+import tempfile
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -35,7 +36,7 @@ from usagg.evaluate.metrics import (
     segmentation_image_scores,
     single_box_iou,
 )
-from usagg.io import atomic_path, read_json_file, write_json_atomic
+from usagg.io import read_json_file, write_json_atomic
 from usagg.tasks import TaskCard
 
 logger = logging.getLogger(__name__)
@@ -90,7 +91,9 @@ def _match_tasks(run_cards: dict[str, TaskCard], csv_cards: list[TaskCard], data
     if not pairs:
         raise DataError(
             f"{data_root}: none of its task ids ({', '.join(_task_id(c) for c in csv_cards)}) was trained in this run "
-            f"({', '.join(_task_id(c) for c in run_cards.values())})"
+            f"({', '.join(_task_id(c) for c in run_cards.values())}); tasks are matched by task id (a task card's "
+            "source.task_id for fmc_uia cards, else its name), so predict with a run whose study trained these "
+            "tasks from their FMC_UIA CSVs, or name its task cards after the task ids"
         )
     return pairs
 
@@ -128,12 +131,13 @@ def write_fmc_uia_predictions(
     """Predict every image of an FMC_UIA data root with a trained run and write the submission files.
 
     ``checkpoint`` is ``best`` or ``latest``. None takes the study's ``evaluation.checkpoint``, as
-    ``usagg evaluate`` does. The run, the data root and the task ids are checked before the model is built.
+    ``usagg evaluate`` does. The run, the data root, the task ids and every matched task's rows are checked before
+    the model is built. Masks are written to a staging folder inside ``out_dir`` and moved into place, and the
+    JSON files merged, only after every prediction has succeeded, so a failure leaves ``out_dir`` as it was.
     Returns the number of predictions written per file kind.
     """
     from usagg.data.sources import load_task_records
     from usagg.data.sources.fmc_uia import discover_fmc_uia
-    from usagg.evaluate.inference import iter_predictions
     from usagg.train import checkpoint as ckpt
     from usagg.train.distributed import resolve_device
     from usagg.train.finalize import build_run_model
@@ -142,19 +146,41 @@ def write_fmc_uia_predictions(
     study, spec = load_run(run_dir)
     root = check_data_root(data_root)
     pairs = _match_tasks({t: study.task(t) for t in spec.tasks}, discover_fmc_uia(root), root)
+    # NOTE: the data layer validates labels while reading, so the data root needs its label columns and mask
+    # files, as the challenge's validation data has them. An unlabelled test root is rejected.
+    tasks = [(run_card, csv_card, load_task_records(csv_card)) for run_card, csv_card in pairs]
     out = Path(out_dir)
+    existing = {kind: _read_existing(out / name) for kind, name in JSON_FILES.items()}
     torch_device = resolve_device(device)
     model = build_run_model(study, spec)
     ckpt.load_weights(model, run_dir, checkpoint or study.evaluation.checkpoint)
     model.to(torch_device)
 
+    out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".usagg-predict-", dir=out) as staging:
+        entries, masks = _predict_into(model, study, tasks, Path(staging), out, torch_device)
+        for staged, target in masks:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(staged, target)
+    predicted_ids = {kind: {entry["task_id"] for entry in entries[kind]} for kind in JSON_FILES}
+    for kind, name in JSON_FILES.items():
+        if entries[kind]:
+            _merge_into(out / name, existing[kind], entries[kind], predicted_ids[kind])
+    summary = {name: len(entries[kind]) for kind, name in JSON_FILES.items()}
+    summary["segmentation masks"] = len(masks)
+    return summary
+
+
+def _predict_into(
+    model, study, tasks: list[tuple[TaskCard, TaskCard, list]], staging: Path, out: Path, torch_device
+) -> tuple[dict[str, list[dict[str, Any]]], list[tuple[Path, Path]]]:
+    """Predict every record; return the JSON entries per kind and (staged mask, final path) pairs."""
+    from usagg.evaluate.inference import iter_predictions
+
     raw = _RawRows()
     entries: dict[str, list[dict[str, Any]]] = {kind: [] for kind in JSON_FILES}
-    n_masks = 0
-    for run_card, csv_card in pairs:
-        # NOTE: the data layer validates labels while reading, so the data root needs its label columns and mask
-        # files, as the challenge's validation data has them. An unlabelled test root is rejected.
-        records = load_task_records(csv_card)
+    masks: list[tuple[Path, Path]] = []
+    for run_card, csv_card, records in tasks:
         predictions = iter_predictions(
             model, run_card, records, study.data, torch_device,
             batch_size=study.train.eval_batch_size, num_workers=study.data.num_workers, amp=study.train.amp,
@@ -165,9 +191,9 @@ def write_fmc_uia_predictions(
             base = {"image_path": row["image_path"], "task_id": _task_id(csv_card)}
             if run_card.kind == "segmentation":
                 target = prediction_mask_path(out, row["mask_path"])
-                with atomic_path(target) as tmp:
-                    Image.fromarray(pred.mask_HW.astype(np.uint8), mode="L").save(tmp, format="PNG")
-                n_masks += 1
+                staged = staging / f"{len(masks)}.png"
+                Image.fromarray(pred.mask_HW.astype(np.uint8), mode="L").save(staged, format="PNG")
+                masks.append((staged, target))
             elif run_card.kind == "classification":
                 probs = [float(p) for p in pred.probs_C]
                 entries["classification"].append({**base, "predicted_class": int(np.argmax(probs)), "predicted_probs": probs})
@@ -185,29 +211,29 @@ def write_fmc_uia_predictions(
             else:
                 logger.warning("task %s: scalar regression has no FMC_UIA submission format; skipped", run_card.name)
                 break
-    predicted_ids = {kind: {entry["task_id"] for entry in entries[kind]} for kind in JSON_FILES}
-    for kind, name in JSON_FILES.items():
-        _merge_into(out / name, entries[kind], predicted_ids[kind])
-    summary = {name: len(entries[kind]) for kind, name in JSON_FILES.items()}
-    summary["segmentation masks"] = n_masks
-    return summary
+    return entries, masks
 
 
-def _merge_into(file: Path, new_entries: list[dict[str, Any]], task_ids: set[str]) -> None:
-    """Write ``new_entries`` into ``file``, keeping the entries of other tasks already there.
+def _read_existing(file: Path) -> list[dict[str, Any]]:
+    """Return the entries of a submission file already in the output folder ([] when there is none)."""
+    if not file.exists():
+        return []
+    move = "move the file aside or write to another --out"
+    existing = read_json_file(file, "the existing predictions", fix=move)
+    if not isinstance(existing, list) or not all(isinstance(e, dict) for e in existing):
+        raise DataError(f"{file}: existing predictions are not a JSON list of objects; {move}")
+    return existing
+
+
+def _merge_into(file: Path, existing: list[dict[str, Any]], new_entries: list[dict[str, Any]], task_ids: set[str]) -> None:
+    """Write ``new_entries`` into ``file``, keeping the ``existing`` entries of other tasks.
 
     Task-specific runs each predict one task, so several ``usagg predict`` calls fill one submission folder.
     Entries of ``task_ids`` are replaced, so predicting a task again does not duplicate it.
     """
-    other_tasks: list[dict[str, Any]] = []
-    if file.exists():
-        move = "move the file aside or write to another --out"
-        existing = read_json_file(file, "the existing predictions", fix=move)
-        if not isinstance(existing, list) or not all(isinstance(e, dict) for e in existing):
-            raise DataError(f"{file}: existing predictions are not a JSON list of objects; {move}")
-        other_tasks = [e for e in existing if e.get("task_id") not in task_ids]
-        if other_tasks:
-            logger.info("%s: kept %d prediction(s) of other tasks", file, len(other_tasks))
+    other_tasks = [e for e in existing if e.get("task_id") not in task_ids]
+    if other_tasks:
+        logger.info("%s: kept %d prediction(s) of other tasks", file, len(other_tasks))
     write_json_atomic(file, other_tasks + new_entries)
 
 
