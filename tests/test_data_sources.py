@@ -356,3 +356,29 @@ def test_detect_class_csv_with_ragged_row(tmp_path):
     records = read_source(card, log)
     assert [r.row for r in records] == [1, 3]
     assert [(p.row, p.message) for p in log.problems] == [(2, "the row has 3 fields but the header has 2 columns")]
+
+
+def test_mask_folder_without_name_settings_gets_one_error_with_the_fix(tmp_path):
+    """Images bus_N and masks mask_N_lesion pair under no setting given: one error names the settings that pair them."""
+    (tmp_path / "images").mkdir()
+    (tmp_path / "masks").mkdir()
+    for k in range(3):
+        Image.fromarray(np.full((8, 8), 60, dtype=np.uint8)).save(tmp_path / "images" / f"bus_{k:04d}.png")
+        Image.fromarray(np.eye(8, dtype=np.uint8)).save(tmp_path / "masks" / f"mask_{k:04d}_lesion.png")
+    card = TaskCard.model_validate(
+        {"name": "lesion", "type": "segmentation", "num_classes": 2, "source": {"format": "mask_folder", "root": tmp_path}}
+    )
+    log = ProblemLog(strict=False)
+    assert read_source(card, log) == []
+    (problem,) = log.problems
+    assert problem.message.startswith(f"none of the 3 images in {tmp_path / 'images'} has a mask of the same name")
+    assert problem.fix == (
+        "set image_prefix: 'bus_', mask_prefix: 'mask_', mask_suffix: '_lesion' in the task card's source, which pairs "
+        "3 of the 3 images"
+    )
+    fixed = card.model_copy(update={"source": card.source.model_copy(update={"image_prefix": "bus_", "mask_prefix": "mask_", "mask_suffix": "_lesion"})})
+    log = ProblemLog(strict=False)
+    assert len(read_source(fixed, log)) == 3 and log.problems == []
+    # Layout detection finds the same settings.
+    (detected,) = detect_layouts(tmp_path, ProblemLog(strict=False))
+    assert (detected.source.image_prefix, detected.source.mask_prefix, detected.source.mask_suffix) == ("bus_", "mask_", "_lesion")

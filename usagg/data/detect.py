@@ -19,9 +19,9 @@ from usagg.data.decode import IMAGE_SUFFIXES, MASK_SUFFIXES, read_mask
 from usagg.data.problems import ProblemLog, problem_from_error
 from usagg.data.sources._common import parse_int, read_csv_columns
 from usagg.data.sources.fmc_uia import _card_name, discover_fmc_uia
-from usagg.data.sources.mask_folder import list_files
+from usagg.data.sources.mask_folder import list_files, naming_hint
 from usagg.errors import DataError
-from usagg.tasks import TaskCard
+from usagg.tasks import MaskFolderSource, TaskCard
 
 logger = logging.getLogger(__name__)
 
@@ -33,13 +33,6 @@ CASE_COLUMNS = ("case", "case_id", "patient", "patient_id", "subject_id")
 SPACING_COLUMNS = ("pixel_size_mm", "pixel_spacing_mm", "spacing_mm")
 
 
-def _common_prefix(stems: list[str]) -> str:
-    """Return the common prefix of ``stems`` cut after its last underscore (``bus_`` from ``bus_0001-l``)."""
-    prefix = os.path.commonprefix(stems)
-    cut = prefix.rfind("_")
-    return prefix[: cut + 1] if cut >= 0 else ""
-
-
 def _mask_folder_card(root: Path, name: str, log: ProblemLog) -> TaskCard | None:
     images = list_files(root / "images", IMAGE_SUFFIXES)
     masks = list_files(root / "masks", MASK_SUFFIXES)
@@ -49,10 +42,9 @@ def _mask_folder_card(root: Path, name: str, log: ProblemLog) -> TaskCard | None
     mask_stems = [p.stem for p in masks]
     source: dict = {"format": "mask_folder", "root": root}
     if not set(image_stems) & set(mask_stems):
-        image_prefix, mask_prefix = _common_prefix(image_stems), _common_prefix(mask_stems)
-        stripped_images = {s[len(image_prefix) :] for s in image_stems}
-        if stripped_images & {s[len(mask_prefix) :] for s in mask_stems}:
-            source.update(image_prefix=image_prefix, mask_prefix=mask_prefix)
+        hint = naming_hint(images, masks, MaskFolderSource.model_validate(source))
+        if hint is not None:
+            source.update(hint[0])
     largest = 1
     for mask_path in masks:
         try:

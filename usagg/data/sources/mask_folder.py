@@ -22,6 +22,38 @@ def list_files(folder: Path, suffixes: tuple[str, ...]) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in suffixes and not p.name.startswith("."))
 
 
+def common_prefix(stems: list[str]) -> str:
+    """Return the common prefix of ``stems`` cut after its last underscore (``bus_`` from ``bus_0001-l``)."""
+    if len(stems) < 2:
+        return ""
+    prefix = os.path.commonprefix(stems)
+    cut = prefix.rfind("_")
+    return prefix[: cut + 1] if cut >= 0 else ""
+
+
+def common_suffix(stems: list[str]) -> str:
+    """Return the common suffix of ``stems`` from its first underscore (``_Annotation`` from ``12_HC_Annotation``)."""
+    reversed_suffix = common_prefix([stem[::-1] for stem in stems])
+    return reversed_suffix[::-1]
+
+
+def naming_hint(images: list[Path], masks: list[Path], source: MaskFolderSource) -> tuple[dict[str, str], int] | None:
+    """Guess the source's name settings that pair images and masks which pair under none now.
+
+    Returns the settings to change and how many images they pair, or None when no guess pairs any.
+    """
+    image_stems, mask_stems = [p.stem for p in images], [p.stem for p in masks]
+    guess = {
+        "image_prefix": source.image_prefix or common_prefix(image_stems),
+        "mask_prefix": source.mask_prefix or common_prefix(mask_stems),
+        "mask_suffix": source.mask_suffix or common_suffix(mask_stems),
+    }
+    image_keys = {_key(stem, guess["image_prefix"], "") for stem in image_stems}
+    paired = len(image_keys & {_key(stem, guess["mask_prefix"], guess["mask_suffix"]) for stem in mask_stems})
+    changed = {name: value for name, value in guess.items() if value != getattr(source, name)}
+    return (changed, paired) if paired and changed else None
+
+
 def _key(stem: str, prefix: str, suffix: str) -> str:
     if prefix and stem.startswith(prefix):
         stem = stem[len(prefix) :]
@@ -123,6 +155,20 @@ def read_mask_folder(card: TaskCard, source: MaskFolderSource, root: Path, split
     if not images:
         log.error(task, f"no images in {image_dir}", f"put images ({', '.join(IMAGE_SUFFIXES)}) there", file=image_dir)
         return []
+
+    if masks and not set(images) & set(masks):
+        hint = naming_hint(list(images.values()), list(masks.values()), source)
+        if hint is not None:
+            changed, paired = hint
+            settings = ", ".join(f"{name}: {value!r}" for name, value in changed.items())
+            log.error(
+                task,
+                f"none of the {len(images)} images in {image_dir} has a mask of the same name in {mask_dir} (for "
+                f"example image {next(iter(images.values())).name}, mask {next(iter(masks.values())).name})",
+                f"set {settings} in the task card's source, which pairs {paired} of the {len(images)} images",
+                file=image_dir,
+            )
+            return []
 
     split_by_name = _load_split_csv(source, root, task, log)
     spacing_by_name = _load_spacing_csv(source, root, task, log)
