@@ -97,3 +97,30 @@ def test_layout_reports_clipped_text():
         fig.text(0.9, 0.5, "this text runs past the right edge")
     problems = layout_problems(fig)
     assert problems == ["figure text 'this text runs past the right edge' is clipped by the figure edge"]
+
+
+def test_layout_check_measures_the_ticks_that_are_saved(monkeypatch):
+    """Tick labels are recomputed when measured; the check measures them in the saved style and resolution."""
+    from usagg.plots import layout
+
+    with publication_style():
+        fig = new_figure(3.5, 2.0)  # at this height the default style's fonts give other y ticks
+        ax = fig.add_subplot()
+        ax.plot([0, 1], [-6.68, 8.25])
+        ax.set_ylim(-6.68, 8.25)
+        ax.set_ylabel("relative change (%)")
+    measured: list[str] = []
+    collect = layout._collect_texts
+
+    def spy(figure, renderer):
+        placed = collect(figure, renderer)
+        measured.extend(p.text for p in placed if p.kind == "tick" and p.axes is ax)
+        return placed
+
+    monkeypatch.setattr(layout, "_collect_texts", spy)
+    layout_problems(fig)
+    with publication_style():
+        fig.set_dpi(300)
+        fig.draw_without_rendering()
+        saved = [t.label1.get_text() for axis in (ax.xaxis, ax.yaxis) for t in layout._drawn_ticks(axis)]
+    assert measured and sorted(measured) == sorted(saved)

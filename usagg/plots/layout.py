@@ -23,13 +23,13 @@ from matplotlib.legend import Legend
 from matplotlib.text import Text
 from matplotlib.transforms import Bbox
 
-from usagg.plots.style import publication_style
+from usagg.plots.style import PNG_DPI, publication_style
 
 logger = logging.getLogger(__name__)
 
-# Intersections smaller than this many pixels (at the figure's own dpi) in either direction are ignored,
-# so that boxes that merely touch are not reported.
-TOLERANCE_PX = 0.5
+# Intersections smaller than this many pixels (0.005 inch at the saved resolution) in either direction are
+# ignored, so that boxes that merely touch are not reported.
+TOLERANCE_PX = 0.005 * PNG_DPI
 
 
 @dataclass(frozen=True)
@@ -46,15 +46,22 @@ class _PlacedText:
 
 def layout_problems(fig: Figure) -> list[str]:
     """Draw ``fig`` and return one message per clipped or overlapping text; empty when the layout is clean."""
-    # Drawn in the style the figure is saved with, so that the layout checked is the layout written.
-    with publication_style():
-        fig.draw_without_rendering()
-    renderer = fig.canvas.get_renderer()
-    placed = _collect_texts(fig, renderer)
-    problems: list[str] = []
-    problems += _outside_figure(fig, placed)
-    problems += _overlapping(placed)
-    problems += _intruding(fig, placed)
+    # Drawn and measured in the style and at the resolution the figure is saved with, so that the layout checked
+    # is the layout written. Tick labels are computed again when they are measured, so outside the style (other
+    # font sizes) they could be other ticks than those saved.
+    screen_dpi = fig.dpi
+    fig.set_dpi(PNG_DPI)
+    try:
+        with publication_style():
+            fig.draw_without_rendering()
+            renderer = fig.canvas.get_renderer()
+            placed = _collect_texts(fig, renderer)
+            problems: list[str] = []
+            problems += _outside_figure(fig, placed)
+            problems += _overlapping(placed)
+            problems += _intruding(fig, placed)
+    finally:
+        fig.set_dpi(screen_dpi)
     return problems
 
 
