@@ -569,3 +569,28 @@ def test_affinity_sparse_matrix_noted():
         "measured: only 33 % of the task pairs have a value, so the clustering and its order rest on few entries; "
         "empty cells are unmeasured pairs"
     ]
+
+
+@pytest.mark.parametrize("length", [34, 130])
+def test_transfer_matrix_fits_long_task_names(length):
+    """Long names widen the figure up to double-column width; beyond it they are shortened in the middle."""
+    from usagg.plots.style import DOUBLE_COLUMN_IN, SINGLE_COLUMN_IN
+
+    results = _hand_results(seeds=(0,), fractions=(1.0,))
+    longest = results["task"].unique().sort()[0]
+    renamed = results.with_columns(
+        pl.when(pl.col("task") == longest).then(pl.lit((longest + "_") * 12).str.slice(0, length)).otherwise(pl.col("task")).alias("task"),
+        pl.col("clinical_group").str.replace("obstetrics", "obstetrics_and_gynaecology"),
+    )
+    plot = draw_figure("transfer-matrix", FigureInputs(results=renamed))
+    assert layout_problems(plot.figure) == []
+    width = plot.figure.get_figwidth()
+    assert SINGLE_COLUMN_IN <= width <= DOUBLE_COLUMN_IN
+    labels = [t.get_text() for t in plot.figure.axes[0].get_yticklabels()]
+    shortened = [note for note in plot.notes if "shortened in the middle" in note]
+    if length == 34:
+        assert width > SINGLE_COLUMN_IN and any(len(label) > length for label in labels) and not shortened
+    else:
+        assert any("…" in label for label in labels)
+        assert shortened == ["1 task name(s) are shortened in the middle (…) to fit a double-column width; the data CSV has them whole"]
+        assert length in set(plot.data["task"].str.len_chars())

@@ -15,8 +15,9 @@ from pathlib import Path
 
 import matplotlib as mpl
 import polars as pl
-from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.backends.backend_agg import FigureCanvasAgg, RendererAgg
 from matplotlib.figure import Figure
+from matplotlib.font_manager import FontProperties
 
 from usagg.errors import ConfigError
 from usagg.io import atomic_path
@@ -146,6 +147,23 @@ def new_figure(width_in: float, height_in: float) -> Figure:
     fig = Figure(figsize=(width_in, height_in), layout="constrained")
     FigureCanvasAgg(fig)
     return fig
+
+
+def text_width_in(texts: Iterable[str], fontsize: float) -> float:
+    """Return the width in inches of the widest of ``texts`` set at ``fontsize`` points in the current font."""
+    renderer = RendererAgg(1, 1, 72)  # at 72 dpi one pixel is one point
+    prop = FontProperties(size=fontsize)
+    widths = [renderer.get_text_width_height_descent(text, prop, ismath=False)[0] for text in texts]
+    return max(widths, default=0.0) / 72
+
+
+def shorten_middle(text: str, max_chars: int) -> str:
+    """Return ``text`` cut to ``max_chars`` characters by an ellipsis in the middle, keeping its start and end."""
+    if len(text) <= max_chars:
+        return text
+    head = max_chars // 2
+    tail = max_chars - 1 - head
+    return text[:head] + "…" + (text[-tail:] if tail > 0 else "")
 
 
 def task_type_color(task_type: str) -> str:

@@ -22,15 +22,22 @@ from usagg.plots.inputs import FigureInputs
 from usagg.plots.registry import FigurePlot, register_figure
 from usagg.plots.style import (
     DIVERGING_CMAP,
+    DOUBLE_COLUMN_IN,
+    FONT_SIZE,
     SINGLE_COLUMN_IN,
     SMALL_FONT_SIZE,
     new_figure,
     ordered_paradigms,
     paradigm_label,
+    shorten_middle,
     task_type_color,
+    text_width_in,
 )
 
 ROW_HEIGHT_IN = 0.17
+# Width of a heatmap column, and of the strip, the gaps and the margins around the labels, in inches.
+MIN_CELL_IN = 0.5
+FIXED_WIDTH_IN = 0.3
 # Inches for the title, column labels, colour bar and legend around the rows.
 FRAME_HEIGHT_IN = 1.25
 COLORBAR_HEIGHT_IN = 0.08
@@ -104,9 +111,8 @@ def transfer_matrix(
         marked[cell] = bool(row["marked"])
 
     without_interval = table["negative_transfer"].null_count() > 0
-    fig = _draw(values, marked, order, paradigms, fraction, split, without_interval)
+    fig, notes = _draw(values, marked, order, paradigms, fraction, split, without_interval)
     data = table.with_columns((pl.col("rel_change") * 100).alias("rel_change_percent"), pl.lit(fraction).alias("data_fraction"), pl.lit(split).alias("split"))
-    notes = []
     no_interval = table.filter(pl.col("negative_transfer").is_null())
     if no_interval.height:
         below = no_interval.filter(pl.col("rel_change") < 0).height
@@ -159,9 +165,16 @@ def _draw(
     split: str,
     without_interval: bool,
 ):
-    """Draw the heatmap. ``without_interval`` is true when some cells have no interval, which the caption then explains."""
+    """Draw the heatmap and return it with notes on shortened names.
+
+    ``without_interval`` is true when some cells have no interval, which the caption then explains.
+    """
     n_rows, n_cols = values.shape
-    fig = new_figure(SINGLE_COLUMN_IN, FRAME_HEIGHT_IN + ROW_HEIGHT_IN * max(n_rows, 2))
+    types = order["task_type"].to_list()
+    row_labels = [f"{task} [{type_abbreviation(t)}]" for task, t in zip(order["task"], types)]
+    groups = order["clinical_group"].to_list()
+    width, row_labels, group_labels, notes = _fit_width(row_labels, groups, n_cols)
+    fig = new_figure(width, FRAME_HEIGHT_IN + ROW_HEIGHT_IN * max(n_rows, 2))
     grid = fig.add_gridspec(
         2, 2, width_ratios=[0.15, max(n_cols, 1) * 0.8], height_ratios=[ROW_HEIGHT_IN * max(n_rows, 2), COLORBAR_HEIGHT_IN]
     )
@@ -185,12 +198,11 @@ def _draw(
                 ax.add_patch(Rectangle((j - 0.5 + 0.04, i - 0.5 + 0.06), 0.92, 0.88, fill=False, edgecolor="black", linewidth=0.9))
 
     # Task type strip left of the heatmap; the row labels carry the type abbreviation as well.
-    types = order["task_type"].to_list()
     colors = np.array([[to_rgb(task_type_color(t))] for t in types])
     strip.imshow(colors, aspect="auto", interpolation="nearest")
     strip.set_xticks([])
     strip.set_yticks(range(n_rows))
-    strip.set_yticklabels([f"{task} [{type_abbreviation(t)}]" for task, t in zip(order["task"], types)])
+    strip.set_yticklabels(row_labels)
     strip.tick_params(axis="y", length=0)
     for spine in strip.spines.values():
         spine.set_visible(False)
@@ -204,7 +216,6 @@ def _draw(
         spine.set_visible(False)
 
     # Clinical groups: white separators between blocks and the group name on the right of the block.
-    groups = order["clinical_group"].to_list()
     starts = [i for i in range(n_rows) if i == 0 or groups[i] != groups[i - 1]]
     for k, start in enumerate(starts):
         end = starts[k + 1] if k + 1 < len(starts) else n_rows
@@ -212,7 +223,7 @@ def _draw(
             ax.axhline(start - 0.5, color="white", linewidth=1.5)
             strip.axhline(start - 0.5, color="white", linewidth=1.5)
         ax.annotate(
-            groups[start],
+            group_labels[start],
             xy=(1.0, (start + end - 1) / 2),
             xycoords=("axes fraction", "data"),
             xytext=(3, 0),
@@ -244,4 +255,39 @@ def _draw(
         columnspacing=1.0,
         title="\n".join(caption),
     )
-    return fig
+    return fig, notes
+
+
+def _fit_width(row_labels: list[str], groups: list[str], n_cols: int) -> tuple[float, list[str], list[str], list[str]]:
+    """Return the figure width that fits the row and group labels, the labels to draw, and notes.
+
+    The figure is single-column wide when the labels fit, wider up to double-column width when they need it.
+    Beyond that the longest task names, then group names, are shortened in the middle (the CSV keeps them whole).
+    """
+    colorbar_label_in = text_width_in([RELATIVE_CHANGE_LABEL], FONT_SIZE)
+
+    def needed(rows: list[str], group_names: list[str]) -> float:
+        rows_in, groups_in = text_width_in(rows, SMALL_FONT_SIZE), text_width_in(group_names, SMALL_FONT_SIZE)
+        # The colour bar spans the heatmap columns and its label is centred below them, reaching as far into the
+        # space of the row labels as into that of the group names.
+        heatmap_in = max(n_cols * MIN_CELL_IN, colorbar_label_in - 2 * min(rows_in, groups_in))
+        return rows_in + groups_in + heatmap_in + FIXED_WIDTH_IN
+
+    notes = []
+    group_labels = list(groups)
+    for what, max_chars in (("task", 40), ("task", 32), ("task", 24), ("group", 16), ("task", 18)):
+        if needed(row_labels, group_labels) <= DOUBLE_COLUMN_IN:
+            break
+        if what == "task":
+            # The " [seg]" suffix stays whole; only the task name is shortened.
+            row_labels = [shorten_middle(label[: label.rindex(" [")], max_chars) + label[label.rindex(" [") :] for label in row_labels]
+        else:
+            group_labels = [shorten_middle(group, max_chars) for group in group_labels]
+    for kind, drawn in (("task", [label[: label.rindex(" [")] for label in row_labels]), ("clinical group", group_labels)):
+        shortened = len({label for label in drawn if "…" in label})
+        if shortened:
+            notes.append(
+                f"{shortened} {kind} name(s) are shortened in the middle (…) to fit a double-column width; the data "
+                "CSV has them whole"
+            )
+    return min(max(SINGLE_COLUMN_IN, needed(row_labels, group_labels)), DOUBLE_COLUMN_IN), row_labels, group_labels, notes
