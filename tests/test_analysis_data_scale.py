@@ -572,3 +572,23 @@ def test_own_losses_stay_clear_when_the_fit_is_thin_or_predicts_losses():
     assert (rec["recommendation"], rec["confidence"]) == ("task_specific", "clear")
     assert rec["reason"].startswith("this task's own runs lose under every aggregated paradigm: grouped -3.0 %")
     assert "evidence insufficient" not in rec["reason"]
+
+
+def test_crossing_interval_far_beyond_the_sizes_is_noted():
+    """A bounded interval reaching beyond 10x the line's training sizes is kept but noted as poorly determined."""
+
+    def change(paradigm, task, task_type, n_train, seed):
+        return 0.05 * (math.log10(2000) - math.log10(n_train)) + spread * (ord(task[-1]) - 98.5)
+
+    notes = {}
+    for spread in (0.002, 0.01):
+        fit = fit_data_scale(relative_change(_study(SPLIT_SIZES, change)), n_bootstrap=300, mixed=False)
+        row = fit.crossings.filter((pl.col("paradigm") == "grouped") & (pl.col("task_type") == "classification")).row(0, named=True)
+        assert row["bounded"]
+        notes[spread] = (row["ci_hi"] > 10 * row["n_train_max"], row["note"])
+    assert notes[0.002] == (False, "")
+    assert notes[0.01] == (
+        True,
+        "the interval reaches more than 10 times beyond the training sizes of its line (120 to 330 images), so the "
+        "crossing is poorly determined",
+    )

@@ -60,6 +60,9 @@ MIN_RESID_DF = 10
 # Crossings beyond this many training images are reported as inf: no study is that large, and such a value only
 # shows that the fitted line is nearly flat.
 MAX_CROSSING_IMAGES = 1e12
+# A bounded crossing interval reaching this many times below the smallest or above the largest training size of
+# its line is noted as poorly determined: the data constrain the crossing only near the sizes observed.
+WIDE_CROSSING_FACTOR = 10.0
 
 # Resampling the n tasks of a task type with replacement gives C(2n − 1, n) distinct sets: 1, 3 and 10 for
 # n = 1, 2 and 3. With fewer than 10 the percentile interval is a few repeated values (zero width for one task
@@ -494,6 +497,11 @@ def _crossings(
             n_cross = float(10 ** cross[k]) if cross[k] < math.log10(MAX_CROSSING_IMAGES) else math.inf
         n_min, n_max = (float(v) for v in size_range.loc[(par, ttype) if per_type else par])
         within = bool(np.isfinite(cross[k]) and np.log10(n_min) <= cross[k] <= np.log10(n_max))
+        if bounded and (ci_lo < n_min / WIDE_CROSSING_FACTOR or ci_hi > n_max * WIDE_CROSSING_FACTOR):
+            note = (
+                f"the interval reaches more than {WIDE_CROSSING_FACTOR:g} times beyond the training sizes of its line "
+                f"({n_min:.0f} to {n_max:.0f} images), so the crossing is poorly determined"
+            )
         rows.append(
             {
                 "paradigm": par,
