@@ -267,3 +267,11 @@ def test_fractional_parquet_count_rejected(tmp_path):
         read_results(path)
     table.with_columns(pl.Series("n_train", [240.0, 241.0])).write_parquet(path)
     assert read_results(path)["n_train"].to_list() == [240, 241]
+
+
+def test_spaces_around_names_are_removed(tmp_path):
+    path = tmp_path / "spaces.csv"
+    rows("r1", 0.5).with_columns(pl.lit(" lesion ").alias("task"), pl.lit("grouped ").alias("paradigm")).write_csv(path)
+    table = read_results(path)
+    assert table["task"].to_list() == ["lesion"]
+    assert table["paradigm"].to_list() == ["grouped"]

@@ -126,9 +126,13 @@ def validate_results(df: pl.DataFrame, origin: str = "results table") -> pl.Data
     if missing:
         raise DataError(
             f"{origin}: missing required column(s) {', '.join(missing)}{_column_hint(df.columns, missing)}; "
-            f"a results table needs the columns {', '.join(RESULTS_SCHEMA)}"
+            f"a results table needs the columns {', '.join(RESULTS_SCHEMA)} (the cells of "
+            f"{', '.join(c for c in RESULTS_SCHEMA if c in NULLABLE_COLUMNS)} may be empty; see docs/analysis.md)"
         )
     out = pl.DataFrame([_cast_column(df, c, t, origin).alias(c) for c, t in RESULTS_SCHEMA.items()])
+    # A space typed before or after a name ("breast_lesion ") would make another task; an empty cell stays empty.
+    text = [c for c, t in RESULTS_SCHEMA.items() if t == pl.String]
+    out = out.with_columns(pl.col(c).str.strip_chars().replace("", None) for c in text)
     for column in RESULTS_SCHEMA:
         if column in NULLABLE_COLUMNS:
             continue

@@ -23,7 +23,10 @@ def _console() -> Console:
     return output_console(console)
 
 
-RESULTS_HELP = "Results table (CSV or parquet) or a study output directory holding run directories."
+RESULTS_HELP = (
+    "Results table (CSV or parquet) or a study output directory holding run directories; docs/analysis.md lists the "
+    "columns of a table written by hand."
+)
 SCALE_BOOTSTRAP_HELP = "Bootstrap replicates for the per-image intervals (as transfer-matrix) and the zero-crossing intervals."
 METRIC_HELP = (
     "Metric per task type or task, as TYPE=METRIC or TASK=METRIC (repeatable); defaults: segmentation=dice, "
