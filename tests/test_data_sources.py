@@ -382,3 +382,14 @@ def test_mask_folder_without_name_settings_gets_one_error_with_the_fix(tmp_path)
     # Layout detection finds the same settings.
     (detected,) = detect_layouts(tmp_path, ProblemLog(strict=False))
     assert (detected.source.image_prefix, detected.source.mask_prefix, detected.source.mask_suffix) == ("bus_", "mask_", "_lesion")
+
+
+def test_scalar_csv_example_in_the_docs_reads_the_hc18_folder(shared_data):
+    import yaml
+
+    text = (REPO / "docs" / "data.md").read_text()
+    block = text.split("### `scalar_csv`")[1].split("```yaml")[1].split("```")[0]
+    (card,) = yaml.safe_load(block)
+    card["source"]["root"] = str(shared_data / card["source"]["root"])
+    records = load_task_records(TaskCard.model_validate(card))
+    assert len(records) == 100 and all(r.value > 0 and r.spacing_mm_per_px > 0 for r in records)

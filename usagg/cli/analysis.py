@@ -196,11 +196,11 @@ def _parse_k(value: str | None) -> int | str | None:
 def transfer_matrix(
     results: Annotated[Path, typer.Argument(help=RESULTS_HELP, metavar="RESULTS")],
     out: Annotated[Optional[Path], typer.Option("--out", help="Folder to write the tables (CSV, parquet, JSON) into.")] = None,
-    metric: Annotated[Optional[list[str]], typer.Option("--metric", help=METRIC_HELP)] = None,
+    metric: Annotated[Optional[list[str]], typer.Option("--metric", metavar="TYPE=METRIC", help=METRIC_HELP)] = None,
     all_metrics: Annotated[bool, typer.Option("--all-metrics", help="Analyse every metric in the table, not only the primary one.")] = False,
     method: Annotated[
         Optional[list[str]],
-        typer.Option("--method", help="Task-affinity estimator: measured, lookahead, gradient, experts, fisher or all (repeatable)."),
+        typer.Option("--method", metavar="METHOD", help="Task-affinity estimator: measured, lookahead, gradient, experts, fisher or all (repeatable)."),
     ] = None,
     relations: Annotated[
         Optional[Path], typer.Option("--relations", help="Known task × task relation matrix (CSV) to score each estimator against.")
@@ -285,7 +285,7 @@ def _data_scale_report(
 def data_scale(
     results: Annotated[Path, typer.Argument(help=RESULTS_HELP, metavar="RESULTS")],
     out: Annotated[Optional[Path], typer.Option("--out", help="Folder to write the tables (CSV, JSON) into.")] = None,
-    metric: Annotated[Optional[list[str]], typer.Option("--metric", help=METRIC_HELP)] = None,
+    metric: Annotated[Optional[list[str]], typer.Option("--metric", metavar="TYPE=METRIC", help=METRIC_HELP)] = None,
     bootstrap: Annotated[int, typer.Option("--bootstrap", min=0, help=SCALE_BOOTSTRAP_HELP)] = 2000,
     seed: Annotated[int, typer.Option("--seed", help="Random seed of the bootstrap.")] = 0,
 ) -> None:
@@ -318,7 +318,7 @@ def advise_command(
     results: Annotated[Path, typer.Argument(help=RESULTS_HELP, metavar="RESULTS")],
     task: Annotated[Optional[str], typer.Option("--task", help="Advise on this task only.")] = None,
     out: Annotated[Optional[Path], typer.Option("--out", help="Folder to write the advice tables (CSV) into.")] = None,
-    metric: Annotated[Optional[list[str]], typer.Option("--metric", help=METRIC_HELP)] = None,
+    metric: Annotated[Optional[list[str]], typer.Option("--metric", metavar="TYPE=METRIC", help=METRIC_HELP)] = None,
     bootstrap: Annotated[int, typer.Option("--bootstrap", min=0, help=SCALE_BOOTSTRAP_HELP)] = 2000,
     seed: Annotated[int, typer.Option("--seed", help="Random seed of the bootstrap.")] = 0,
 ) -> None:

@@ -106,7 +106,7 @@ def register(app: typer.Typer) -> None:
     def bench(
         only: Annotated[
             list[str] | None,
-            typer.Option("--only", help=f"Run only this benchmark (repeatable): {', '.join(BENCHMARK_NAMES)}."),
+            typer.Option("--only", metavar="NAME", help=f"Run only this benchmark (repeatable): {', '.join(BENCHMARK_NAMES)}."),
         ] = None,
         quick: Annotated[bool, typer.Option("--quick", help="Smaller batches, images and step counts (about 2 minutes in all on 2 CPU cores).")] = False,
         json_path: Annotated[

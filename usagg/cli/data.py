@@ -111,7 +111,7 @@ def _problem_table(problems, limit: int) -> Table:
 @data_app.command("check")
 def check(
     path: Annotated[Path, typer.Argument(help="A study YAML, or a dataset folder whose layout is detected.", metavar="PATH")],
-    task: Annotated[list[str] | None, typer.Option("--task", "-t", help="Check only this task (repeatable).")] = None,
+    task: Annotated[list[str] | None, typer.Option("--task", "-t", metavar="TASK", help="Check only this task (repeatable).")] = None,
     max_problems: Annotated[int, typer.Option(help="Rows of the problem table to print (0 prints all).")] = 200,
     json_out: Annotated[Path | None, typer.Option("--json", help="Also write the full report to this JSON file.")] = None,
 ) -> None:

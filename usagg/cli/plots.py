@@ -27,7 +27,7 @@ def plot(
     formats: Annotated[str, typer.Option("--format", help="Comma-separated output formats: pdf, png, svg.")] = "pdf,png",
     options: Annotated[
         Optional[list[str]],
-        typer.Option("--option", "-O", help="Figure option KEY=VALUE, e.g. -O fraction=0.5 or -O methods=lookahead,experts; repeatable."),
+        typer.Option("--option", "-O", metavar="KEY=VALUE", help="Figure option KEY=VALUE, e.g. -O fraction=0.5 or -O methods=lookahead,experts; repeatable."),
     ] = None,
     list_figures: Annotated[bool, typer.Option("--list", help="List the figures with one line each and exit.")] = False,
 ) -> None:
@@ -65,7 +65,7 @@ def reproduce(
     device: Annotated[str, typer.Option(help="auto (GPU when available), cpu or cuda.")] = "auto",
     train: Annotated[bool, typer.Option("--train/--no-train", help="--no-train analyses the results already on disk.")] = True,
     progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show training progress bars.")] = True,
-    overrides: Annotated[Optional[list[str]], typer.Option("--set", help="Override a study key, e.g. --set train.epochs=2; repeatable. A relative path is taken from the current folder.")] = None,
+    overrides: Annotated[Optional[list[str]], typer.Option("--set", metavar="KEY=VALUE", help="Override a study key, e.g. --set train.epochs=2; repeatable. A relative path is taken from the current folder.")] = None,
 ) -> None:
     """Run a study end to end: data check, training, evaluation, analyses, figures and a report.
 

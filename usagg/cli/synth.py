@@ -65,10 +65,10 @@ def add_synth_command(data_app: typer.Typer) -> None:
         preset: Annotated[PresetName, typer.Option(help="Benchmark size: small (128 px, 16-240 training images per task) or medium (256 px, 40-2000).")] = PresetName.small,
         seed: Annotated[int, typer.Option(help="Random seed; the same seed and options give byte-identical files.")] = 0,
         image_size: Annotated[int | None, typer.Option(help="Image side in pixels, overriding the preset.")] = None,
-        train_size: Annotated[list[str] | None, typer.Option("--train-size", help="Training images of one task, as TASK=N (repeatable).")] = None,
+        train_size: Annotated[list[str] | None, typer.Option("--train-size", metavar="TASK=N", help="Training images of one task, as TASK=N (repeatable).")] = None,
         val_size: Annotated[int | None, typer.Option(help="Validation images per task, overriding the preset.")] = None,
         test_size: Annotated[int | None, typer.Option(help="Test images per task, overriding the preset.")] = None,
-        task: Annotated[list[str] | None, typer.Option("--task", "-t", help="Generate only this task (repeatable).")] = None,
+        task: Annotated[list[str] | None, typer.Option("--task", "-t", metavar="TASK", help="Generate only this task (repeatable).")] = None,
         workers: Annotated[int | None, typer.Option(help="Worker processes (default: 2, or 1 on a single core).", min=1)] = None,
         overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a benchmark made with other options in --out.")] = False,
     ) -> None:
