@@ -239,7 +239,7 @@ def test_task_id_not_found(shared_data, tmp_path):
 def test_num_classes_mismatch(shared_data, tmp_path):
     root = copy_fmc_task(shared_data, tmp_path, "nerve_vessel")
     card = fmc_card("nerve_vessel", root, num_classes=2)
-    _assert_load_error(card, "num_classes is 3 in the CSV but the task card's num_classes is 2")
+    _assert_load_error(card, "num_classes is 3 in this row but the task's num_classes is 2 (from its task card")
 
 
 def test_mask_folder_image_without_mask(shared_data, tmp_path):
@@ -417,8 +417,8 @@ def test_detection_num_classes_mismatch(shared_data, tmp_path):
 
     _set_cell(root, "breast_lesion_det", 3, "num_classes", "2")
     _assert_load_error(
-        fmc_card("breast_lesion_det", root), "row 3", "num_classes is 2 in the CSV but the task card's num_classes is 1",
-        "correct this row's num_classes, or set num_classes: 2 in the task card if every row has 2",
+        fmc_card("breast_lesion_det", root), "row 3", "num_classes is 2 in this row but the task's num_classes is 1 (from its task card",
+        "correct this row's num_classes, or set num_classes: 2 in a study's task card if every row has 2",
     )
 
 

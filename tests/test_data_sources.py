@@ -204,6 +204,15 @@ def test_class_csv_accepts_class_names(shared_data, tmp_path):
         {"name": "named", "type": "classification", "num_classes": 2, "class_names": ["benign", "malignant"], "source": {"format": "class_csv", "root": tmp_path}}
     )
     assert [r.label for r in load_task_records(card)] == truth["label"].to_list()
+    rows[1][1] = "malignnat"
+    write_csv(tmp_path / "labels.csv", ["path", "label"], rows)
+    log = ProblemLog(strict=False)
+    read_source(card, log)
+    assert [(p.row, p.message, p.fix) for p in log.problems] == [(
+        2,
+        "class label 'malignnat' in column 'label' is neither a class index nor a class name (did you mean 'malignant'?)",
+        "write a class index 0..1 or one of benign, malignant",
+    )]
 
 
 def test_class_folders_from_busbra(shared_data, tmp_path):
@@ -393,3 +402,18 @@ def test_scalar_csv_example_in_the_docs_reads_the_hc18_folder(shared_data):
     card["source"]["root"] = str(shared_data / card["source"]["root"])
     records = load_task_records(TaskCard.model_validate(card))
     assert len(records) == 100 and all(r.value > 0 and r.spacing_mm_per_px > 0 for r in records)
+
+
+def test_detected_mask_folder_reports_a_bad_mask_once(tmp_path):
+    from usagg.data.check import inspect_path
+
+    (tmp_path / "images").mkdir()
+    (tmp_path / "masks").mkdir()
+    for k in range(3):
+        Image.fromarray(np.full((16, 16), 50, dtype=np.uint8)).save(tmp_path / "images" / f"a{k}.png")
+        Image.fromarray(np.eye(16, dtype=np.uint8)).save(tmp_path / "masks" / f"a{k}.png")
+    colour = np.zeros((16, 16, 3), dtype=np.uint8)
+    colour[2:4, 2:4] = (255, 0, 0)
+    Image.fromarray(colour).save(tmp_path / "masks" / "a1.png")
+    report = inspect_path(tmp_path)
+    assert [p.file.name for p in report.all_problems if "colour mask" in p.message] == ["a1.png"]

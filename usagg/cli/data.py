@@ -136,12 +136,13 @@ def check(
     with progress:
         result = inspect_cards(path, cards, data_cfg, kind, log.problems, on_task, others)
     console.print(_summary_table(result))
-    problems = sorted(result.all_problems, key=lambda p: (not p.fatal, p.task))
+    problems = sorted(result.all_problems, key=lambda p: (not p.fatal, p.task, str(p.file or ""), p.row or 0))
     if problems:
         table = _problem_table(problems, max_problems)
         console.print(table)
         if 0 < max_problems < len(problems) and table.row_count >= max_problems:
-            console.print(f"... and {len(problems) - max_problems} more; rerun with --max-problems 0 or --json FILE to see all")
+            where = f"all are in {json_out}" if json_out is not None else "rerun with --max-problems 0 or --json FILE to see all"
+            console.print(escape(f"... and {len(problems) - max_problems} more; {where}"))
     if json_out is not None:
         _write_json(result, json_out)
     errors = sum(p.fatal for p in problems)

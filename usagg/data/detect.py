@@ -16,7 +16,7 @@ from pathlib import Path
 
 
 from usagg.data.decode import IMAGE_SUFFIXES, MASK_SUFFIXES, read_mask
-from usagg.data.problems import ProblemLog, problem_from_error
+from usagg.data.problems import ProblemLog
 from usagg.data.sources._common import parse_int, read_csv_columns
 from usagg.data.sources.fmc_uia import _card_name, discover_fmc_uia
 from usagg.data.sources.mask_folder import list_files, naming_hint
@@ -33,7 +33,7 @@ CASE_COLUMNS = ("case", "case_id", "patient", "patient_id", "subject_id")
 SPACING_COLUMNS = ("pixel_size_mm", "pixel_spacing_mm", "spacing_mm")
 
 
-def _mask_folder_card(root: Path, name: str, log: ProblemLog) -> TaskCard | None:
+def _mask_folder_card(root: Path, name: str) -> TaskCard | None:
     images = list_files(root / "images", IMAGE_SUFFIXES)
     masks = list_files(root / "masks", MASK_SUFFIXES)
     if not images or not masks:
@@ -50,7 +50,8 @@ def _mask_folder_card(root: Path, name: str, log: ProblemLog) -> TaskCard | None
         try:
             largest = max(largest, int(read_mask(mask_path).max(initial=0)))
         except DataError as exc:
-            log.add(problem_from_error(name, exc, file=mask_path))
+            # Reading the task reports the mask with its image; reporting it here too would list it twice.
+            logger.debug("%s: left out of the class count: %s", mask_path, exc)
     split_csv = _side_table(root, SPLIT_COLUMNS)
     if split_csv is not None:
         source.update(split_csv=split_csv[0], split_path_column=split_csv[1], split_column=split_csv[2])
@@ -87,7 +88,7 @@ def _side_table(root: Path, value_columns: tuple[str, ...]) -> tuple[str, str, s
     return None
 
 
-def _csv_cards(root: Path, base: str, log: ProblemLog) -> list[TaskCard]:
+def _csv_cards(root: Path, base: str) -> list[TaskCard]:
     cards = []
     for file, columns, records in _root_csvs(root):
         path_column = next((c for c in PATH_COLUMNS if c in columns), None)
@@ -154,13 +155,13 @@ def detect_layouts(root: str | os.PathLike, log: ProblemLog) -> list[TaskCard]:
     base = _card_name(root.name)
     cards: list[TaskCard] = []
     if (root / "images").is_dir() and (root / "masks").is_dir():
-        card = _mask_folder_card(root, f"{base}_seg", log)
+        card = _mask_folder_card(root, f"{base}_seg")
         if card is not None:
             cards.append(card)
     coco = _coco_card(root, base)
     if coco is not None:
         cards.append(coco)
-    cards.extend(_csv_cards(root, base, log))
+    cards.extend(_csv_cards(root, base))
     if not cards:
         folders = _class_folders_card(root, base)
         if folders is not None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import os
 from pathlib import Path
 
@@ -56,6 +57,10 @@ def read_class_csv(card: TaskCard, source: ClassCsvSource, root: Path, split: st
             names = f" or one of {', '.join(card.class_names)}" if card.class_names else ""
             if is_empty_cell(text):
                 message = f"class label in column {source.label_column!r} is empty"
+            elif card.class_names:
+                close = difflib.get_close_matches(text.strip(), list(card.class_names), n=1)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                message = f"class label {text!r} in column {source.label_column!r} is neither a class index nor a class name{hint}"
             else:
                 message = f"class label {text!r} in column {source.label_column!r} is not an integer"
             log.error(task, message, f"write a class index 0..{num_classes - 1}{names}", file=file, row=row)

@@ -300,8 +300,9 @@ def _check_type_and_count(context: _Row, cells: dict[str, str | None], expected:
     if expected is not None and count != expected:
         what = "num_keypoints" if card.type is TaskType.regression else "num_classes"
         context.error(
-            f"num_classes is {count} in the CSV but the task card's {what} is {expected}",
-            f"correct this row's num_classes, or set {what}: {count} in the task card if every row has {count}",
+            f"num_classes is {count} in this row but the task's {what} is {expected} (from its task card, or "
+            "from most of its rows when the card was built from the CSVs)",
+            f"correct this row's num_classes, or set {what}: {count} in a study's task card if every row has {count}",
         )
         return False
     return True
