@@ -336,3 +336,17 @@ def test_affinity_mean_and_state_round_trip():
     assert (again.records, again.seconds) == (2, 0.75)
     assert [step for step, _ in again.history] == [10, 20]
     np.testing.assert_array_equal(again.mean(), mean.mean())
+
+
+def test_dry_run_state_names_the_changed_settings(tiny_trained_run):
+    from usagg.train.loop import TrainOptions
+    from usagg.train.run import describe_plan
+
+    study = tiny_trained_run["study"]
+    options = TrainOptions(output=tiny_trained_run["study_file"].parent / "runs", device="cpu", progress=False)
+    assert tiny_trained_run["spec"].run_dir(options.output) == tiny_trained_run["run_dir"]
+    (same,) = describe_plan(study, [tiny_trained_run["spec"]], options)
+    assert same.state == "finished"
+    changed = study.model_copy(update={"train": study.train.model_copy(update={"lr_head": study.train.lr_head * 2})})
+    (planned,) = describe_plan(changed, [tiny_trained_run["spec"]], options)
+    assert planned.state == f"finished with other settings (train.lr_head: {study.train.lr_head} -> {study.train.lr_head * 2})"

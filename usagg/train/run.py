@@ -14,7 +14,7 @@ from usagg.train.distributed import DistEnv
 from usagg.train.loop import RunOutcome, TrainOptions, train_run
 from usagg.train.plan import RunSpec, check_budget_sampling, size_run, warn_underfed
 from usagg.train.rundata import RecordCache
-from usagg.train.rundir import check_finished_config, config_changes, is_finished, lock_holder, run_lock
+from usagg.train.rundir import check_finished_config, config_changes, is_finished, list_changes, lock_holder, run_lock
 
 logger = logging.getLogger(__name__)
 
@@ -40,17 +40,18 @@ def describe_plan(study: StudyConfig, specs: Sequence[RunSpec], options: TrainOp
         size = size_run(study, spec, records.n_train())
         warn_underfed(spec, size)
         run_dir = spec.run_dir(options.output)
-        changed = bool(config_changes(run_dir, study, spec))
+        changes = config_changes(run_dir, study, spec)
+        changed = f" ({list_changes(changes, limit=2)})" if changes else ""
         pointer = ckpt.read_pointer(run_dir, "latest")
         holder = lock_holder(run_dir)
         if holder is not None:
             state = f"being trained by {holder}"
         elif is_finished(run_dir):
-            state = "finished with other settings" if changed else "finished"
+            state = f"finished with other settings{changed}" if changed else "finished"
         elif pointer is None:
             state = "new"
         elif changed:
-            state = f"settings changed since step {pointer['step']}"
+            state = f"settings changed since step {pointer['step']}{changed}"
         else:
             state = f"resume at step {pointer['step']}"
         planned.append(PlannedRun(spec, size.n_train, size.steps, size.images, state))

@@ -55,7 +55,7 @@ def write_config(run_dir: Path, study: StudyConfig, spec: RunSpec) -> None:
         changes = config_changes(run_dir, study, spec)
         if changes:
             raise TrainingError(
-                f"{file}: the study's training settings changed since this run started ({_list_changes(changes)}); "
+                f"{file}: the study's training settings changed since this run started ({list_changes(changes)}); "
                 "restore the old values, or delete the run directory to train it again with the new ones"
             )
         return
@@ -68,7 +68,7 @@ def check_finished_config(run_dir: Path, study: StudyConfig, spec: RunSpec) -> N
     if changes:
         raise TrainingError(
             f"{run_dir}: this run finished with other training settings than the study now gives "
-            f"({_list_changes(changes)}); to keep it, restore the old values; to train it with the new ones, delete "
+            f"({list_changes(changes)}); to keep it, restore the old values; to train it with the new ones, delete "
             f"the run directory or write the runs to another output folder (-o DIR)"
         )
 
@@ -127,7 +127,8 @@ def _differences(old: Any, new: Any, key: str, defaults: Any = _NOT_SET) -> list
     return [f"{key}: {old_text} -> {new_text}"]
 
 
-def _list_changes(changes: list[str], limit: int = 5) -> str:
+def list_changes(changes: list[str], limit: int = 5) -> str:
+    """Join ``config_changes`` entries for a message, the first ``limit`` of them."""
     more = f"; and {len(changes) - limit} more" if len(changes) > limit else ""
     return "; ".join(changes[:limit]) + more
 
