@@ -155,3 +155,23 @@ def test_dry_run_warns_underfed_task(shared_data, tmp_path, monkeypatch):
     assert code == 0
     text = " ".join(stderr.split())
     assert "expected to get less than one batch of 4 training images in 2 steps" in text
+
+
+def test_bad_label_of_a_task_not_trained_says_why_it_is_read(shared_data, tmp_path, monkeypatch):
+    import shutil
+
+    root = tmp_path / "sample"
+    shutil.copytree(shared_data / "fmc_uia_sample", root)
+    csv = root / "csv_files" / "breast_2cls.csv"
+    header, first, *rest = csv.read_text().splitlines()
+    cells = first.split(",")
+    cells[-1] = "7"  # the class label column of a classification row
+    csv.write_text("\n".join([header, ",".join(cells), *rest]) + "\n")
+    study = study_dict(shared_data, tmp_path / "runs", ["breast_lesion", "breast_2cls"])
+    for card in study["tasks"]:
+        card["source"]["root"] = str(root)
+    study_file = write_study(tmp_path / "study.yaml", study)
+    code, stderr = run_main(["train", str(study_file), "--dry-run", "-p", "task_specific", "-t", "breast_lesion"], monkeypatch)
+    assert code == 2
+    assert "breast_2cls.csv, row 1" in stderr
+    assert "(task 'breast_2cls' is read for the run of task 'breast_lesion' too, because a study's tasks are split together" in stderr

@@ -50,7 +50,16 @@ class RecordCache:
             for card in self.study.tasks:
                 if card.source is None:
                     raise DataError(f"study {self.study.name!r}: task {card.name!r} has no source; add a source: block to its card")
-                records[card.name] = load_task_records(card)
+                try:
+                    records[card.name] = load_task_records(card)
+                except DataError as exc:
+                    if card.name == task:
+                        raise
+                    raise DataError(
+                        f"{exc} (task {card.name!r} is read for the run of task {task!r} too, because a study's tasks "
+                        "are split together so that an image they share lands in one split; fix it, or remove the "
+                        "task from the study)"
+                    ) from exc
             self._split = split_study_records(self.study.tasks, records, self.study.data)
             conflicts = cross_task_conflicts(self._split)
             if conflicts:
