@@ -31,3 +31,17 @@ def test_runs_with_one_setting_give_no_note(tmp_path):
     for run in ("task_specific/a/frac-1/seed-0", "unified/all/frac-1/seed-0"):
         _meta(tmp_path / run)
     assert evaluation_setting_notes(tmp_path) == []
+
+
+def test_study_table_given_as_a_file_gets_the_same_notes(tmp_path):
+    from test_analysis_relative import row, table
+
+    from usagg.analysis.inputs import load_inputs
+    from usagg.results import write_results
+
+    _meta(tmp_path / "task_specific/a/frac-1/seed-0")
+    _meta(tmp_path / "unified/all/frac-1/seed-0", checkpoint="latest")
+    path = write_results(table([row("task_specific", "a", "dice", 0.8, True), row("unified", "a", "dice", 0.7, True)]),
+                         tmp_path / "results.parquet")
+    notes = load_inputs(path).notes
+    assert [n for n in notes if "different checkpoint" in n]

@@ -140,6 +140,9 @@ def load_inputs(path: str | os.PathLike) -> AnalysisInputs:
         table = read_results(origin)
         per_image = None
         root = None
+        if origin.name == "results.parquet":
+            # The study table that `usagg evaluate` keeps beside the run directories: their settings still apply.
+            notes.extend(evaluation_setting_notes(origin.parent))
     scores, sizes = split_size_rows(validate_results(table, origin=str(origin)))
     if scores.height == 0:
         raise DataError(f"{origin}: the results table has no score rows (only {SIZE_METRIC} rows or none)")
