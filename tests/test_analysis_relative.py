@@ -360,6 +360,17 @@ def test_data_scale_reported_group_view():
     assert "Coefficients" not in text
 
 
+def test_group_size_reported_once_serves_every_paradigm():
+    from usagg.analysis.data_scale import group_view
+    from usagg.analysis.inputs import load_inputs
+
+    inputs = load_inputs(REPO / "analysis" / "paper_reported.csv")
+    view = group_view(relative_change(inputs.results), sizes=inputs.sizes).filter(pl.col("clinical_group") == "breast")
+    assert view.select("paradigm", "total_n_train", "size_source").rows() == [
+        ("grouped", 2920.0, "reported"), ("unified", 2920.0, "reported under another paradigm"),
+    ]
+
+
 def test_one_task_group_with_unchanged_score_is_named(known_table):
     from usagg.analysis.transfer import analyse_transfer
 

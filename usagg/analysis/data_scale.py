@@ -655,7 +655,8 @@ def group_view(rel: pl.DataFrame, split: str | None = None, sizes: pl.DataFrame 
     image that two tasks label counts twice (it is the number of labelled training examples). A task without a
     finite relative change still counts in the total, but not in ``delta_m`` and ``n_tasks``. When a task's size
     is unknown (numbers typed in from a publication), a matching row of ``sizes`` (metric ``train_images``, same
-    paradigm, clinical group and data fraction) supplies the group total instead, and ``size_source`` names the
+    paradigm, clinical group and data fraction) supplies the group total instead; failing that, a size reported
+    for the group under another paradigm, when the paradigms that report one agree. ``size_source`` names the
     source used.
     """
     data = rel
@@ -687,20 +688,32 @@ def group_view(rel: pl.DataFrame, split: str | None = None, sizes: pl.DataFrame 
                 pl.col("data_fraction").round(6),
                 pl.coalesce(pl.col("n_train").cast(pl.Float64), pl.col("value")).alias("reported_n_train"),
             )
-            .group_by("paradigm", "clinical_group", "data_fraction")
-            .agg(pl.col("reported_n_train").first())
+        )
+        own = reported.group_by("paradigm", "clinical_group", "data_fraction").agg(pl.col("reported_n_train").first())
+        # A group trains on the same images under every paradigm, so a size reported under one paradigm (often only
+        # the grouped rows) serves the others, when the paradigms that report it agree.
+        shared = (
+            reported.group_by("clinical_group", "data_fraction")
+            .agg(pl.col("reported_n_train").unique().alias("values"))
+            .filter(pl.col("values").list.len() == 1)
+            .select("clinical_group", "data_fraction", pl.col("values").list.first().alias("shared_n_train"))
         )
         view = (
             view.with_columns(pl.col("data_fraction").round(6))
-            .join(reported, on=["paradigm", "clinical_group", "data_fraction"], how="left")
+            .join(own, on=["paradigm", "clinical_group", "data_fraction"], how="left")
+            .join(shared, on=["clinical_group", "data_fraction"], how="left")
             .with_columns(
-                pl.when(pl.col("total_n_train").is_null() & pl.col("reported_n_train").is_not_null())
+                pl.when(pl.col("total_n_train").is_not_null())
+                .then(pl.col("size_source"))
+                .when(pl.col("reported_n_train").is_not_null())
                 .then(pl.lit("reported"))
-                .otherwise(pl.col("size_source"))
+                .when(pl.col("shared_n_train").is_not_null())
+                .then(pl.lit("reported under another paradigm"))
+                .otherwise(None)
                 .alias("size_source"),
-                pl.coalesce("total_n_train", "reported_n_train").alias("total_n_train"),
+                pl.coalesce("total_n_train", "reported_n_train", "shared_n_train").alias("total_n_train"),
             )
-            .drop("reported_n_train")
+            .drop("reported_n_train", "shared_n_train")
         )
     return view.with_columns(pl.col("total_n_train").log10().alias("log10_total_n_train")).sort(
         "paradigm", "clinical_group", "data_fraction"
