@@ -594,3 +594,12 @@ def test_transfer_matrix_fits_long_task_names(length):
         assert any("…" in label for label in labels)
         assert shortened == ["1 task name(s) are shortened in the middle (…) to fit a double-column width; the data CSV has them whole"]
         assert length in set(plot.data["task"].str.len_chars())
+
+
+def test_group_paradigm_names_groups_whose_interval_falls_back():
+    """-O interval=tasks needs 4 tasks per group; the hand-made groups have two, so their interval is over seeds."""
+    plot = draw_figure("group-paradigm", FigureInputs(results=_hand_results()), interval="tasks")
+    assert set(plot.data["ci_over"]) == {"seeds"}
+    (note,) = [n for n in plot.notes if n.startswith("interval over seeds instead of tasks (fewer than 4 tasks) for ")]
+    assert "grouped/breast" in note and "unified/thyroid" in note
+    assert not any("instead of" in n for n in draw_figure("group-paradigm", FigureInputs(results=_hand_results())).notes)

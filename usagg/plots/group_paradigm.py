@@ -144,6 +144,14 @@ def group_paradigm(
         columnspacing=1.0,
     )
     notes = []
+    other = "tasks" if interval == "seeds" else "seeds"
+    fallback = table.filter(pl.col("ci_over") == other)
+    if fallback.height:
+        why = "fewer than 4 tasks" if interval == "tasks" else "one seed"
+        notes.append(
+            f"interval over {other} instead of {interval} ({why}) for "
+            + ", ".join(f"{r['paradigm']}/{r['clinical_group']}" for r in fallback.iter_rows(named=True))
+        )
     single = table.filter(pl.col("ci_over") == "none")
     if single.height:
         notes.append(
