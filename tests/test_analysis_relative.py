@@ -355,7 +355,7 @@ def test_data_scale_reported_group_view():
     result = CliRunner().invoke(app, ["data-scale", str(REPO / "analysis" / "paper_reported.csv")])
     assert result.exit_code == 0, result.output
     text = " ".join(result.output.split())
-    assert "Clinical groups: Δm against total training images" in text
+    assert "Clinical groups: Δm (%) against total training images" in text
     assert "note: regression not fitted: data-scale analysis: no aggregated result with a positive n_train" in text
     assert "Coefficients" not in text
 

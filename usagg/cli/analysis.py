@@ -298,13 +298,13 @@ def data_scale(
             f"tasks; R² = {fit.r2:.3f} (adjusted {fit.r2_adj:.3f})",
             highlight=False,
         )
-        _print_frame("Coefficients", fit.table)
+        _print_frame("Coefficients (relative change as a fraction: 0.01 = 1 %)", fit.table)
     if fit is not None and fit.crossings.height:
         crossings = fit.crossings.select(
             "paradigm", "task_type", "slope_per_log10", "n_train_cross", "ci_lo", "ci_hi", "bounded", "within_data_range"
         )
         _print_frame("Training images at which the predicted change crosses 0 (95 % cluster-bootstrap interval)", crossings)
-    _print_frame("Clinical groups: Δm against total training images", report.tables["data_scale_groups"], percent=("delta_m", "sd_tasks"))
+    _print_frame("Clinical groups: Δm (%) against total training images", report.tables["data_scale_groups"], percent=("delta_m", "sd_tasks"))
     _print_frame("Task-type sensitivity (Kruskal–Wallis, one observation per task)", report.tables["task_type_tests"])
     if "task_type_pairwise" in report.tables:
         _print_frame("Pairwise Mann–Whitney U with Holm correction", report.tables["task_type_pairwise"])

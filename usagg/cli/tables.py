@@ -74,7 +74,9 @@ def print_rows(
 
     Transposed, each original column becomes a row and each original row a column headed by its first cell.
     """
-    table = Table(title=escape(title))
+    # A table at least as wide as its title keeps the title on one line.
+    min_width = min(len(title) + 4, console.width)
+    table = Table(title=escape(title), min_width=min_width)
     for name, right_aligned in zip(header, right):
         table.add_column(escape(name), justify="right" if right_aligned else "left")
     for row in rows:
@@ -83,7 +85,7 @@ def print_rows(
         console.print(table)
         return
 
-    transposed = Table(title=escape(title))
+    transposed = Table(title=escape(title), min_width=min_width)
     transposed.add_column(escape(header[0]))
     for row in rows:
         transposed.add_column(escape(row[0]), justify="right")
