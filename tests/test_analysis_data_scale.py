@@ -554,7 +554,7 @@ def test_crossing_unbounded_when_replicates_collinear():
     assert classification["note"].str.contains("replicates had collinear terms, so the kept ones are not a random sample").all()
 
 
-def test_own_losses_stay_clear_when_the_fit_is_thin_or_predicts_losses():
+def test_own_losses_beat_thin_fit():
     """A lone regression task losing under both paradigms: its own runs decide, not the thin, all-loss model."""
     tasks = {**SPLIT_SIZES, "reg_a": ("regression", 500)}
 
@@ -574,7 +574,7 @@ def test_own_losses_stay_clear_when_the_fit_is_thin_or_predicts_losses():
     assert "evidence insufficient" not in rec["reason"]
 
 
-def test_crossing_interval_far_beyond_the_sizes_is_noted():
+def test_wide_crossing_interval_noted():
     """A bounded interval reaching beyond 10x the line's training sizes is kept but noted as poorly determined."""
 
     def change(paradigm, task, task_type, n_train, seed):

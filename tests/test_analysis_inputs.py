@@ -33,7 +33,7 @@ def test_runs_with_one_setting_give_no_note(tmp_path):
     assert evaluation_setting_notes(tmp_path) == []
 
 
-def test_study_table_given_as_a_file_gets_the_same_notes(tmp_path):
+def test_study_table_file_gets_setting_notes(tmp_path):
     from test_analysis_relative import row, table
 
     from usagg.analysis.inputs import load_inputs

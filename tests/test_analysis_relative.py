@@ -360,7 +360,7 @@ def test_data_scale_reported_group_view():
     assert "Coefficients" not in text
 
 
-def test_group_size_reported_once_serves_every_paradigm():
+def test_reported_group_size_serves_all_paradigms():
     from usagg.analysis.data_scale import group_view
     from usagg.analysis.inputs import load_inputs
 
@@ -371,7 +371,7 @@ def test_group_size_reported_once_serves_every_paradigm():
     ]
 
 
-def test_one_task_group_with_unchanged_score_is_named(known_table):
+def test_one_task_group_named(known_table):
     from usagg.analysis.transfer import analyse_transfer
 
     same = known_table.vstack(table([
@@ -386,7 +386,7 @@ def test_one_task_group_with_unchanged_score_is_named(known_table):
     assert not any("breast" in w for w in notes)
 
 
-def test_metric_misspelt_in_every_row_names_the_metric_not_the_keys(tmp_path, known_table):
+def test_metric_misspelt_everywhere_named(tmp_path, known_table):
     from typer.testing import CliRunner
 
     from usagg.cli import app
@@ -402,7 +402,7 @@ def test_metric_misspelt_in_every_row_names_the_metric_not_the_keys(tmp_path, kn
     assert "same study, metric, data fraction" not in text
 
 
-def test_metric_misspelt_in_some_rows_is_warned(known_table):
+def test_metric_misspelt_in_some_rows(known_table):
     second_seed = known_table.with_columns(pl.lit(1, dtype=known_table.schema["seed"]).alias("seed"), pl.col("run_id") + "-1")
     typo = second_seed.with_columns(
         pl.when((pl.col("task") == "breast_lesion") & (pl.col("paradigm") == "grouped")).then(pl.lit("dcie"))
@@ -416,7 +416,7 @@ def test_metric_misspelt_in_some_rows_is_warned(known_table):
     ) in warnings
 
 
-def test_metric_override_absent_from_the_table_raises(known_table):
+def test_absent_metric_override_raises(known_table):
     with pytest.raises(AnalysisError, match=(
         r"--metric segmentation=dcie: no row of segmentation has metric 'dcie' \(did you mean 'dice'\?\); "
         r"its rows have dice"
@@ -424,7 +424,7 @@ def test_metric_override_absent_from_the_table_raises(known_table):
         relative_change_with_warnings(known_table, {"segmentation": "dcie"})
 
 
-def test_differing_training_sizes_of_one_task_are_warned(known_table):
+def test_differing_task_sizes_warned(known_table):
     sizes = known_table.with_columns(
         pl.when(pl.col("paradigm") == "grouped").then(1000).otherwise(pl.col("n_train")).alias("n_train")
     )

@@ -308,7 +308,7 @@ def test_show_help_lists_figure_suffixes():
     assert ", ".join(FIGURE_SUFFIXES[:-1]) + f" or {FIGURE_SUFFIXES[-1]}" in text
 
 
-def test_check_one_task_shows_the_splits_of_the_whole_study(shared_data):
+def test_check_one_task_uses_study_splits(shared_data):
     """--task checks one task but splits it with the others, so its counts are those training will use."""
     from usagg.data.check import inspect_path
 

@@ -367,7 +367,7 @@ def test_detect_class_csv_with_ragged_row(tmp_path):
     assert [(p.row, p.message) for p in log.problems] == [(2, "the row has 3 fields but the header has 2 columns")]
 
 
-def test_mask_folder_without_name_settings_gets_one_error_with_the_fix(tmp_path):
+def test_unpaired_mask_names_get_one_error(tmp_path):
     """Images bus_N and masks mask_N_lesion pair under no setting given: one error names the settings that pair them."""
     (tmp_path / "images").mkdir()
     (tmp_path / "masks").mkdir()
@@ -393,7 +393,7 @@ def test_mask_folder_without_name_settings_gets_one_error_with_the_fix(tmp_path)
     assert (detected.source.image_prefix, detected.source.mask_prefix, detected.source.mask_suffix) == ("bus_", "mask_", "_lesion")
 
 
-def test_scalar_csv_example_in_the_docs_reads_the_hc18_folder(shared_data):
+def test_docs_scalar_csv_example_loads(shared_data):
     import yaml
 
     text = (REPO / "docs" / "data.md").read_text()
@@ -404,7 +404,7 @@ def test_scalar_csv_example_in_the_docs_reads_the_hc18_folder(shared_data):
     assert len(records) == 100 and all(r.value > 0 and r.spacing_mm_per_px > 0 for r in records)
 
 
-def test_detected_mask_folder_reports_a_bad_mask_once(tmp_path):
+def test_detected_bad_mask_reported_once(tmp_path):
     from usagg.data.check import inspect_path
 
     (tmp_path / "images").mkdir()

@@ -131,7 +131,7 @@ def test_predict_rejects_root_without_trained_tasks(tiny_trained_run, tmp_path, 
         write_fmc_uia_predictions(tiny_trained_run["run_dir"], root, tmp_path / "out", device="cpu")
 
 
-def test_predict_failure_leaves_the_output_folder_as_it_was(tiny_trained_run, tmp_path, shared_data):
+def test_failed_predict_keeps_output(tiny_trained_run, tmp_path, shared_data):
     """A bad row in a later task's CSV stops predict before any mask or JSON file of an earlier task is written."""
     import shutil
 

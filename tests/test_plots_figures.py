@@ -596,7 +596,7 @@ def test_transfer_matrix_fits_long_task_names(length):
         assert length in set(plot.data["task"].str.len_chars())
 
 
-def test_group_paradigm_names_groups_whose_interval_falls_back():
+def test_group_interval_fallback_noted():
     """-O interval=tasks needs 4 tasks per group; the hand-made groups have two, so their interval is over seeds."""
     plot = draw_figure("group-paradigm", FigureInputs(results=_hand_results()), interval="tasks")
     assert set(plot.data["ci_over"]) == {"seeds"}

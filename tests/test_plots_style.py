@@ -99,7 +99,7 @@ def test_layout_reports_clipped_text():
     assert problems == ["figure text 'this text runs past the right edge' is clipped by the figure edge"]
 
 
-def test_layout_check_measures_the_ticks_that_are_saved(monkeypatch):
+def test_layout_measures_saved_ticks(monkeypatch):
     """Tick labels are recomputed when measured; the check measures them in the saved style and resolution."""
     from usagg.plots import layout
 

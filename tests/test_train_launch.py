@@ -157,7 +157,7 @@ def test_dry_run_warns_underfed_task(shared_data, tmp_path, monkeypatch):
     assert "expected to get less than one batch of 4 training images in 2 steps" in text
 
 
-def test_bad_label_of_a_task_not_trained_says_why_it_is_read(shared_data, tmp_path, monkeypatch):
+def test_untrained_task_error_says_why(shared_data, tmp_path, monkeypatch):
     import shutil
 
     root = tmp_path / "sample"

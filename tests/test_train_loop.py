@@ -338,7 +338,7 @@ def test_affinity_mean_and_state_round_trip():
     np.testing.assert_array_equal(again.mean(), mean.mean())
 
 
-def test_dry_run_state_names_the_changed_settings(tiny_trained_run):
+def test_dry_run_names_changed_settings(tiny_trained_run):
     from usagg.train.loop import TrainOptions
     from usagg.train.run import describe_plan
 

@@ -38,9 +38,9 @@ def common_suffix(stems: list[str]) -> str:
 
 
 def naming_hint(images: list[Path], masks: list[Path], source: MaskFolderSource) -> tuple[dict[str, str], int] | None:
-    """Guess the source's name settings that pair images and masks which pair under none now.
+    """Guess the name settings under which the images and masks of a folder pair, when none pair now.
 
-    Returns the settings to change and how many images they pair, or None when no guess pairs any.
+    Returns the settings to change and how many images they pair, or None when the guess pairs none.
     """
     image_stems, mask_stems = [p.stem for p in images], [p.stem for p in masks]
     guess = {
