@@ -405,3 +405,27 @@ def test_identical_seeds_give_no_interval():
         "unified/a/dice: its 3 seeds have the same relative change (-10.00 %), so they give no t interval and no "
         "flag; if one number was copied to every seed, give it once with an empty seed"
     ]
+
+
+def test_seed_tests_adjusted_over_comparisons():
+    """Benjamini–Hochberg over the comparisons of one study and split: q = min over k >= rank of p_(k) m / k."""
+    from statsmodels.stats.multitest import multipletests
+
+    from usagg.analysis.relative import relative_change
+    from usagg.results import RESULTS_SCHEMA
+
+    rows = []
+    for task, shift in (("a", 0.02), ("b", 0.05), ("c", 0.0)):
+        for seed in range(4):
+            base = 0.7 + 0.01 * seed
+            noise = 0.003 * ((seed * 7 + ord(task)) % 5 - 2)
+            for paradigm, value in (("task_specific", base), ("unified", base - shift + noise)):
+                rows.append({"study": "s", "run_id": f"{paradigm}-{seed}", "paradigm": paradigm, "group": "all" if paradigm == "unified" else task,
+                             "task": task, "task_type": "segmentation", "organ": "x", "clinical_group": "x", "n_train": 100,
+                             "data_fraction": 1.0, "seed": seed, "split": "test", "metric": "dice", "value": value,
+                             "higher_is_better": True, "source": "run"})
+    summary, _ = seed_summary(relative_change(pl.DataFrame(rows, schema=RESULTS_SCHEMA)), n_boot=0)
+    p_values = summary["ttest_p"].to_numpy()
+    assert np.isfinite(p_values).all()
+    assert summary["ttest_q_bh"].to_numpy() == pytest.approx(multipletests(p_values, method="fdr_bh")[1])
+    assert (summary["ttest_q_bh"].to_numpy() >= p_values).all()

@@ -54,6 +54,8 @@ SUMMARY_SCHEMA = {
     "sd_rel_change": pl.Float64,
     "wilcoxon_p": pl.Float64,
     "ttest_p": pl.Float64,
+    "wilcoxon_q_bh": pl.Float64,
+    "ttest_q_bh": pl.Float64,
     "ci_lo": pl.Float64,
     "ci_hi": pl.Float64,
     "ci_method": pl.String,
@@ -418,6 +420,8 @@ def seed_summary(
                 "sd_rel_change": float(finite.std(ddof=1)) if finite.size >= 2 else math.nan,
                 "wilcoxon_p": wilcoxon_p,
                 "ttest_p": t_p,
+                "wilcoxon_q_bh": math.nan,
+                "ttest_q_bh": math.nan,
                 "ci_lo": ci_lo,
                 "ci_hi": ci_hi,
                 "ci_method": method,
@@ -428,7 +432,31 @@ def seed_summary(
     schema = {k: rel.schema[k] for k in keys}
     schema["n_train"] = pl.Float64
     schema.update(SUMMARY_SCHEMA)
-    return pl.DataFrame(rows, schema=schema), notes
+    return _adjust_for_many(pl.DataFrame(rows, schema=schema)), notes
+
+
+def _adjust_for_many(summary: pl.DataFrame) -> pl.DataFrame:
+    """Fill the Benjamini–Hochberg adjusted p-values of the seed tests, over all comparisons of a study and split.
+
+    Benjamini and Hochberg (JRSS B 1995) control the false discovery rate among the comparisons called
+    significant; ``statsmodels.stats.multitest.multipletests`` with ``fdr_bh``. Comparisons without a p-value
+    stay NaN and do not count in the family.
+    """
+    if summary.is_empty():
+        return summary
+    family_keys = [k for k in ("study", "split") if k in summary.columns] or [pl.lit(0)]
+    parts = []
+    for _, part in summary.with_row_index("_row").group_by(family_keys, maintain_order=True):
+        adjusted = {}
+        for column, target in (("wilcoxon_p", "wilcoxon_q_bh"), ("ttest_p", "ttest_q_bh")):
+            values = part[column].to_numpy().astype(float)
+            q = np.full(values.shape, np.nan)
+            finite = np.isfinite(values)
+            if finite.any():
+                q[finite] = multipletests(values[finite], method="fdr_bh")[1]
+            adjusted[target] = q
+        parts.append(part.with_columns(*(pl.Series(name, values) for name, values in adjusted.items())))
+    return pl.concat(parts).sort("_row").drop("_row")
 
 
 def _index_scores(per_image: pl.DataFrame) -> dict[tuple[str, str, str, str], pl.DataFrame]:
