@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import polars as pl
 import pytest
@@ -215,3 +216,22 @@ def test_run_full_analysis_skips_what_inputs_lack(known_table, tmp_path):
     assert any(m.startswith("data scale skipped") for m in report.messages)
     assert any("no affinity estimator has inputs" in m for m in report.messages)
     assert (tmp_path / "relative_change.csv").exists()
+
+
+def test_analysis_of_other_data_removes_earlier_files(study_dir, known_table, tmp_path):
+    run_full_analysis(study_dir, tmp_path, n_bootstrap=0)
+    assert (tmp_path / "groups.yaml").is_file()
+    assert (tmp_path / "data_scale_coefficients.csv").is_file()
+    report = run_full_analysis(known_table, tmp_path, n_bootstrap=0)
+    assert not (tmp_path / "groups.yaml").exists()
+    assert not (tmp_path / "data_scale_coefficients.csv").exists()
+    listed = json.loads((tmp_path / "analysis_report.json").read_text())["outputs"]
+    assert sorted(Path(p).name for p in listed.values()) == sorted(p.name for p in report.outputs.values())
+
+
+def test_commands_on_one_input_share_a_folder(small_table, tmp_path):
+    assert runner.invoke(app, ["data-scale", str(small_table), "--out", str(tmp_path), "--bootstrap", "0"]).exit_code == 0
+    assert runner.invoke(app, ["transfer-matrix", str(small_table), "--out", str(tmp_path), "--bootstrap", "0"]).exit_code == 0
+    assert (tmp_path / "data_scale_coefficients.csv").is_file()
+    listed = json.loads((tmp_path / "analysis_report.json").read_text())["outputs"]
+    assert "data_scale_coefficients" in listed

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 from dataclasses import dataclass, field
@@ -20,6 +21,8 @@ from usagg.analysis.grouping import GroupingResult
 from usagg.analysis.inference import GroupTest
 from usagg.analysis.transfer import TransferAnalysis
 from usagg.io import atomic_path, write_json_atomic, write_text_atomic
+
+logger = logging.getLogger(__name__)
 
 
 def write_table(table: pl.DataFrame, path: str | os.PathLike, parquet: bool = False) -> Path:
@@ -103,9 +106,15 @@ class AnalysisReport:
         return jsonable(out)
 
     def write(self, out_dir: str | os.PathLike) -> dict[str, Path]:
-        """Write every table (CSV; the relative change also as parquet), matrix and the report JSON."""
+        """Write every table (CSV; the relative change also as parquet), matrix and the report JSON.
+
+        An earlier analysis in ``out_dir`` is read from its ``analysis_report.json``. When it analysed the same
+        input, its files that this analysis does not rewrite are kept and listed (several commands may share one
+        folder). When it analysed another input, they are deleted, so that no file of other data looks current.
+        """
         root = Path(out_dir)
         root.mkdir(parents=True, exist_ok=True)
+        earlier = _earlier_outputs(root, self.origin)
         for name, table in self.tables.items():
             self.outputs[name] = write_table(table, root / f"{name}.csv", parquet=name == "relative_change")
         for name, (tasks, matrix) in self.matrices.items():
@@ -122,11 +131,40 @@ class AnalysisReport:
             write_json_atomic(path, jsonable(self.grouping.summary()))
             self.outputs["grouping"] = path
         report_path = root / "analysis_report.json"
+        written = {Path(path).resolve() for path in self.outputs.values()} | {report_path.resolve()}
+        kept: dict[str, Path] = {}
+        for name, (path, same_input) in earlier.items():
+            if path.resolve() in written or name in self.outputs:
+                continue
+            if same_input:
+                kept[name] = path
+            else:
+                path.unlink()
+                logger.info("%s: removed, it belonged to an earlier analysis of other data", path)
         summary = self.summary()
-        summary["outputs"] = {k: str(v) for k, v in sorted({**self.outputs, "report": report_path}.items())}
+        summary["outputs"] = {k: str(v) for k, v in sorted({**kept, **self.outputs, "report": report_path}.items())}
         write_json_atomic(report_path, summary)
         self.outputs["report"] = report_path
         return self.outputs
+
+
+def _earlier_outputs(root: Path, origin: str) -> dict[str, tuple[Path, bool]]:
+    """Return the files an earlier analysis listed in ``root``'s report: name -> (path, whether of ``origin``)."""
+    report_path = root / "analysis_report.json"
+    try:
+        earlier = json.loads(report_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(earlier, dict) or not isinstance(earlier.get("outputs"), dict):
+        return {}
+    same_input = earlier.get("origin") == origin
+    found = {}
+    for name, text in earlier["outputs"].items():
+        path = Path(str(text))
+        # Only files inside the folder that still exist; the report itself is rewritten.
+        if name != "report" and path.parent.resolve() == root.resolve() and path.is_file():
+            found[name] = (path, same_input)
+    return found
 
 
 def _grouping_comment(grouping: GroupingResult) -> str:
