@@ -603,3 +603,18 @@ def test_group_interval_fallback_noted():
     (note,) = [n for n in plot.notes if n.startswith("interval over seeds instead of tasks (fewer than 4 tasks) for ")]
     assert "grouped/breast" in note and "unified/thyroid" in note
     assert not any("instead of" in n for n in draw_figure("group-paradigm", FigureInputs(results=_hand_results())).notes)
+
+
+def test_draw_figure_takes_paths_and_tables(tmp_path):
+    from usagg.plots.registry import render_figure
+
+    table = _hand_results()
+    path = tmp_path / "results.csv"
+    table.write_csv(path)
+    for inputs in (str(path), path, [path], table):
+        plot = draw_figure("group-paradigm", inputs)
+        assert set(plot.data["paradigm"]) == {"grouped", "unified"}
+    rendered = render_figure("group-paradigm", path, tmp_path / "figures", formats="png")
+    assert [p.name for p in rendered.paths] == ["group-paradigm.png", "group-paradigm.csv"]
+    with pytest.raises(ConfigError, match="figure inputs of type int: pass FigureInputs, a results DataFrame"):
+        draw_figure("group-paradigm", 5)

@@ -13,7 +13,7 @@ from pathlib import Path
 import polars as pl
 
 from usagg.errors import ConfigError, DataError
-from usagg.results import read_results
+from usagg.results import read_results, validate_results
 
 logger = logging.getLogger(__name__)
 
@@ -100,6 +100,22 @@ class FigureInputs:
     runs: list[RunInfo] = field(default_factory=list)
     study_dir: Path | None = None
     origin: str = "inputs"
+
+    @classmethod
+    def coerce(cls, inputs: "FigureInputs | pl.DataFrame | str | os.PathLike | Sequence[str | os.PathLike]") -> "FigureInputs":
+        """Return ``inputs`` as FigureInputs: a results DataFrame, one path or a list of paths as ``from_paths`` reads them."""
+        if isinstance(inputs, cls):
+            return inputs
+        if isinstance(inputs, pl.DataFrame):
+            return cls(results=validate_results(inputs), origin="results table")
+        if isinstance(inputs, (str, os.PathLike)):
+            return cls.from_paths([inputs])
+        if isinstance(inputs, Sequence) and all(isinstance(item, (str, os.PathLike)) for item in inputs):
+            return cls.from_paths(list(inputs))
+        raise ConfigError(
+            f"figure inputs of type {type(inputs).__name__}: pass FigureInputs, a results DataFrame, or paths of "
+            "results tables, run directories or study output folders"
+        )
 
     @classmethod
     def from_paths(cls, paths: Sequence[str | os.PathLike]) -> "FigureInputs":

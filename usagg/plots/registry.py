@@ -21,6 +21,7 @@ import polars as pl
 from matplotlib.figure import Figure
 
 from usagg.errors import ConfigError
+from usagg.plots.inputs import FigureInputs
 from usagg.plots.layout import layout_problems
 from usagg.plots.style import DEFAULT_FORMATS, parse_formats, publication_style, save_figure
 
@@ -151,10 +152,15 @@ def _convert(spec: FigureSpec, param: inspect.Parameter, raw: str) -> Any:
 
 
 def draw_figure(name: str, inputs: Any, **options: Any) -> FigurePlot:
-    """Draw figure ``name`` in the publication style without writing files."""
+    """Draw figure ``name`` in the publication style without writing files.
+
+    ``inputs`` is a :class:`FigureInputs`, a results DataFrame, or a path or list of paths of results tables
+    (.parquet, .csv), run directories and study output folders.
+    """
     spec = get_figure(name)
+    figure_inputs = FigureInputs.coerce(inputs)
     with publication_style():
-        return spec.function(inputs, **options)
+        return spec.function(figure_inputs, **options)
 
 
 def render_figure(
@@ -167,7 +173,7 @@ def render_figure(
 ) -> RenderedFigure:
     """Draw figure ``name``, write it in every format plus its data as CSV, and check its layout.
 
-    Layout problems (clipped or overlapping text) are logged as warnings and returned, so that a caller
+    ``inputs`` is what :func:`draw_figure` takes. Layout problems (clipped or overlapping text) are logged as warnings and returned, so that a caller
     such as a test can reject them.
     """
     spec = get_figure(name)
