@@ -235,3 +235,12 @@ def test_commands_on_one_input_share_a_folder(small_table, tmp_path):
     assert (tmp_path / "data_scale_coefficients.csv").is_file()
     listed = json.loads((tmp_path / "analysis_report.json").read_text())["outputs"]
     assert "data_scale_coefficients" in listed
+
+
+def test_relations_of_other_tasks_are_named(study_dir, tmp_path):
+    other = tmp_path / "relations.csv"
+    other.write_text("task,x,y\nx,1,0.5\ny,0.5,1\n")
+    report = run_full_analysis(study_dir, tmp_path / "out", relations=other, n_bootstrap=0)
+    named = [m for m in report.messages if m.startswith("the relation matrix shares 0 task(s) with the")]
+    assert len(named) == report.tables["affinity_scores"].height
+    assert "check that the relations file belongs to this study" in named[0]

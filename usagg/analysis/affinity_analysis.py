@@ -132,7 +132,17 @@ def analyse_affinity(
     if len(result.matrices) >= 2:
         result.agreement = agreement_table(result.matrices, n_permutations, seed)
     if relations is not None:
-        result.scores = score_against_relations({**result.matrices, **_scored_extras(result)}, relations, n_permutations, seed)
+        scored = {**result.matrices, **_scored_extras(result)}
+        result.scores = score_against_relations(scored, relations, n_permutations, seed)
+        for name, (tasks, _) in scored.items():
+            shared = sorted(set(tasks) & set(relations[0]))
+            if len(shared) < 2:
+                result.messages.append(
+                    f"the relation matrix shares {len(shared)} task(s) with the {name} matrix, so {name} is not "
+                    f"scored against it (relation tasks: {', '.join(relations[0][:6])}{' …' if len(relations[0]) > 6 else ''}; "
+                    f"{name} tasks: {', '.join(tasks[:6])}{' …' if len(tasks) > 6 else ''}); check that the relations "
+                    "file belongs to this study and names its tasks as the results do"
+                )
     return result
 
 
