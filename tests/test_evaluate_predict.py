@@ -266,7 +266,7 @@ def test_predict_follows_study_checkpoint_without_pretrained_warning(tiny_traine
 
     code, stderr = run_main(["predict", str(run_dir), root, "--out", str(tmp_path / "c"), "--checkpoint", "last"], monkeypatch)
     assert code == 2
-    assert "--checkpoint last: choose best or latest" in stderr
+    assert "checkpoint 'last' is invalid; use best or latest" in stderr
 
 
 def test_evaluate_gives_no_pretrained_warning(tiny_trained_run, tmp_path, monkeypatch):

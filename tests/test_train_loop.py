@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import shutil
 
 import numpy as np
@@ -350,3 +351,19 @@ def test_dry_run_names_changed_settings(tiny_trained_run):
     changed = study.model_copy(update={"train": study.train.model_copy(update={"lr_head": study.train.lr_head * 2})})
     (planned,) = describe_plan(changed, [tiny_trained_run["spec"]], options)
     assert planned.state == f"finished with other settings (train.lr_head: {study.train.lr_head} -> {study.train.lr_head * 2})"
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"split": "training"}, "split 'training' is invalid; evaluate on val or test"),
+        ({"checkpoint": "final"}, "checkpoint 'final' is invalid; use best or latest"),
+        ({"device": "tpu"}, "device 'tpu' is invalid; use auto, cpu or cuda"),
+    ],
+)
+def test_evaluate_run_rejects_bad_arguments(tiny_trained_run, kwargs, message):
+    from usagg.errors import ConfigError
+    from usagg.train.finalize import evaluate_run
+
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        evaluate_run(tiny_trained_run["run_dir"], **kwargs)

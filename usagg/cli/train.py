@@ -204,10 +204,6 @@ def evaluate(
     """Evaluate a trained run on a split and write its results (run table and the study's table)."""
     from usagg.train.finalize import evaluate_run
 
-    if split is not None and split not in ("val", "test"):
-        raise ConfigError(f"--split {split}: choose val or test")
-    if checkpoint is not None and checkpoint not in ("best", "latest"):
-        raise ConfigError(f"--checkpoint {checkpoint}: choose best or latest")
     rows = evaluate_run(
         run_dir, split=split, checkpoint=checkpoint, device=device, fisher_images=fisher_images,
         allow_unfinished=allow_unfinished,
@@ -243,8 +239,6 @@ def predict(
 
     if format != "fmc_uia":
         raise ConfigError(f"--format {format}: unsupported; the only format is fmc_uia")
-    if checkpoint is not None and checkpoint not in ("best", "latest"):
-        raise ConfigError(f"--checkpoint {checkpoint}: choose best or latest")
     summary = write_fmc_uia_predictions(run_dir, data_root, out, checkpoint=checkpoint, device=device)
     for kind, count in summary.items():
         console.print(escape(f"{kind}: {count}"))

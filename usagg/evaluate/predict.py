@@ -143,6 +143,7 @@ def write_fmc_uia_predictions(
     from usagg.train.finalize import build_run_model
     from usagg.train.rundir import load_run
 
+    ckpt.check_checkpoint_kind(checkpoint)
     study, spec = load_run(run_dir)
     root = check_data_root(data_root)
     pairs = _match_tasks({t: study.task(t) for t in spec.tasks}, discover_fmc_uia(root), root)

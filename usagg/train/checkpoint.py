@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_model, save_model
 
-from usagg.errors import TrainingError
+from usagg.errors import ConfigError, TrainingError
 from usagg.io import atomic_path, read_json_file, write_json_atomic
 
 logger = logging.getLogger(__name__)
@@ -111,8 +111,19 @@ def read_pointer(run_dir: str | os.PathLike, kind: str) -> dict[str, Any] | None
     return data
 
 
+# Checkpoints a run keeps: the one with the best validation score and the latest one.
+CHECKPOINT_KINDS = ("best", "latest")
+
+
+def check_checkpoint_kind(kind: str | None) -> None:
+    """Raise ConfigError unless ``kind`` is None (the study's default) or one of ``CHECKPOINT_KINDS``."""
+    if kind is not None and kind not in CHECKPOINT_KINDS:
+        raise ConfigError(f"checkpoint {kind!r} is invalid; use {' or '.join(CHECKPOINT_KINDS)}")
+
+
 def load_weights(model: torch.nn.Module, run_dir: str | os.PathLike, kind: str = "best") -> dict[str, Any]:
     """Load the ``kind`` checkpoint's weights into ``model`` (falling back from best to latest); return its pointer."""
+    check_checkpoint_kind(kind)
     pointer = read_pointer(run_dir, kind)
     if pointer is None and kind == "best":
         pointer = read_pointer(run_dir, "latest")

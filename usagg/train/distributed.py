@@ -39,6 +39,8 @@ class DistEnv:
 
 def resolve_device(preference: str = "auto", local_rank: int = 0) -> torch.device:
     """Map ``auto`` / ``cpu`` / ``cuda`` to a device; ``auto`` takes the local GPU when there is one."""
+    if preference not in ("auto", "cpu", "cuda"):
+        raise ConfigError(f"device {preference!r} is invalid; use auto, cpu or cuda")
     if preference == "cpu":
         return torch.device("cpu")
     if preference in ("cuda", "auto") and torch.cuda.is_available():

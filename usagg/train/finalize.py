@@ -11,7 +11,7 @@ import polars as pl
 import torch
 
 from usagg.config import StudyConfig
-from usagg.errors import DataError
+from usagg.errors import ConfigError, DataError
 from usagg.evaluate.evaluate import evaluate_task, per_image_rows, results_rows
 from usagg.io import write_json_atomic
 from usagg.train import checkpoint as ckpt
@@ -110,6 +110,9 @@ def evaluate_run(
     """
     from usagg.train.affinity import add_fisher_affinity, check_fisher_run
 
+    if split not in (None, "val", "test"):
+        raise ConfigError(f"split {split!r} is invalid; evaluate on val or test")
+    ckpt.check_checkpoint_kind(checkpoint)
     folder = Path(run_dir)
     study, spec = load_run(folder)
     unfinished = unfinished_reason(folder)
