@@ -288,3 +288,8 @@ def test_run_locked_by_other_process_skipped(shared_data, tmp_path, monkeypatch)
     assert outcome.status == "finished"
     with open(run_dir / TRAIN_LOCK_FILE, "a+") as fh:
         fcntl.lockf(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    # A dry run only tests the lock: it writes nothing into the run folder.
+    lock = run_dir / TRAIN_LOCK_FILE
+    before = (lock.read_text(), lock.stat().st_mtime_ns)
+    assert "finished" in run_cli(["train", str(study_file), "--dry-run"], timeout=120).stdout
+    assert (lock.read_text(), lock.stat().st_mtime_ns) == before

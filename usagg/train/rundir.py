@@ -280,11 +280,25 @@ def run_lock(run_dir: Path) -> Iterator[str | None]:
 
 
 def lock_holder(run_dir: Path) -> str | None:
-    """Return the description of the process holding the run's training lock, or None when there is none."""
-    if not (run_dir / TRAIN_LOCK_FILE).exists():
+    """Return the description of the process holding the run's training lock, or None when there is none.
+
+    Only tests the lock: a shared lock, which needs no write access and conflicts with the trainer's exclusive
+    one, is taken and dropped at once, and the file is left as it is (``--dry-run`` writes nothing).
+    """
+    file = run_dir / TRAIN_LOCK_FILE
+    try:
+        fh = open(file)
+    except FileNotFoundError:
         return None
-    with run_lock(run_dir) as holder:
-        return holder
+    with fh:
+        try:
+            fcntl.lockf(fh, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError as exc:
+            if exc.errno not in (errno.EACCES, errno.EAGAIN):
+                raise
+            return fh.read().strip() or "another process"
+        fcntl.lockf(fh, fcntl.LOCK_UN)
+    return None
 
 
 def write_evaluation(
