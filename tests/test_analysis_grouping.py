@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import yaml
 
-from usagg.analysis.grouping import partition_score, recommend_groups, task_scores
+from usagg.analysis.grouping import EXHAUSTIVE_MAX_TASKS, partition_score, recommend_groups, task_scores
 from usagg.config import StudyConfig
 from usagg.errors import AnalysisError
 
@@ -123,3 +123,17 @@ def test_unmeasured_pairs_are_not_merged_on_a_tie():
     result = recommend_groups((["a", "b", "c", "d"], matrix), "auto", n_random=0)
     assert sorted(map(sorted, result.groups)) == [["a", "b"], ["c", "d"]]
     assert result.score == pytest.approx(0.6)
+
+
+def test_auto_beyond_exhaustive_is_best_fixed_k():
+    """Past the exhaustive limit, "auto" searches every K and keeps the best, so no fixed K scores higher."""
+    rng = np.random.default_rng(0)
+    n = EXHAUSTIVE_MAX_TASKS + 3
+    values = rng.normal(size=(n, n))
+    values = (values + values.T) / 2
+    tasks = [f"t{i}" for i in range(n)]
+    auto = recommend_groups((tasks, values), "auto", n_random=0)
+    assert auto.method.startswith("beam search")
+    assert sorted(auto.scores_by_k) == list(range(1, n + 1))
+    for k in (3, auto.k, n - 2):
+        assert recommend_groups((tasks, values), k, n_random=0).score <= auto.score + 1e-9

@@ -200,8 +200,8 @@ def _group_score(mask_members: list[int], values: np.ndarray, finite: np.ndarray
     return float(np.sum(np.where(counts > 0, sub_v.sum(axis=0) / np.maximum(counts, 1), 0.0))) - UNMEASURED_PENALTY * unmeasured
 
 
-def _beam(values: np.ndarray, finite: np.ndarray, k: int | None, width: int) -> tuple[float, list[list[int]]]:
-    """Beam search over task-by-task assignments; ``k`` None lets the number of groups vary."""
+def _beam(values: np.ndarray, finite: np.ndarray, k: int, width: int) -> tuple[float, list[list[int]]]:
+    """Beam search over task-by-task assignments into ``k`` groups, followed by a local search."""
     n = values.shape[0]
     # Tasks with the strongest ties go first, so early choices rest on the largest affinities.
     strength = np.abs(values).sum(axis=0) + np.abs(values).sum(axis=1)
@@ -223,27 +223,27 @@ def _beam(values: np.ndarray, finite: np.ndarray, k: int | None, width: int) -> 
                 new_group = tuple(sorted((*members, task)))
                 new_groups = groups[:g] + (new_group,) + groups[g + 1 :]
                 options.append((total - score_of(members) + score_of(new_group), new_groups))
-            if k is None or len(groups) < k:
+            if len(groups) < k:
                 options.append((total, groups + ((task,),)))
             for new_total, new_groups in options:
-                if k is not None and len(new_groups) + remaining < k:
+                if len(new_groups) + remaining < k:
                     continue  # too few tasks left to open the missing groups
                 key = tuple(sorted(new_groups))
                 if key not in expanded or expanded[key] < new_total:
                     expanded[key] = new_total
         beam = sorted(((v, g) for g, v in expanded.items()), key=lambda item: -item[0])[:width]
     total, groups = beam[0]
-    return _local_search(total, [list(g) for g in groups], values, finite, k, score_of)
+    return _local_search(total, [list(g) for g in groups], score_of)
 
 
-def _local_search(total, groups, values, finite, k, score_of) -> tuple[float, list[list[int]]]:
+def _local_search(total, groups, score_of) -> tuple[float, list[list[int]]]:
     """Apply improving moves (one task to another group) and swaps (two tasks) until none improves the total."""
 
     def pair_score(first: list[int], second: list[int]) -> float:
         return score_of(tuple(sorted(first))) + score_of(tuple(sorted(second)))
 
     while True:
-        change = _first_improvement(groups, k, pair_score)
+        change = _first_improvement(groups, pair_score)
         if change is None:
             return total, groups
         a, b, new_a, new_b, gain = change
@@ -252,12 +252,12 @@ def _local_search(total, groups, values, finite, k, score_of) -> tuple[float, li
         groups = [g for g in groups if g]
 
 
-def _first_improvement(groups, k, pair_score):
+def _first_improvement(groups, pair_score):
     """Return (a, b, new group a, new group b, gain) of the first improving move or swap, or None."""
     for a, b in itertools.permutations(range(len(groups)), 2):
         old = pair_score(groups[a], groups[b])
-        # With a fixed K, moving the last task out of a group would remove the group.
-        if len(groups[a]) > 1 or k is None:
+        # Moving the last task out of a group would remove the group and change K.
+        if len(groups[a]) > 1:
             for task in groups[a]:
                 new_a = [t for t in groups[a] if t != task]
                 new_b = [*groups[b], task]
@@ -321,10 +321,13 @@ def recommend_groups(
         groups_idx = _masks_to_groups(masks, n)
         method = "exhaustive"
     else:
-        total, groups_idx = _beam(values, finite, None if auto else int(k), beam_width)
+        # With "auto" every K is searched on its own: one search with K free commits to a number of groups early
+        # and can end below the best fixed K.
+        found_beam = {kk: _beam(values, finite, kk, beam_width) for kk in (range(1, n + 1) if auto else [int(k)])}
+        scores_by_k = {kk: v[0] for kk, v in found_beam.items()}
+        chosen = max(found_beam, key=lambda kk: (round(found_beam[kk][0], 12), -kk))
+        total, groups_idx = found_beam[chosen]
         method = f"beam search (width {beam_width}) + local search"
-        chosen = len(groups_idx)
-        scores_by_k = {chosen: total}
     groups = _ordered(tasks, groups_idx)
     per_task = task_scores((tasks, np.where(finite > 0, values, np.nan)), groups)
     result = GroupingResult(
