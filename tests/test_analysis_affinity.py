@@ -288,3 +288,15 @@ def test_grouping_notes_missing_affinity(tmp_path):
     block = (tmp_path / "out" / "groups.yaml").read_text()
     assert "# not grouped (no affinity entry): d; add them to a group by hand" in block
     assert CliRunner().invoke(app, ["transfer-matrix", str(path), "--recommend", "0"]).exit_code != 0
+
+
+def test_grouping_passes_over_a_sparse_measured_matrix():
+    from usagg.analysis.affinity_analysis import AffinityAnalysis
+
+    tasks = ["a", "b", "c", "d"]
+    sparse = np.full((4, 4), np.nan)
+    sparse[0, 1] = sparse[1, 0] = 0.3  # 2 of 12 ordered pairs measured
+    dense = np.ones((4, 4))
+    assert AffinityAnalysis(matrices={"measured": (tasks, sparse), "lookahead": (tasks, dense)}).best_method() == "lookahead"
+    assert AffinityAnalysis(matrices={"measured": (tasks, sparse)}).best_method() == "measured"
+    assert AffinityAnalysis(matrices={"measured": (tasks, dense), "lookahead": (tasks, dense)}).best_method() == "measured"

@@ -110,6 +110,20 @@ def read_matrix_csv(path: str | os.PathLike) -> Matrix:
     return header, matrix
 
 
+def coverage(matrix: np.ndarray) -> float:
+    """Return the share of the off-diagonal entries that have a value (0 for fewer than two tasks)."""
+    n = matrix.shape[0]
+    if n < 2:
+        return 0.0
+    off_diagonal = ~np.eye(n, dtype=bool)
+    return float(np.isfinite(matrix[off_diagonal]).mean())
+
+
+# A matrix with values for fewer than this share of task pairs (pair runs of a few pairs) is passed over when a
+# denser one exists, for grouping and for the default affinity figure.
+MIN_COVERAGE = 0.5
+
+
 def read_relations(path: str | os.PathLike) -> Matrix:
     """Read a known task-relation matrix (values in [-1, 1]) written by the synthetic benchmark."""
     tasks, matrix = read_matrix_csv(path)

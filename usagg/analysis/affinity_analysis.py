@@ -12,10 +12,12 @@ import polars as pl
 
 from usagg.analysis.affinity import (
     METHODS,
+    MIN_COVERAGE,
     Matrix,
-    agreement_table,
     affinity_json_has,
+    agreement_table,
     average_layers,
+    coverage,
     expert_affinity_per_layer,
     find_run_files,
     fisher_affinity_matrix,
@@ -58,15 +60,20 @@ class AffinityAnalysis:
     messages: list[str] = field(default_factory=list)
 
     def best_method(self) -> str:
-        """Return the best-scoring estimator against known relations, else the first by ``PREFERENCE``."""
+        """Return the matrix to group by: the best-scoring estimator against known relations, else by ``PREFERENCE``.
+
+        Without relations, a matrix with values for fewer than ``MIN_COVERAGE`` of the task pairs (pair runs of
+        a few pairs) is passed over when another one exists, as the default affinity figure does.
+        """
         if self.scores is not None and self.scores.height:
             finite = self.scores.filter(pl.col("spearman_rho").is_not_nan() & pl.col("spearman_rho").is_not_null())
             if finite.height:
                 return str(finite.sort("spearman_rho", descending=True)["method"][0])
-        for method in PREFERENCE:
-            if method in self.matrices:
-                return method
-        raise AnalysisError("no affinity matrix was computed")
+        available = [method for method in PREFERENCE if method in self.matrices]
+        if not available:
+            raise AnalysisError("no affinity matrix was computed")
+        dense = [method for method in available if coverage(self.matrices[method][1]) >= MIN_COVERAGE]
+        return (dense or available)[0]
 
 
 def available_methods(inputs: AnalysisInputs) -> list[str]:

@@ -14,7 +14,7 @@ from matplotlib.ticker import MaxNLocator
 from scipy.cluster.hierarchy import dendrogram, leaves_list, linkage
 from scipy.spatial.distance import squareform
 
-from usagg.analysis.affinity import affinity_json_has
+from usagg.analysis.affinity import MIN_COVERAGE, affinity_json_has, coverage
 from usagg.errors import ConfigError, DataError
 from usagg.plots.common import score_rows
 from usagg.plots.inputs import FigureInputs
@@ -117,18 +117,9 @@ def choose_methods(inputs: FigureInputs, methods: list[str] | None, figure: str)
             f"figure {figure!r} needs an affinity source: pair runs in the results table, or affinity.json / "
             f"routing_stats.json in run directories (got {inputs.origin})"
         )
-    if found[0] == "measured" and len(found) > 1 and _coverage(load_method(inputs, "measured")[1]) < 0.5:
+    if found[0] == "measured" and len(found) > 1 and coverage(load_method(inputs, "measured")[1]) < MIN_COVERAGE:
         return [found[1], "measured"]
     return found[:1]
-
-
-def _coverage(matrix: np.ndarray) -> float:
-    """Share of the off-diagonal entries that have a value."""
-    n = matrix.shape[0]
-    if n < 2:
-        return 0.0
-    off_diagonal = ~np.eye(n, dtype=bool)
-    return float(np.isfinite(matrix[off_diagonal]).mean())
 
 
 def cluster_order(matrix: np.ndarray) -> tuple[np.ndarray | None, list[int]]:
@@ -251,10 +242,10 @@ def affinity(inputs: FigureInputs, *, methods: list[str] | None = None) -> Figur
     title = "Task affinity, clustered" if len(chosen) == 1 else f"Task affinity (order: clustering of {chosen[0]})"
     fig.suptitle(title)
     notes = []
-    coverage = _coverage(first)
-    if tree is not None and coverage < 0.5:
+    share = coverage(first)
+    if tree is not None and share < MIN_COVERAGE:
         notes.append(
-            f"{chosen[0]}: only {100 * coverage:.0f} % of the task pairs have a value, so the clustering and its "
+            f"{chosen[0]}: only {100 * share:.0f} % of the task pairs have a value, so the clustering and its "
             "order rest on few entries; empty cells are unmeasured pairs"
         )
     return FigurePlot(fig, pl.DataFrame(rows), notes)
