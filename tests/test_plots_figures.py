@@ -357,9 +357,12 @@ def test_data_scale_legend_rows(drawn):
     rows = _legend_rows(plot.figure)
     # Rows read left to right: colours and the crossing marker first, the clinical-group markers on a row of their own.
     assert rows == [
-        ["segmentation", "classification", "detection", "regression", "zero crossing"],
+        ["segmentation", "classification", "detection", "regression", "zero crossing, interval not bounded"],
         ["breast", "obstetrics", "thyroid"],
     ]
+    # Those crossings have no bounded interval, so their markers are faded.
+    faded = [line for ax in _titled_axes(plot.figure) for line in ax.get_lines() if line.get_marker() == "D"]
+    assert faded and all(line.get_alpha() < 1 for line in faded)
     # No crossing drawn (only the grouped panel, whose lines stay on one side of 0): no legend entry.
     grouped_only = _hand_results().filter(pl.col("paradigm") != "unified")
     plot = draw_figure("data-scale", FigureInputs(results=grouped_only))

@@ -34,6 +34,8 @@ from usagg.plots.style import (
 
 PANEL_HEIGHT_IN = 2.3
 LEGEND_HEIGHT_IN = 0.9
+# Opacity of a zero crossing whose interval is not bounded.
+UNBOUNDED_ALPHA = 0.4
 GRID_POINTS = 60
 # Opacity of the 95 % confidence bands: light enough that overlapping bands leave points and lines readable.
 BAND_ALPHA = 0.09
@@ -151,8 +153,11 @@ def data_scale(
     if outline_notes:
         handles.append(Line2D([], [], color="#555555", linewidth=0.7, linestyle=":", label="95 % band (wide: edges only)"))
     drawn_crossings = [row for row in crossing_rows if row["drawn"]]
-    if drawn_crossings:
-        handles.append(_crossing_handle(with_interval=any(row["ci_drawn"] for row in drawn_crossings)))
+    handles += _crossing_handles(
+        with_interval=any(row["ci_drawn"] for row in drawn_crossings),
+        with_unbounded=any(not row["bounded"] for row in drawn_crossings),
+        with_bounded=any(row["bounded"] for row in drawn_crossings),
+    )
     handles, ncols = _rows_first([handles, clinical_group_handles(markers)], 7 if n_panels > 1 else 3)
     fig.legend(
         handles=handles,
@@ -219,7 +224,10 @@ def _draw_crossings(
                 for end, cut, head in ((lo, row["ci_lo"] < n_min, "<"), (hi, row["ci_hi"] > n_max, ">")):
                     ax.plot([end], [0], marker=head if cut else "|", markersize=3.5 if cut else 4.5, color=color,
                             markeredgewidth=0.9, linestyle="none", transform=shifted, zorder=5)
-            ax.plot([n_cross], [0], marker="D", markersize=4.5, markerfacecolor="white", markeredgecolor=color, markeredgewidth=1.2, zorder=6)
+            # A crossing whose bootstrap interval is not bounded (the slope's sign is uncertain, or too few tasks to
+            # resample) is drawn faded, so that it does not read as a finding.
+            ax.plot([n_cross], [0], marker="D", markersize=4.5, markerfacecolor="white", markeredgecolor=color,
+                    markeredgewidth=1.2, alpha=1.0 if row["bounded"] else UNBOUNDED_ALPHA, zorder=6)
         rows.append(
             {
                 "layer": "crossing",
@@ -238,12 +246,15 @@ def _draw_crossings(
     return rows
 
 
-def _crossing_handle(with_interval: bool) -> Line2D:
-    label = "zero crossing (95 % CI)" if with_interval else "zero crossing"
-    return Line2D(
-        [], [], linestyle="none", marker="D", markersize=4.5, markerfacecolor="white", markeredgecolor="#333333",
-        label=label,
-    )
+def _crossing_handles(with_interval: bool, with_unbounded: bool, with_bounded: bool) -> list[Line2D]:
+    """Legend entries of the drawn crossings: bounded ones (with their CI bar when drawn) and faded unbounded ones."""
+    style = {"linestyle": "none", "marker": "D", "markersize": 4.5, "markerfacecolor": "white", "markeredgecolor": "#333333"}
+    handles = []
+    if with_bounded:
+        handles.append(Line2D([], [], label="zero crossing (95 % CI)" if with_interval else "zero crossing", **style))
+    if with_unbounded:
+        handles.append(Line2D([], [], label="zero crossing, interval not bounded", alpha=UNBOUNDED_ALPHA, **style))
+    return handles
 
 
 def _rows_first(sections: list[list], max_columns: int) -> tuple[list, int]:
