@@ -7,6 +7,7 @@ import math
 import numpy as np
 import polars as pl
 
+from usagg.analysis.transfer import MIN_TASKS_FOR_INTERVAL
 from usagg.errors import ConfigError
 from usagg.plots.common import (
     compute_relative_change,
@@ -34,7 +35,7 @@ def group_table(rel: pl.DataFrame, results: pl.DataFrame, interval: str = "seeds
 
     Δm and both intervals come from :func:`usagg.analysis.transfer.delta_m_table`: ``seeds`` is the t interval
     of the per-seed Δm, ``tasks`` the bootstrap over the group's tasks. The requested one is shown, and the
-    other is used when the requested one is undefined (one seed, or one task). The training size is the count
+    other is used when the requested one is undefined (one seed, or fewer than ``MIN_TASKS_FOR_INTERVAL`` tasks). The training size is the count
     reported in the table (``train_images`` rows) when there is one, else the sum of the tasks' mean n_train.
     """
     from usagg.analysis.transfer import delta_m_table
@@ -147,7 +148,7 @@ def group_paradigm(
     other = "tasks" if interval == "seeds" else "seeds"
     fallback = table.filter(pl.col("ci_over") == other)
     if fallback.height:
-        why = "fewer than 4 tasks" if interval == "tasks" else "one seed"
+        why = f"fewer than {MIN_TASKS_FOR_INTERVAL} tasks" if interval == "tasks" else "one seed"
         notes.append(
             f"interval over {other} instead of {interval} ({why}) for "
             + ", ".join(f"{r['paradigm']}/{r['clinical_group']}" for r in fallback.iter_rows(named=True))
@@ -155,8 +156,9 @@ def group_paradigm(
     single = table.filter(pl.col("ci_over") == "none")
     if single.height:
         notes.append(
-            "no interval for " + ", ".join(f"{r['paradigm']}/{r['clinical_group']}" for r in single.iter_rows(named=True))
-            + " (one task and one seed, or a reported value)"
+            "no interval (one seed, or a reported value, and fewer than "
+            f"{MIN_TASKS_FOR_INTERVAL} tasks for the bootstrap over tasks) for "
+            + ", ".join(f"{r['paradigm']}/{r['clinical_group']}" for r in single.iter_rows(named=True))
         )
     return FigurePlot(fig, table.with_columns((pl.col("delta_m") * 100).alias("delta_m_percent"), pl.lit(split).alias("split")), notes)
 
