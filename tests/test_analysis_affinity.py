@@ -202,6 +202,10 @@ def test_score_against_relations(study_dir):
     assert costs["measured"]["training_runs"] == 15 * 2  # every pair of 6 tasks, 2 seeds
     assert costs["lookahead"]["extra_training_runs"] == 0
     assert costs["lookahead"]["pair_runs_for_all_pairs"] == 15
+    # With pairs of only some tasks measured, the cost of all pairs still counts every task of the study.
+    few = inputs.results.filter((pl.col("paradigm") != "pair") | (pl.col("group") == "task00+task02"))
+    partial = analyse_affinity(type(inputs)(**{**vars(inputs), "results": few}), methods=["measured"])
+    assert partial.costs.row(0, named=True)["pair_runs_for_all_pairs"] == 15
     assert costs["lookahead"]["estimator_seconds"] == pytest.approx(25.0)
     assert costs["fisher"]["estimator_seconds"] == pytest.approx(4.0)
     assert "final weights" in costs["fisher"]["note"]

@@ -164,7 +164,8 @@ def _estimate(
     cost["method"] = method
     if method == "measured":
         matrix = measured_affinity(inputs.results, metrics, notes=result.messages)
-        n_tasks = len(matrix[0])
+        # Every pair of the study's tasks, not only of those in a measured pair: the cost the estimator saves.
+        n_tasks = inputs.results["task"].n_unique()
         pair_rows = inputs.results.filter(pl.col("paradigm") == "pair")
         cost["training_runs"] = pair_rows["run_id"].n_unique()
         cost["extra_training_runs"] = cost["training_runs"]
