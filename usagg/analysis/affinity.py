@@ -473,8 +473,11 @@ def agreement(a: Matrix, b: Matrix, n_permutations: int = 999, seed: int = 0) ->
         rb = stats.rankdata(permuted, axis=1)
         rho_null = _row_pearson(ra, rb)
     else:
+        # A relabelling whose entries are constant where both matrices have values has no defined correlation;
+        # it is left out of the null distribution, and ``permutations`` counts the ones kept.
         rho_null = np.array([
-            stats.spearmanr(va[m], row[m]).statistic if m.sum() >= 3 else np.nan for row, m in zip(permuted, valid)
+            stats.spearmanr(va[m], row[m]).statistic if m.sum() >= 3 and np.ptp(row[m]) > 0 and np.ptp(va[m]) > 0 else np.nan
+            for row, m in zip(permuted, valid)
         ])
     rho_null = rho_null[np.isfinite(rho_null)]
     exact = math.factorial(n_tasks) <= n_permutations + 1
