@@ -592,3 +592,17 @@ def test_wide_crossing_interval_noted():
         "the interval reaches more than 10 times beyond the training sizes of its line (120 to 330 images), so the "
         "crossing is poorly determined",
     )
+
+
+def test_uncertain_advice_names_observed_losses():
+    """Predicted changes below 0 with intervals across 0, but the task's own grouped runs lose: the reason says so."""
+
+    def change(paradigm, task, task_type, n_train, seed):
+        if task == "cls_d" and paradigm == "grouped":
+            return -0.08 + 0.004 * (seed - 1)
+        return -0.01 + 0.05 * ((seed + ord(task[-1])) % 3 - 1)
+
+    rel = relative_change(_study(SPLIT_SIZES, change))
+    rec = advise(fit_data_scale(rel, n_bootstrap=0, mixed=False), rel, task="cls_d").recommendations.row(0, named=True)
+    assert rec["reason"].startswith("no aggregated paradigm has a positive predicted change, and no predicted interval excludes 0")
+    assert "; this task's own runs lose under grouped (-8.0 %, 95 % interval" in rec["reason"]

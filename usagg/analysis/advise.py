@@ -151,7 +151,14 @@ def _recommend(rows: list[dict]) -> tuple[str, str, str, str]:
         return best["paradigm"], "uncertain", safer, reason + note
     if passed_over:
         return "task_specific", "uncertain", safer, "no other aggregated paradigm has a positive predicted change" + note
-    reason = "no aggregated paradigm has a positive predicted change, and no interval excludes 0"
+    reason = "no aggregated paradigm has a positive predicted change, and no predicted interval excludes 0"
+    losses = [r for r in rows if _observed_loss(r)]
+    if losses:
+        reason += "; this task's own runs lose under " + "; ".join(
+            f"{r['paradigm']} ({format_percent(r['observed'])} %, 95 % interval {format_percent(r['observed_ci_lo'])} to "
+            f"{format_percent(r['observed_ci_hi'])} %)"
+            for r in losses
+        )
     return "task_specific", "uncertain", safer, reason
 
 
