@@ -166,7 +166,8 @@ def test_affinity_diagonal_outside_colour_scale(drawn):
 def test_expert_usage_one_panel_per_layer(drawn):
     plot, _, _ = drawn["expert-usage"]
     panels = [ax for ax in plot.figure.axes if ax.get_title().startswith("block")]
-    assert [ax.get_title().split(" (")[0] for ax in panels] == ["block 3", "block 4", "block 5"]
+    assert [ax.get_title().split("\n")[0] for ax in panels] == ["block 3", "block 4", "block 5"]
+    assert all(ax.get_title().split("\n")[1].endswith(" nats") for ax in panels)
     assert len(panels[0].get_yticklabels()) == 27
     shares = plot.data.group_by("task", "block").agg(pl.col("share").sum())["share"].to_numpy()
     assert np.allclose(shares, 1.0)

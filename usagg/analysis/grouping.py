@@ -189,7 +189,8 @@ def _exhaustive(values: np.ndarray, finite: np.ndarray, k_values: Sequence[int])
     return out
 
 
-def _group_score(mask_members: list[int], values: np.ndarray, finite: np.ndarray) -> float:
+def _group_score(mask_members: list[int], values: np.ndarray, finite: np.ndarray, penalty: float = UNMEASURED_PENALTY) -> float:
+    """Return the group's total received affinity, less ``penalty`` per unmeasured ordered pair (search only)."""
     if len(mask_members) < 2:
         return 0.0
     idx = np.array(mask_members)
@@ -197,7 +198,7 @@ def _group_score(mask_members: list[int], values: np.ndarray, finite: np.ndarray
     sub_f = finite[np.ix_(idx, idx)]
     counts = sub_f.sum(axis=0)
     unmeasured = len(idx) * (len(idx) - 1) - counts.sum()
-    return float(np.sum(np.where(counts > 0, sub_v.sum(axis=0) / np.maximum(counts, 1), 0.0))) - UNMEASURED_PENALTY * unmeasured
+    return float(np.sum(np.where(counts > 0, sub_v.sum(axis=0) / np.maximum(counts, 1), 0.0))) - penalty * unmeasured
 
 
 def _beam(values: np.ndarray, finite: np.ndarray, k: int, width: int) -> tuple[float, list[list[int]]]:
@@ -351,7 +352,8 @@ def recommend_groups(
             for size in sizes:
                 random_groups.append(list(perm[start : start + size]))
                 start += size
-            draws.append(sum(_group_score(g, values, finite) for g in random_groups))
+            # Scored as the recommendation and the taxonomy are reported: without the search's tie-break penalty.
+            draws.append(sum(_group_score(g, values, finite, penalty=0.0) for g in random_groups))
         result.random_score_mean = float(np.mean(draws))
         result.random_score_p95 = float(np.percentile(draws, 95))
     return result

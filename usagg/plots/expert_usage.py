@@ -128,7 +128,7 @@ def expert_usage(inputs: FigureInputs, *, run: str | None = None) -> FigurePlot:
         for start in boundaries:
             ax.axhline(start - 0.5, color="white", linewidth=1.2)
         entropy = part.group_by("task").agg(pl.col("entropy").first())["entropy"].mean()
-        title = f"block {block}" + (f" (mean entropy {entropy:.2f})" if entropy is not None and math.isfinite(entropy) else "")
+        title = f"block {block}" + (f"\nmean entropy {entropy:.2f} nats" if entropy is not None and math.isfinite(entropy) else "")
         ax.set_title(title, fontsize=SMALL_FONT_SIZE + 1)
         ax.set_xticks(range(experts))
         ax.set_xticklabels([str(e) for e in range(experts)])

@@ -89,11 +89,11 @@ def grouping(inputs: FigureInputs, *, method: str | None = None, k: str = "auto"
     ax.set_title("clinical groups", loc="left")
     ax.set_title("recommended groups", loc="right")
 
-    score_text = f"within-group affinity: recommended {result.score:.3g}"
+    score_text = f"within-group affinity: recommended {result.score:#.3g}"
     if result.taxonomy_score is not None:
-        score_text += f", clinical {result.taxonomy_score:.3g}"
+        score_text += f", clinical {result.taxonomy_score:#.3g}"
     if result.random_score_mean is not None:
-        score_text += f", random partitions {result.random_score_mean:.3g} (95th percentile {result.random_score_p95:.3g})"
+        score_text += f", random partitions {result.random_score_mean:#.3g} (95th percentile {result.random_score_p95:#.3g})"
     fig.suptitle(
         f"Task grouping: {len(clinical)} clinical groups vs {result.k} groups recommended from {METHOD_LABELS[chosen]}\n{score_text}"
     )
