@@ -206,12 +206,25 @@ def test_overrides_apply_before_validation(tmp_path):
     assert study.train.epochs == 2.5
 
 
+def test_nested_override_keeps_other_keys(tmp_path):
+    plain = load_study(write(tmp_path, VALID_STUDY))
+    study = load_study(write(tmp_path, VALID_STUDY), overrides={"train": {"epochs": 2.5}})
+    assert study.train.epochs == 2.5
+    assert study.train.batch_size == plain.train.batch_size
+    assert study.model == plain.model
+
+
+def test_overrides_must_be_a_mapping(tmp_path):
+    with pytest.raises(ConfigError, match=r"overrides must be a mapping of dotted keys to values, .*got list"):
+        load_study(write(tmp_path, VALID_STUDY), overrides=["train.epochs=2"])
+
+
 def test_override_error_names_command_line(tmp_path):
     with pytest.raises(ConfigError) as info:
         load_study(write(tmp_path, VALID_STUDY), overrides={"train.epoch": 2})
     message = str(info.value)
     assert "train.epoch: unknown key" in message
-    assert "comes from the command line (--set train.epoch=...)" in message
+    assert "comes from an override (train.epoch, --set on the command line)" in message
 
 
 def test_amp_off_unquoted(tmp_path):
@@ -315,7 +328,7 @@ def test_list_item_override_names_command_line(tmp_path):
         load_study(write(tmp_path, VALID_STUDY), overrides={"tasks.1.num_classes": "many"})
     message = str(info.value)
     assert "tasks[1] (lesion_cls).num_classes" in message
-    assert "comes from the command line (--set tasks.1.num_classes=...)" in message
+    assert "comes from an override (tasks.1.num_classes, --set on the command line)" in message
 
 
 def test_group_name_with_slash_rejected(tmp_path):

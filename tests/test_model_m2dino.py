@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import timm
 import torch
@@ -272,3 +274,14 @@ def test_mutual_information_loss_after_two_tasks():
     with torch.no_grad():
         model(images, "cls")
     assert model.aux_loss().item() == 0.0
+
+
+def test_model_docs_example_runs(shared_data, monkeypatch):
+    """The Python example at the top of docs/model.md runs as written (from the repository root)."""
+    repo = Path(__file__).resolve().parents[1]
+    code = (repo / "docs" / "model.md").read_text().split("```python")[1].split("```")[0]
+    monkeypatch.chdir(repo)
+    namespace: dict = {}
+    exec(compile(code, "docs/model.md", "exec"), namespace)
+    assert tuple(namespace["predictions"]["probs"].shape) == (4, 2)
+    assert all(r.split is None or r.split == "train" for r in namespace["train_records"])

@@ -117,6 +117,11 @@ def test_generation_deterministic_across_workers(tmp_path, tiny_benchmark):
     assert other_seed.digest != two.digest
 
 
+def test_config_must_be_synth_config(tmp_path):
+    with pytest.raises(ConfigError, match="config must be a SynthConfig, e.g. make_config"):
+        generate_benchmark(tmp_path / "b", "small")
+
+
 def test_reuse_overwrite_and_foreign_folder(tmp_path):
     config = make_config("small", image_size=48, train_sizes={"vessel_seg": 2}, val_size=1, test_size=1, tasks=["vessel_seg"])
     first = generate_benchmark(tmp_path / "b", config, workers=1)

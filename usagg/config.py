@@ -387,7 +387,7 @@ def format_validation_error(
         dotted = ".".join(str(part) for part in where.loc)
         override = next((o for o in overridden if dotted == o or dotted.startswith(o + ".")), None)
         if override is not None:
-            line += f"; this value comes from the command line (--set {override}=...), not from the file"
+            line += f"; this value comes from an override ({override}, --set on the command line), not from the file"
         lines.append(line)
     return "\n".join(lines)
 
@@ -587,19 +587,40 @@ def load_task_card(path: str | os.PathLike) -> TaskCard:
         raise ConfigError(format_validation_error(exc, file, TaskCard, data=raw)) from None
 
 
+def _flatten(mapping: Mapping[str, Any], prefix: str) -> dict[str, Any]:
+    """Return ``{"prefix.key.sub": value}`` for every leaf of a nested mapping."""
+    flat: dict[str, Any] = {}
+    for key, value in mapping.items():
+        dotted = f"{prefix}.{key}"
+        if isinstance(value, Mapping) and value:
+            flat.update(_flatten(value, dotted))
+        else:
+            flat[dotted] = value
+    return flat
+
+
 def load_study(path: str | os.PathLike, overrides: dict[str, Any] | None = None) -> StudyConfig:
     """Load and validate a study YAML.
 
     ``tasks`` entries may be task cards written inline or paths to card files. ``overrides`` maps dotted
-    keys (``train.epochs``) to values applied before validation.
+    keys (``train.epochs``) to values applied before validation; a mapping value sets each of its keys.
     """
     file = Path(path).resolve()
     raw = read_yaml(file)
     if not isinstance(raw, dict):
         raise ConfigError(f"{file}: a study must be a mapping of keys to values, got {type(raw).__name__}")
     raw = expand_env(raw, file)
+    if overrides is not None and not isinstance(overrides, Mapping):
+        raise ConfigError(
+            f"overrides must be a mapping of dotted keys to values, e.g. {{'train.epochs': 2}}; got {type(overrides).__name__}"
+        )
     for dotted, value in (overrides or {}).items():
-        _set_dotted(raw, dotted, value)
+        if isinstance(value, Mapping):
+            # A mapping value sets each of its keys, so {"model": {"depth": 2}} keeps the other model settings.
+            for key, item in _flatten(value, str(dotted)).items():
+                _set_dotted(raw, key, item)
+        else:
+            _set_dotted(raw, dotted, value)
     tasks = raw.get("tasks")
     if isinstance(tasks, list):
         resolved = []

@@ -143,9 +143,15 @@ def launch(
     slurm: SlurmOptions | None = None,
     env: DistEnv | None = None,
 ):
-    """Run ``specs`` with the chosen launcher; returns run outcomes (local) or submitted jobs (slurm)."""
+    """Run ``specs`` with the chosen launcher; returns run outcomes (local) or submitted jobs (slurm).
+
+    The model settings are checked first, so that a mistake is reported before any run starts or job is queued.
+    """
+    from usagg.model.backbone import check_model_config
+
     if launcher not in LAUNCHERS:
         raise ConfigError(f"--launcher {launcher}: unknown launcher; choose one of {', '.join(LAUNCHERS)}")
+    check_model_config(study.model)
     if launcher == "local":
         return execute_plan(study, specs, options, env or init_distributed(options.device))
     # torchrun sets WORLD_SIZE in every process it starts; each would submit the same jobs.

@@ -392,7 +392,7 @@ def _prepare_output(out: Path, config: SynthConfig, overwrite: bool) -> SynthSum
             raise DataError(
                 f"{out}: contains a synthetic benchmark made with another configuration "
                 f"(preset {manifest.get('config', {}).get('preset')!r}, seed {manifest.get('config', {}).get('seed')!r}); "
-                "pass --overwrite to replace it or choose another --out folder"
+                "replace it with --overwrite (overwrite=True in Python) or choose another output folder"
             )
         for name in OUTPUT_ENTRIES:
             target = out / name
@@ -421,6 +421,10 @@ def generate_benchmark(
     the manifest is written last, so a folder with a manifest is always complete.
     """
     config = config or make_config()
+    if not isinstance(config, SynthConfig):
+        raise ConfigError(
+            f"config must be a SynthConfig, e.g. make_config('small', seed=0); got {type(config).__name__} {config!r}"
+        )
     out = Path(out)
     existing = _prepare_output(out, config, overwrite)
     if existing is not None:
