@@ -23,6 +23,9 @@ from usagg.errors import ConfigError
 from usagg.io import atomic_path
 
 logger = logging.getLogger(__name__)
+# Embedding fonts in a PDF logs every subset step of fontTools at INFO, over a hundred lines per figure for a
+# caller whose logging shows INFO; its warnings still show.
+logging.getLogger("fontTools").setLevel(logging.WARNING)
 
 # Figure widths of a two-column journal page, in inches.
 SINGLE_COLUMN_IN = 3.5
