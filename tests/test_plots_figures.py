@@ -356,9 +356,10 @@ def test_data_scale_legend_rows(drawn):
     assert crossings.filter(pl.col("drawn")).height > 0
     assert not crossings["ci_drawn"].any()  # one or two tasks per type: no interval
     rows = _legend_rows(plot.figure)
-    # Rows read left to right: colours and the crossing marker first, the clinical-group markers on a row of their own.
+    # Rows read left to right: task-type colours, then line and crossing styles, then clinical-group markers.
     assert rows == [
-        ["segmentation", "classification", "detection", "regression", "zero crossing, interval not bounded"],
+        ["segmentation", "classification", "detection", "regression"],
+        ["uncertain zero crossing"],
         ["breast", "obstetrics", "thyroid"],
     ]
     # Those crossings have no bounded interval, so their markers are faded.

@@ -146,19 +146,20 @@ def data_scale(
     outline_notes = _outline_wide_bands(bands)
     clip_notes += outline_notes
 
-    # Colours and line styles share the first rows of the legend, clinical-group markers start a row of their own.
-    handles = task_type_handles(task_types, marker="o")
+    # The legend has a row (or rows) each for task-type colours, line and crossing styles, and clinical-group markers.
+    styles = []
     if "task_type" not in fit.uses:
-        handles.append(Line2D([], [], color="black", linewidth=1.2, label="fit (no task-type term)"))
+        styles.append(Line2D([], [], color="black", linewidth=1.2, label="fit (no task-type term)"))
     if outline_notes:
-        handles.append(Line2D([], [], color="#555555", linewidth=0.7, linestyle=":", label="95 % band (wide: edges only)"))
+        styles.append(Line2D([], [], color="#555555", linewidth=0.7, linestyle=":", label="95 % band (wide: edges only)"))
     drawn_crossings = [row for row in crossing_rows if row["drawn"]]
-    handles += _crossing_handles(
+    styles += _crossing_handles(
         with_interval=any(row["ci_drawn"] for row in drawn_crossings),
         with_unbounded=any(not row["bounded"] for row in drawn_crossings),
         with_bounded=any(row["bounded"] for row in drawn_crossings),
     )
-    handles, ncols = _rows_first([handles, clinical_group_handles(markers)], 7 if n_panels > 1 else 3)
+    sections = [task_type_handles(task_types, marker="o"), styles, clinical_group_handles(markers)]
+    handles, ncols = _rows_first(sections, 7 if n_panels > 1 else 3)
     fig.legend(
         handles=handles,
         loc="outside lower center",
@@ -253,7 +254,7 @@ def _crossing_handles(with_interval: bool, with_unbounded: bool, with_bounded: b
     if with_bounded:
         handles.append(Line2D([], [], label="zero crossing (95 % CI)" if with_interval else "zero crossing", **style))
     if with_unbounded:
-        handles.append(Line2D([], [], label="zero crossing, interval not bounded", alpha=UNBOUNDED_ALPHA, **style))
+        handles.append(Line2D([], [], label="uncertain zero crossing", alpha=UNBOUNDED_ALPHA, **style))
     return handles
 
 
