@@ -133,16 +133,13 @@ def _print_transfer(report, fraction: float | None) -> None:
     _console().print(table)
 
 
-def _print_matrices(matrices: dict[str, tuple[list[str], np.ndarray]]) -> None:
-    """Print each affinity matrix, with its tasks in the order of the first matrix where they are the same set."""
-    order: list[str] | None = None
+def _print_matrices(matrices: dict[str, tuple[list[str], np.ndarray]], study_order: list[str]) -> None:
+    """Print each affinity matrix with its tasks in the study's order, so a number names one task in every matrix."""
+    rank = {task: k for k, task in enumerate(study_order)}
     for name, (tasks, matrix) in matrices.items():
-        if order is None:
-            order = list(tasks)
-        elif set(tasks) == set(order):
-            index = [tasks.index(task) for task in order]
-            tasks, matrix = order, matrix[np.ix_(index, index)]
-        print_matrix(_console(), f"{name} affinity (row = source task, column = target task)", tasks, matrix)
+        index = sorted(range(len(tasks)), key=lambda i: (rank.get(tasks[i], len(rank)), tasks[i]))
+        ordered = [tasks[i] for i in index]
+        print_matrix(_console(), f"{name} affinity (row = source task, column = target task)", ordered, matrix[np.ix_(index, index)])
 
 
 def _print_frame(title: str, frame: pl.DataFrame, percent: tuple[str, ...] = ()) -> None:
@@ -242,7 +239,7 @@ def transfer_matrix(
         # Group before printing, so an invalid K is reported before pages of matrices.
         if k is not None:
             add_grouping(report, inputs, affinity, k, method=methods[0] if methods else None)
-        _print_matrices(affinity.matrices)
+        _print_matrices(affinity.matrices, inputs.results["task"].unique(maintain_order=True).to_list())
         if affinity.agreement is not None:
             _print_frame("Agreement between estimators (Spearman ρ of off-diagonal entries, permutation p)", affinity.agreement)
         if affinity.scores is not None:
