@@ -165,7 +165,7 @@ def _print_grouping(grouping) -> None:
     table.add_column("mean affinity received", justify="right")
     for name, members in grouping.as_mapping().items():
         mean = float(np.mean([grouping.task_scores[t] for t in members]))
-        table.add_row(escape(name), escape(", ".join(members)), _num(mean, ".3f"))
+        table.add_row(escape(name), escape(", ".join(members)), _num(mean, ".3g"))  # lookahead values are of order 1e-4
     _console().print(table)
     line = f"total within-group affinity {grouping.score:.4g}"
     if grouping.taxonomy_score is not None:
