@@ -80,11 +80,18 @@ def available_methods(inputs: FigureInputs) -> list[str]:
 
 
 def load_method(inputs: FigureInputs, method: str) -> Matrix:
+    """Load the affinity matrix of ``method`` once per inputs, so that its warnings are logged once."""
+    if method not in METHODS:
+        raise ConfigError(f"affinity method {method!r} is invalid; choose one of {', '.join(METHODS)}")
+    if method not in inputs.loaded:
+        inputs.loaded[method] = _load_method(inputs, method)
+    return inputs.loaded[method]
+
+
+def _load_method(inputs: FigureInputs, method: str) -> Matrix:
     """Load the affinity matrix of ``method`` with :func:`usagg.analysis.affinity.load_affinity`."""
     from usagg.analysis.affinity import gradient_affinity_matrix, load_affinity
 
-    if method not in METHODS:
-        raise ConfigError(f"affinity method {method!r} is invalid; choose one of {', '.join(METHODS)}")
     if method == "measured":
         if inputs.results is None:
             raise ConfigError("affinity method 'measured' needs a results table with pair runs")

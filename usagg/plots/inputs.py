@@ -9,6 +9,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import polars as pl
 
@@ -100,6 +101,8 @@ class FigureInputs:
     runs: list[RunInfo] = field(default_factory=list)
     study_dir: Path | None = None
     origin: str = "inputs"
+    # Matrices already loaded, by method: a figure may read one twice (to choose it, then to draw it).
+    loaded: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
     def coerce(cls, inputs: "FigureInputs | pl.DataFrame | str | os.PathLike | Sequence[str | os.PathLike]") -> "FigureInputs":
