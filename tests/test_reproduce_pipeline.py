@@ -65,6 +65,11 @@ def test_report_names_key_findings(reproduced):
     assert "## Key findings" in text
     assert "unified training: Δm =" in text
     assert "![data-scale](../../figures/data-scale.png)" in text
+    # The analysis's statistical warnings are in the report, not only on the terminal.
+    warnings = json.loads((result.study_dir / "analysis" / "analysis_report.json").read_text(encoding="utf-8"))["warnings"]
+    assert warnings
+    section = text[text.index("## Warnings about the results"):]
+    assert all(f"- {line}" in section for line in warnings)
 
 
 def test_missing_study_file_is_reported(tmp_path):
@@ -162,6 +167,20 @@ def test_reproduce_trains_end_to_end(tmp_path, monkeypatch):
     )
     assert next(r for r in rerun.stages if r.name == "check").status == "skipped"
     assert "8 finished earlier" in next(r for r in rerun.stages if r.name == "train").detail
+
+    # --no-train with other settings analyses the runs on disk, and the report says they were trained otherwise.
+    other = reproduce(
+        ReproduceOptions(study=study_file, train=False, overrides={"train.steps": 4}, figures_dir=tmp_path / "figures",
+                         formats=("png",), device="cpu", progress=False)
+    )
+    text = other.report_md.read_text(encoding="utf-8")
+    assert "- Other settings: 8 finished run(s) were trained with other settings than the study now gives" in text
+    assert "train.steps: 3 -> 4" in text
+    assert "- **training budget**: 4 steps" in text
+    warnings = json.loads((other.study_dir / "analysis" / "analysis_report.json").read_text(encoding="utf-8"))["warnings"]
+    if warnings:
+        assert "## Warnings about the results" in text
+        assert all(line in text for line in warnings)
 
 
 def test_fmc_study_needs_data_root(monkeypatch):

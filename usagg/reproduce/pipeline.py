@@ -207,6 +207,37 @@ def unfinished_runs_note(study, output: Path) -> str | None:
     )
 
 
+def _budget_text(train) -> str:
+    """Return the study's training budget in words, e.g. "6 epochs" or "200 steps"."""
+    if train.budget == "steps":
+        return f"{train.steps} steps"
+    if train.budget == "samples":
+        return f"{train.samples_per_task} images per task"
+    return f"{train.epochs:g} epochs"
+
+
+def changed_settings_note(study, output: Path) -> str | None:
+    """Return a report line when finished runs were trained with other settings than the study now gives.
+
+    Training refuses such runs; ``--no-train`` analyses what is on disk, so the report must say what it reads.
+    """
+    from usagg.train.rundir import config_changes, is_finished, list_changes
+
+    changed = []
+    for spec in planned_runs(study):
+        run_dir = spec.run_dir(output)
+        if is_finished(run_dir):
+            changes = config_changes(run_dir, study, spec)
+            if changes:
+                changed.append((spec.run_id, changes))
+    if not changed:
+        return None
+    return (
+        f"{len(changed)} finished run(s) were trained with other settings than the study now gives (e.g. "
+        f"{changed[0][0]}: {list_changes(changed[0][1], limit=3)}); the results below come from those runs as they are"
+    )
+
+
 def train_study(study, output: Path, device: str, progress: bool) -> str:
     """Train and evaluate every planned run; finished runs are skipped and interrupted ones resume."""
     from usagg.train.distributed import init_distributed, shutdown
@@ -374,11 +405,17 @@ def _reproduce(options: ReproduceOptions) -> ReproduceResult:
     figures, figure_messages = _figures_stage(stages, study_dir, figures_dir, options.formats, n_bootstrap)
 
     unfinished = unfinished_runs_note(study, output)
+    other_settings = changed_settings_note(study, output)
+    if other_settings:
+        logger.warning("%s", other_settings)
     content = ReportContent(
         title=f"usagg study report: {study.name}",
-        summary=([f"Incomplete study: {unfinished}"] if unfinished else []) + key_findings(analysis_report),
+        summary=([f"Incomplete study: {unfinished}"] if unfinished else [])
+        + ([f"Other settings: {other_settings}"] if other_settings else [])
+        + key_findings(analysis_report),
         figures=figures,
         tables=key_tables(analysis_report),
+        warnings=list(analysis_report.warnings),
         messages=figure_messages + list(analysis_report.messages),
         meta={
             "study": f"{study.name} ({study_file})",
@@ -386,6 +423,11 @@ def _reproduce(options: ReproduceOptions) -> ReproduceResult:
             "paradigms": ", ".join(p.value for p in study.paradigms),
             "data fractions": ", ".join(f"{f:g}" for f in study.fractions),
             "seeds": ", ".join(str(s) for s in study.seeds),
+            "model": study.model.backbone
+            + (f", first {study.model.depth} blocks" if study.model.depth else "")
+            + (f", MoE blocks {study.model.moe_blocks} (from 0)" if study.model.moe_blocks else ", MoE in the second half of the blocks"),
+            "images": f"{study.data.img_size} px",
+            "training budget": _budget_text(study.train),
             "usagg": __version__,
             "python": platform.python_version(),
             "generated": dt.datetime.now().isoformat(timespec="seconds"),

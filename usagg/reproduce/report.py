@@ -45,7 +45,8 @@ class ReportContent:
     summary: list[str] = field(default_factory=list)  # key findings, one sentence each
     figures: list[RenderedFigure] = field(default_factory=list)
     tables: list[ReportTable] = field(default_factory=list)
-    messages: list[str] = field(default_factory=list)  # skipped steps and warnings
+    warnings: list[str] = field(default_factory=list)  # statistical warnings of the analysis (degenerate tasks, ...)
+    messages: list[str] = field(default_factory=list)  # skipped steps and figure problems
     stages: list[dict[str, Any]] = field(default_factory=list)  # name, status, seconds, detail
     meta: dict[str, str] = field(default_factory=dict)  # study, command, version, device, ...
 
@@ -105,6 +106,8 @@ def render_markdown(content: ReportContent, report_dir: Path) -> str:
         out += [f"- **{key}**: {value}" for key, value in content.meta.items()] + [""]
     if content.summary:
         out += ["## Key findings", ""] + [f"- {line}" for line in content.summary] + [""]
+    if content.warnings:
+        out += ["## Warnings about the results", ""] + [f"- {line}" for line in content.warnings] + [""]
     for figure in content.figures:
         png = figure.path("png")
         out += [f"## Figure: {figure.name}", "", figure.description, ""]
@@ -151,6 +154,8 @@ def render_html(content: ReportContent) -> str:
         out.append("<ul class='meta'>" + "".join(f"<li><b>{esc(k)}</b>: {esc(str(v))}</li>" for k, v in content.meta.items()) + "</ul>")
     if content.summary:
         out.append("<h2>Key findings</h2><ul>" + "".join(f"<li>{esc(line)}</li>" for line in content.summary) + "</ul>")
+    if content.warnings:
+        out.append("<h2>Warnings about the results</h2><ul>" + "".join(f"<li>{esc(line)}</li>" for line in content.warnings) + "</ul>")
     for figure in content.figures:
         out.append(f"<h2 id='figure-{esc(figure.name)}'>Figure: {esc(figure.name)}</h2>")
         png = figure.path("png")
