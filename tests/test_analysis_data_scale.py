@@ -606,3 +606,13 @@ def test_uncertain_advice_names_observed_losses():
     rec = advise(fit_data_scale(rel, n_bootstrap=0, mixed=False), rel, task="cls_d").recommendations.row(0, named=True)
     assert rec["reason"].startswith("no aggregated paradigm has a positive predicted change, and no predicted interval excludes 0")
     assert "; this task's own runs lose under grouped (-8.0 %, 95 % interval" in rec["reason"]
+
+
+def test_single_fraction_size_effect_is_called_confounded():
+    def change(paradigm, task, task_type, n_train, seed):
+        return 0.05 * (math.log10(2000) - math.log10(n_train)) + 0.002 * (seed - 1)
+
+    one = fit_data_scale(relative_change(_study(SPLIT_SIZES, change, fractions=(1.0,))), n_bootstrap=0, mixed=False)
+    assert any(w.startswith("every task has a single training size (one data fraction)") for w in one.warnings)
+    several = fit_data_scale(relative_change(_study(SPLIT_SIZES, change)), n_bootstrap=0, mixed=False)
+    assert not any("single training size" in w for w in several.warnings)

@@ -615,6 +615,13 @@ def fit_data_scale(
             f"(fewer than {MIN_RESID_DF}), so its R², p-values and intervals are unreliable and no recommendation "
             "from it is labelled clear; add tasks or data fractions (seeds are averaged first)"
         )
+    if frame.groupby("task")["n_train"].nunique().max() <= 1:
+        caught.append(
+            "every task has a single training size (one data fraction), so the size effect is estimated only "
+            "between tasks and is confounded with everything else that differs between them (anatomy, labels, "
+            "difficulty); its coefficients, p-values and crossings do not show what more data would do for one "
+            "task. Train several data fractions (the study's fractions:) to measure it within tasks"
+        )
     tasks_per_type = _tasks_per_type(frame)
     shortfalls = {t: resample_shortfall(tasks_per_type, formula, t) for t in sorted(tasks_per_type)}
     few = [t for t, text in shortfalls.items() if text is not None]
