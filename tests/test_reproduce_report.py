@@ -91,3 +91,20 @@ def test_html_renders_figures_in_headless_chromium(report_files, tmp_path):
     # The grouped-paradigm marker of the first figure is vermillion; a page without its images has none.
     close = np.abs(pixels - np.array(VERMILLION)).sum(axis=2) < 40
     assert close.sum() > 20
+
+
+def test_grouping_finding_compares_with_random_partitions():
+    from types import SimpleNamespace
+
+    from usagg.reproduce.findings import key_findings
+
+    def finding(score, p95):
+        grouping = SimpleNamespace(k=3, method="exhaustive", score=score, taxonomy_score=4.28,
+                                   random_score_mean=5.2, random_score_p95=p95)
+        report = SimpleNamespace(transfer=None, data_scale=None, sensitivity={}, grouping=grouping)
+        return [line for line in key_findings(report) if line.startswith("Recommended partition")][0]
+
+    chance = finding(5.5, 5.5)
+    assert "random partitions into groups of the same sizes score 5.20 on average (95th percentile 5.50)" in chance
+    assert chance.endswith("so the recommendation is not clearly better than chance and the matrix may carry little structure.")
+    assert "not clearly better than chance" not in finding(6.1, 5.5)

@@ -87,9 +87,16 @@ def key_findings(report: Any) -> list[str]:
             )
     grouping = getattr(report, "grouping", None)
     if grouping is not None:
-        text = f"Recommended partition: {grouping.k} group(s) ({grouping.method}), within-group affinity {grouping.score:.3g}"
+        text = f"Recommended partition: {grouping.k} group(s) ({grouping.method}), within-group affinity {grouping.score:#.3g}"
         if grouping.taxonomy_score is not None:
-            text += f" vs {grouping.taxonomy_score:.3g} for the clinical groups"
+            text += f" vs {grouping.taxonomy_score:#.3g} for the clinical groups"
+        if grouping.random_score_p95 is not None:
+            text += (
+                f"; random partitions into groups of the same sizes score {grouping.random_score_mean:#.3g} on average "
+                f"(95th percentile {grouping.random_score_p95:#.3g})"
+            )
+            if grouping.score <= grouping.random_score_p95:
+                text += ", so the recommendation is not clearly better than chance and the matrix may carry little structure"
         lines.append(text + ".")
     return lines
 
