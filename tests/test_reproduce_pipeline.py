@@ -210,3 +210,23 @@ def test_report_notes_missing_runs(reproduced):
     first = findings.splitlines()[2]
     assert first.startswith("- Incomplete study: 3 of 222 planned runs are finished, so the results below may lack")
     assert first.endswith("Rerun without --no-train to train them")
+
+
+def test_state_file_records_interrupted_and_failed_stages(tmp_path):
+    from usagg.reproduce.pipeline import _Stages
+
+    def interrupted():
+        raise KeyboardInterrupt
+
+    def broken():
+        raise ValueError("bad value")
+
+    for step, status, detail in ((interrupted, "interrupted", "rerun to resume"), (broken, "failed", "ValueError: bad value")):
+        stages = _Stages()
+        stages.attach(tmp_path / f"{status}.json")
+        stages.run("check", lambda: "ok")
+        with pytest.raises((KeyboardInterrupt, ValueError)):
+            stages.run("train", step)
+        recorded = json.loads((tmp_path / f"{status}.json").read_text(encoding="utf-8"))["stages"]
+        assert [(r["name"], r["status"]) for r in recorded] == [("check", "done"), ("train", status)]
+        assert recorded[1]["detail"] == detail

@@ -112,8 +112,14 @@ class _Stages:
         started = time.perf_counter()
         try:
             detail = step() or ""
-        except UsaggError as exc:
-            self.records.append(StageRecord(name, "failed", round(time.perf_counter() - started, 2), str(exc)))
+        except KeyboardInterrupt:
+            # Ctrl-C, or SIGTERM through the usagg command's handler: the state file says where the run stopped.
+            self.records.append(StageRecord(name, "interrupted", round(time.perf_counter() - started, 2), "rerun to resume"))
+            self._save()
+            raise
+        except Exception as exc:
+            text = str(exc) if isinstance(exc, UsaggError) else f"{type(exc).__name__}: {exc}"
+            self.records.append(StageRecord(name, "failed", round(time.perf_counter() - started, 2), text))
             self._save()
             raise
         self.records.append(StageRecord(name, "done", round(time.perf_counter() - started, 2), detail))
