@@ -92,7 +92,7 @@ def _in_memory_steps(trainer_model, study, records, sequence: list[str], device:
 def bench_training(quick: bool = False) -> dict[str, Any]:
     """Compare the full training loop's images/s with the same model's train step on in-memory batches."""
     from usagg.bench.data import find_sample_root
-    from usagg.evaluate.evaluate import evaluate_task
+    from usagg.evaluate.evaluate import evaluate_task, primary_metric
     from usagg.train.distributed import DistEnv, resolve_device
     from usagg.train.loop import TrainOptions, train_run
     from usagg.train.plan import plan_runs
@@ -118,7 +118,8 @@ def bench_training(quick: bool = False) -> dict[str, Any]:
         for task, card in records.cards.items():
             val = records.split(task, "val")
             n_val += len(val)
-            evaluate_task(model, card, val, study, device)
+            # As the training loop validates: the primary metric only, so segmentation distances are skipped.
+            evaluate_task(model, card, val, study, device, study.model.max_boxes, metrics={primary_metric(card, study)})
         val_seconds = time.perf_counter() - val_start
 
     batch = study.train.batch_size
