@@ -81,7 +81,7 @@ def _format(value: Any) -> str:
 
 def print_report(report: dict[str, Any], console: Console) -> None:
     for name, entry in report["benchmarks"].items():
-        table = Table(title=escape(f"{name}: {entry['description']} ({entry['seconds']:.1f} s)"), title_justify="left")
+        table = Table(title=escape(f"{name}: {entry['description']} (benchmark took {entry['seconds']:.1f} s in all)"), title_justify="left")
         table.add_column("figure")
         table.add_column("value", justify="right")
         if "error" in entry:
