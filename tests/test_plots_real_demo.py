@@ -65,3 +65,9 @@ def test_demo_results_read_from_runs_without_study_table(tmp_path):
     runs_only = FigureInputs.from_paths([study])
     assert runs_only.results.sort(pl.all()).equals(table.sort(pl.all()))
     assert len(runs_only.runs) == 10
+
+
+def test_demo_group_note_names_tasks_left_out_of_delta_m(inputs):
+    plot = draw_figure("group-paradigm", inputs)
+    (note,) = [n for n in plot.notes if n.startswith("Δm averages fewer tasks than the label counts")]
+    assert "breast 2 of 3" in note

@@ -153,6 +153,13 @@ def group_paradigm(
             f"interval over {other} instead of {interval} ({why}) for "
             + ", ".join(f"{r['paradigm']}/{r['clinical_group']}" for r in fallback.iter_rows(named=True))
         )
+    fewer = table.filter(pl.col("n_tasks") < pl.col("group_tasks"))
+    if fewer.height:
+        notes.append(
+            "Δm averages fewer tasks than the label counts, because some tasks have no finite relative change "
+            "(task-specific score 0 or missing): "
+            + ", ".join(f"{r['paradigm']}/{r['clinical_group']} {r['n_tasks']} of {r['group_tasks']}" for r in fewer.iter_rows(named=True))
+        )
     single = table.filter(pl.col("ci_over") == "none")
     if single.height:
         notes.append(
