@@ -45,11 +45,20 @@ def size_rows(results: pl.DataFrame) -> pl.DataFrame:
     return results.filter(pl.col("metric") == TRAIN_IMAGES_METRIC)
 
 
-def compute_relative_change(results: pl.DataFrame, metrics: Mapping[str, str] | None = None) -> pl.DataFrame:
-    """Compute relative change against task-specific runs with :func:`usagg.analysis.relative_change`."""
-    from usagg.analysis.relative import relative_change
+# Warnings about a results table already logged in this process: several figures of one table compute the same
+# relative change, and each warning is logged once.
+_LOGGED_WARNINGS: set[str] = set()
 
-    rel = relative_change(score_rows(results), metrics=metrics)
+
+def compute_relative_change(results: pl.DataFrame, metrics: Mapping[str, str] | None = None) -> pl.DataFrame:
+    """Compute relative change against task-specific runs, logging each warning once per process."""
+    from usagg.analysis.relative import relative_change_with_warnings
+
+    rel, warnings = relative_change_with_warnings(score_rows(results), metrics=metrics)
+    for message in warnings:
+        if message not in _LOGGED_WARNINGS:
+            _LOGGED_WARNINGS.add(message)
+            logger.warning(message)
     if rel.height == 0:
         raise AnalysisError(
             "no aggregated run could be matched to a task-specific run with the same data fraction, seed and "
