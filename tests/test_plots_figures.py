@@ -623,3 +623,16 @@ def test_draw_figure_takes_paths_and_tables(tmp_path):
     assert [p.name for p in rendered.paths] == ["group-paradigm.png", "group-paradigm.csv"]
     with pytest.raises(ConfigError, match="figure inputs of type int: pass FigureInputs, a results DataFrame"):
         draw_figure("group-paradigm", 5)
+
+
+def test_figures_share_one_relative_change(monkeypatch):
+    """Figures drawn from one inputs compute the relative change once, so its warnings are logged once."""
+    import usagg.analysis.relative as relative
+
+    calls = []
+    original = relative.relative_change
+    monkeypatch.setattr(relative, "relative_change", lambda *args, **kwargs: calls.append(1) or original(*args, **kwargs))
+    inputs = FigureInputs(results=_hand_results())
+    for name in ("transfer-matrix", "group-paradigm", "task-type"):
+        draw_figure(name, inputs)
+    assert len(calls) == 1

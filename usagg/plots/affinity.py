@@ -83,9 +83,10 @@ def load_method(inputs: FigureInputs, method: str) -> Matrix:
     """Load the affinity matrix of ``method`` once per inputs, so that its warnings are logged once."""
     if method not in METHODS:
         raise ConfigError(f"affinity method {method!r} is invalid; choose one of {', '.join(METHODS)}")
-    if method not in inputs.loaded:
-        inputs.loaded[method] = _load_method(inputs, method)
-    return inputs.loaded[method]
+    key = f"affinity:{method}"
+    if key not in inputs.cache:
+        inputs.cache[key] = _load_method(inputs, method)
+    return inputs.cache[key]
 
 
 def _load_method(inputs: FigureInputs, method: str) -> Matrix:

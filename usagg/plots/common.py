@@ -14,6 +14,7 @@ from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 
 from usagg.errors import AnalysisError
+from usagg.plots.inputs import FigureInputs
 from usagg.plots.style import (
     clinical_group_markers,
     ordered_task_types,
@@ -45,26 +46,27 @@ def size_rows(results: pl.DataFrame) -> pl.DataFrame:
     return results.filter(pl.col("metric") == TRAIN_IMAGES_METRIC)
 
 
-# Warnings about a results table already logged in this process: several figures of one table compute the same
-# relative change, and each warning is logged once.
-_LOGGED_WARNINGS: set[str] = set()
-
-
 def compute_relative_change(results: pl.DataFrame, metrics: Mapping[str, str] | None = None) -> pl.DataFrame:
-    """Compute relative change against task-specific runs, logging each warning once per process."""
-    from usagg.analysis.relative import relative_change_with_warnings
+    """Compute relative change against task-specific runs with :func:`usagg.analysis.relative_change`."""
+    from usagg.analysis.relative import relative_change
 
-    rel, warnings = relative_change_with_warnings(score_rows(results), metrics=metrics)
-    for message in warnings:
-        if message not in _LOGGED_WARNINGS:
-            _LOGGED_WARNINGS.add(message)
-            logger.warning(message)
+    rel = relative_change(score_rows(results), metrics=metrics)
     if rel.height == 0:
         raise AnalysisError(
             "no aggregated run could be matched to a task-specific run with the same data fraction, seed and "
             "split, so there is no relative change to plot; the results table needs task_specific rows as the reference"
         )
     return rel
+
+
+def relative_change_for(inputs: FigureInputs, figure: str) -> pl.DataFrame:
+    """Return the relative change of the inputs' results table, computed once per inputs.
+
+    The figures drawn from one inputs share it, so its warnings are logged once.
+    """
+    if "relative_change" not in inputs.cache:
+        inputs.cache["relative_change"] = compute_relative_change(inputs.require_results(figure))
+    return inputs.cache["relative_change"]
 
 
 def pick_split(frame: pl.DataFrame, split: str | None) -> tuple[pl.DataFrame, str]:

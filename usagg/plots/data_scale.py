@@ -14,8 +14,8 @@ from usagg.errors import ConfigError
 from usagg.plots.common import (
     RELATIVE_CHANGE_LABEL,
     clinical_group_handles,
-    compute_relative_change,
     pick_split,
+    relative_change_for,
     task_type_handles,
 )
 from usagg.plots.inputs import FigureInputs
@@ -74,7 +74,7 @@ def data_scale(
     from usagg.analysis.data_scale import fit_data_scale
 
     ylim = _check_ylim(ylim)
-    rel = compute_relative_change(inputs.require_results("data-scale"))
+    rel = relative_change_for(inputs, "data-scale")
     rel, split = pick_split(rel, split)
     fit = fit_data_scale(rel, split=split, n_bootstrap=n_bootstrap)
     observations = fit.data

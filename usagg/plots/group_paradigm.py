@@ -10,10 +10,10 @@ import polars as pl
 from usagg.analysis.transfer import MIN_TASKS_FOR_INTERVAL
 from usagg.errors import ConfigError
 from usagg.plots.common import (
-    compute_relative_change,
     paradigm_handles,
     pick_fraction,
     pick_split,
+    relative_change_for,
     size_rows,
 )
 from usagg.plots.inputs import FigureInputs
@@ -100,7 +100,7 @@ def group_paradigm(
     group's tasks); see :func:`group_table`.
     """
     results = inputs.require_results("group-paradigm")
-    rel = compute_relative_change(results)
+    rel = relative_change_for(inputs, "group-paradigm")
     rel, split = pick_split(rel, split)
     rel, fraction = pick_fraction(rel, fraction)
     table = group_table(rel, results, interval)

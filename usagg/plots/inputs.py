@@ -101,8 +101,9 @@ class FigureInputs:
     runs: list[RunInfo] = field(default_factory=list)
     study_dir: Path | None = None
     origin: str = "inputs"
-    # Matrices already loaded, by method: a figure may read one twice (to choose it, then to draw it).
-    loaded: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+    # Results computed from these inputs (the relative change, affinity matrices), so that the figures drawn from
+    # them compute each once and log its warnings once.
+    cache: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
     def coerce(cls, inputs: "FigureInputs | pl.DataFrame | str | os.PathLike | Sequence[str | os.PathLike]") -> "FigureInputs":

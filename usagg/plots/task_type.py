@@ -7,7 +7,7 @@ import math
 import numpy as np
 import polars as pl
 
-from usagg.plots.common import RELATIVE_CHANGE_LABEL, compute_relative_change, pick_fraction, pick_split
+from usagg.plots.common import RELATIVE_CHANGE_LABEL, pick_fraction, pick_split, relative_change_for
 from usagg.plots.inputs import FigureInputs
 from usagg.plots.registry import FigurePlot, register_figure
 from usagg.plots.style import (
@@ -37,7 +37,7 @@ def task_type(
     """Draw one observation per task (mean over seeds) at one data fraction (default: the largest)."""
     from usagg.analysis.inference import per_task_means, task_type_sensitivity
 
-    rel = compute_relative_change(inputs.require_results("task-type"))
+    rel = relative_change_for(inputs, "task-type")
     rel, split = pick_split(rel, split)
     rel, fraction = pick_fraction(rel, fraction)
     means = per_task_means(rel, data_fraction=fraction)

@@ -10,9 +10,9 @@ from matplotlib.patches import Rectangle
 
 from usagg.plots.common import (
     RELATIVE_CHANGE_LABEL,
-    compute_relative_change,
     pick_fraction,
     pick_split,
+    relative_change_for,
     task_order,
     task_type_handles,
     text_color_for,
@@ -93,7 +93,7 @@ def transfer_matrix(
     it give image-bootstrap intervals with ``n_bootstrap`` replicates, as in ``usagg transfer-matrix``. The
     flags are identical when that command's ``--bootstrap`` equals ``n_bootstrap``.
     """
-    rel = compute_relative_change(inputs.require_results("transfer-matrix"))
+    rel = relative_change_for(inputs, "transfer-matrix")
     rel, split = pick_split(rel, split)
     rel, fraction = pick_fraction(rel, fraction)
     per_image = _per_image_scores(inputs)
