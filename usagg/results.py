@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import difflib
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 import polars as pl
@@ -152,18 +153,30 @@ def validate_results(df: pl.DataFrame, origin: str = "results table") -> pl.Data
     return out
 
 
-# A results table holds one row per run, task, metric and split (per study, as tables of several studies merge).
+# A results table has one row per run, task, metric and split (per study, as tables of several studies merge).
 ROW_KEY = ("study", "run_id", "task", "metric", "split")
+
+
+def _first_conflict(rows: pl.DataFrame, keys: Sequence[str], column: str | None = None) -> tuple[dict, dict] | None:
+    """Return the first two rows that share ``keys`` and differ in ``column`` (any two such rows without one).
+
+    ``rows`` carries the 0-based ``row`` index. Returns None when no two rows conflict.
+    """
+    spread = pl.len() if column is None else pl.col(column).n_unique()
+    clashing = rows.filter(spread.over(keys) > 1).sort("row")
+    if clashing.is_empty():
+        return None
+    first = clashing.row(0, named=True)
+    same_keys = pl.all_horizontal([pl.col(k).eq_missing(first[k]) for k in keys])
+    differs = pl.col("row") != first["row"] if column is None else pl.col(column).ne_missing(first[column])
+    return first, clashing.filter(same_keys & differs).row(0, named=True)
 
 
 def _check_repeated_rows(indexed: pl.DataFrame, origin: str) -> None:
     """Raise when two score rows have the same run, task, metric and split: the analyses would count both as seeds."""
-    repeated = indexed.filter(pl.len().over(ROW_KEY) > 1).sort("row")
-    if repeated.height:
-        first = repeated.row(0, named=True)
-        other = repeated.filter(
-            pl.all_horizontal([pl.col(k).eq_missing(first[k]) for k in ROW_KEY]) & (pl.col("row") != first["row"])
-        ).row(0, named=True)
+    conflict = _first_conflict(indexed, ROW_KEY)
+    if conflict is not None:
+        first, other = conflict
         same = "the same value" if first["value"] == other["value"] else f"values {first['value']:g} and {other['value']:g}"
         raise DataError(
             f"{origin}: rows {_row_number(first['row'])} and {_row_number(other['row'])} both give run "
@@ -181,13 +194,9 @@ METRIC_RANGES = {
 
 def _check_task_types(scores: pl.DataFrame, origin: str) -> None:
     """Raise when one task of a study has two task types: its rows would be analysed as two tasks."""
-    mixed = scores.filter(pl.col("task_type").n_unique().over("study", "task") > 1).sort("row")
-    if mixed.height:
-        first = mixed.row(0, named=True)
-        other = mixed.filter(
-            (pl.col("study") == first["study"]) & (pl.col("task") == first["task"])
-            & (pl.col("task_type") != first["task_type"])
-        ).row(0, named=True)
+    conflict = _first_conflict(scores, ("study", "task"), "task_type")
+    if conflict is not None:
+        first, other = conflict
         raise DataError(
             f"{origin}: rows {_row_number(first['row'])} and {_row_number(other['row'])}: task {first['task']!r} "
             f"has task_type {first['task_type']!r} in one and {other['task_type']!r} in the other; give every row "
@@ -259,14 +268,9 @@ def _check_directions(scores: pl.DataFrame, origin: str) -> None:
             f"{str(row['higher_is_better']).lower()}, but a {better} {row['metric']} is better; write "
             f"{str(HIGHER_IS_BETTER[row['metric']]).lower()}"
         )
-    keys = ["study", "task", "metric"]
-    mixed = scores.filter(pl.col("higher_is_better").n_unique().over(keys) > 1).sort("row")
-    if mixed.height:
-        first = mixed.row(0, named=True)
-        other = mixed.filter(
-            (pl.col("study") == first["study"]) & (pl.col("task") == first["task"]) & (pl.col("metric") == first["metric"])
-            & (pl.col("higher_is_better") != first["higher_is_better"])
-        ).row(0, named=True)
+    conflict = _first_conflict(scores, ("study", "task", "metric"), "higher_is_better")
+    if conflict is not None:
+        first, other = conflict
         raise DataError(
             f"{origin}: rows {_row_number(first['row'])} and {_row_number(other['row'])}: task {first['task']!r}, "
             f"metric {first['metric']!r} has higher_is_better {str(first['higher_is_better']).lower()} in one and "
