@@ -605,7 +605,7 @@ def test_uncertain_advice_names_observed_losses():
     rel = relative_change(_study(SPLIT_SIZES, change))
     rec = advise(fit_data_scale(rel, n_bootstrap=0, mixed=False), rel, task="cls_d").recommendations.row(0, named=True)
     assert rec["reason"].startswith("no aggregated paradigm has a positive predicted change, and no predicted interval excludes 0")
-    assert "; this task's own runs lose under grouped (-8.0 %, 95 % interval" in rec["reason"]
+    assert "; this task's own runs lose under grouped -8.0 % (95 % interval" in rec["reason"]
 
 
 def test_single_fraction_size_effect_is_called_confounded():

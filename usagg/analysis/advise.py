@@ -126,11 +126,7 @@ def _recommend(rows: list[dict]) -> tuple[str, str, str, str]:
     eligible = [r for r in rows if not _observed_loss(r)]
     if not eligible:
         # The task's own runs are direct evidence, and they lose under every aggregated paradigm.
-        losses = "; ".join(
-            f"{r['paradigm']} {format_percent(r['observed'])} % (95 % interval {format_percent(r['observed_ci_lo'])} to "
-            f"{format_percent(r['observed_ci_hi'])} %)"
-            for r in rows
-        )
+        losses = _observed_losses(rows)
         return "task_specific", "clear", safer, f"this task's own runs lose under every aggregated paradigm: {losses}"
     gains = [r for r in eligible if r["verdict"] == "gain"]
     if gains:
@@ -154,12 +150,17 @@ def _recommend(rows: list[dict]) -> tuple[str, str, str, str]:
     reason = "no aggregated paradigm has a positive predicted change, and no predicted interval excludes 0"
     losses = [r for r in rows if _observed_loss(r)]
     if losses:
-        reason += "; this task's own runs lose under " + "; ".join(
-            f"{r['paradigm']} ({format_percent(r['observed'])} %, 95 % interval {format_percent(r['observed_ci_lo'])} to "
-            f"{format_percent(r['observed_ci_hi'])} %)"
-            for r in losses
-        )
+        reason += f"; this task's own runs lose under {_observed_losses(losses)}"
     return "task_specific", "uncertain", safer, reason
+
+
+def _observed_losses(rows: list[dict]) -> str:
+    """Return "grouped -8.0 % (95 % interval -9.1 to -6.9 %); ..." for the observed changes of ``rows``."""
+    return "; ".join(
+        f"{r['paradigm']} {format_percent(r['observed'])} % (95 % interval {format_percent(r['observed_ci_lo'])} to "
+        f"{format_percent(r['observed_ci_hi'])} %)"
+        for r in rows
+    )
 
 
 def _contradicts(row: dict) -> bool:
