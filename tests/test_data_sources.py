@@ -367,13 +367,18 @@ def test_detect_class_csv_with_ragged_row(tmp_path):
     assert [(p.row, p.message) for p in log.problems] == [(2, "the row has 3 fields but the header has 2 columns")]
 
 
+def _write_mask_folder(root: Path, names: list[tuple[str, str]], size: int) -> None:
+    """Write ``root/images`` and ``root/masks``: a uniform image and a diagonal mask per (image name, mask name)."""
+    (root / "images").mkdir()
+    (root / "masks").mkdir()
+    for image_name, mask_name in names:
+        Image.fromarray(np.full((size, size), 60, dtype=np.uint8)).save(root / "images" / image_name)
+        Image.fromarray(np.eye(size, dtype=np.uint8)).save(root / "masks" / mask_name)
+
+
 def test_unpaired_mask_names_get_one_error(tmp_path):
     """Images bus_N and masks mask_N_lesion pair under no setting given: one error names the settings that pair them."""
-    (tmp_path / "images").mkdir()
-    (tmp_path / "masks").mkdir()
-    for k in range(3):
-        Image.fromarray(np.full((8, 8), 60, dtype=np.uint8)).save(tmp_path / "images" / f"bus_{k:04d}.png")
-        Image.fromarray(np.eye(8, dtype=np.uint8)).save(tmp_path / "masks" / f"mask_{k:04d}_lesion.png")
+    _write_mask_folder(tmp_path, [(f"bus_{k:04d}.png", f"mask_{k:04d}_lesion.png") for k in range(3)], size=8)
     card = TaskCard.model_validate(
         {"name": "lesion", "type": "segmentation", "num_classes": 2, "source": {"format": "mask_folder", "root": tmp_path}}
     )
@@ -387,7 +392,8 @@ def test_unpaired_mask_names_get_one_error(tmp_path):
     )
     fixed = card.model_copy(update={"source": card.source.model_copy(update={"image_prefix": "bus_", "mask_prefix": "mask_", "mask_suffix": "_lesion"})})
     log = ProblemLog(strict=False)
-    assert len(read_source(fixed, log)) == 3 and log.problems == []
+    assert len(read_source(fixed, log)) == 3
+    assert log.problems == []
     # Layout detection finds the same settings.
     (detected,) = detect_layouts(tmp_path, ProblemLog(strict=False))
     assert (detected.source.image_prefix, detected.source.mask_prefix, detected.source.mask_suffix) == ("bus_", "mask_", "_lesion")
@@ -401,17 +407,15 @@ def test_docs_scalar_csv_example_loads(shared_data):
     (card,) = yaml.safe_load(block)
     card["source"]["root"] = str(shared_data / card["source"]["root"])
     records = load_task_records(TaskCard.model_validate(card))
-    assert len(records) == 100 and all(r.value > 0 and r.spacing_mm_per_px > 0 for r in records)
+    assert len(records) == 100
+    assert all(r.value > 0 for r in records)
+    assert all(r.spacing_mm_per_px > 0 for r in records)
 
 
 def test_detected_bad_mask_reported_once(tmp_path):
     from usagg.data.check import inspect_path
 
-    (tmp_path / "images").mkdir()
-    (tmp_path / "masks").mkdir()
-    for k in range(3):
-        Image.fromarray(np.full((16, 16), 50, dtype=np.uint8)).save(tmp_path / "images" / f"a{k}.png")
-        Image.fromarray(np.eye(16, dtype=np.uint8)).save(tmp_path / "masks" / f"a{k}.png")
+    _write_mask_folder(tmp_path, [(f"a{k}.png", f"a{k}.png") for k in range(3)], size=16)
     colour = np.zeros((16, 16, 3), dtype=np.uint8)
     colour[2:4, 2:4] = (255, 0, 0)
     Image.fromarray(colour).save(tmp_path / "masks" / "a1.png")

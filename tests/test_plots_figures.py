@@ -364,7 +364,8 @@ def test_data_scale_legend_rows(drawn):
     ]
     # Those crossings have no bounded interval, so their markers are faded.
     faded = [line for ax in _titled_axes(plot.figure) for line in ax.get_lines() if line.get_marker() == "D"]
-    assert faded and all(line.get_alpha() < 1 for line in faded)
+    assert faded
+    assert all(line.get_alpha() < 1 for line in faded)
     # No crossing drawn (only the grouped panel, whose lines stay on one side of 0): no legend entry.
     grouped_only = _hand_results().filter(pl.col("paradigm") != "unified")
     plot = draw_figure("data-scale", FigureInputs(results=grouped_only))
@@ -594,7 +595,9 @@ def test_transfer_matrix_fits_long_task_names(length):
     labels = [t.get_text() for t in plot.figure.axes[0].get_yticklabels()]
     shortened = [note for note in plot.notes if "shortened in the middle" in note]
     if length == 34:
-        assert width > SINGLE_COLUMN_IN and any(len(label) > length for label in labels) and not shortened
+        assert width > SINGLE_COLUMN_IN
+        assert any(len(label) > length for label in labels)
+        assert not shortened
     else:
         assert any("…" in label for label in labels)
         assert shortened == ["1 task name(s) are shortened in the middle (…) to fit a double-column width; the data CSV has them whole"]
@@ -606,7 +609,8 @@ def test_group_interval_fallback_noted():
     plot = draw_figure("group-paradigm", FigureInputs(results=_hand_results()), interval="tasks")
     assert set(plot.data["ci_over"]) == {"seeds"}
     (note,) = [n for n in plot.notes if n.startswith("interval over seeds instead of tasks (fewer than 4 tasks) for ")]
-    assert "grouped/breast" in note and "unified/thyroid" in note
+    assert "grouped/breast" in note
+    assert "unified/thyroid" in note
     assert not any("instead of" in n for n in draw_figure("group-paradigm", FigureInputs(results=_hand_results())).notes)
 
 

@@ -67,7 +67,7 @@ def test_demo_results_read_from_runs_without_study_table(tmp_path):
     assert len(runs_only.runs) == 10
 
 
-def test_demo_group_note_names_tasks_left_out_of_delta_m(inputs):
+def test_demo_group_note_names_dropped_tasks(inputs):
     plot = draw_figure("group-paradigm", inputs)
     (note,) = [n for n in plot.notes if n.startswith("Δm averages fewer tasks than the label counts")]
     assert "breast 2 of 3" in note

@@ -123,4 +123,5 @@ def test_layout_measures_saved_ticks(monkeypatch):
         fig.set_dpi(300)
         fig.draw_without_rendering()
         saved = [t.label1.get_text() for axis in (ax.xaxis, ax.yaxis) for t in layout._drawn_ticks(axis)]
-    assert measured and sorted(measured) == sorted(saved)
+    assert measured
+    assert sorted(measured) == sorted(saved)

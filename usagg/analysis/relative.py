@@ -294,22 +294,21 @@ def _training_size_warnings(table: pl.DataFrame) -> list[str]:
     Every run of a task at one fraction trains on the same images, so differing counts are usually a typo, and the
     data-scale analysis would place that task's points at several sizes.
     """
-    sizes = table.filter(pl.col("n_train").is_not_null())
-    differing = (
-        sizes.group_by("study", "task", "data_fraction")
-        .agg(pl.col("n_train").unique().sort().alias("counts"), pl.len().alias("rows"))
-        .filter(pl.col("counts").list.len() > 1)
-        .sort("study", "task", "data_fraction")
+    keys = ["study", "task", "data_fraction"]
+    per_count = (
+        table.filter(pl.col("n_train").is_not_null())
+        .group_by(*keys, "n_train")
+        .agg(pl.col("run_id").unique().sort().alias("runs"))
+        .filter(pl.len().over(keys) > 1)
+        .sort(*keys, "n_train")
     )
     warnings = []
-    for row in differing.iter_rows(named=True):
-        by_count = sizes.filter(
-            (pl.col("study") == row["study"]) & (pl.col("task") == row["task"]) & (pl.col("data_fraction") == row["data_fraction"])
-        ).group_by("n_train").agg(pl.col("run_id").unique().sort())
+    for (_, task, fraction), part in per_count.group_by(keys, maintain_order=True):
+        by_count = dict(zip(part["n_train"].to_list(), part["runs"].to_list()))
         warnings.append(
-            f"task {row['task']!r} at data fraction {row['data_fraction']:g} has different n_train in different rows "
-            f"({describe_runs_by_value(dict(by_count.iter_rows()))}); every run of a task at one fraction trains on "
-            "the same images, so correct the count"
+            f"task {task!r} at data fraction {fraction:g} has different n_train in different rows "
+            f"({describe_runs_by_value(by_count)}); every run of a task at one fraction trains on the same images, "
+            "so correct the count"
         )
     return warnings
 
