@@ -151,12 +151,12 @@ def launch(
 
     if launcher not in LAUNCHERS:
         raise ConfigError(f"--launcher {launcher}: unknown launcher; choose one of {', '.join(LAUNCHERS)}")
-    if launcher == "local":
-        check_model_config(study.model)
-        return execute_plan(study, specs, options, env or init_distributed(options.device))
     # torchrun sets WORLD_SIZE in every process it starts; each would submit the same jobs.
-    if (env is not None and env.distributed) or int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    distributed = (env is not None and env.distributed) or int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if launcher != "local" and distributed:
         raise ConfigError(f"--launcher {launcher} submits jobs; run it as one process, not under torchrun")
     check_model_config(study.model)
+    if launcher == "local":
+        return execute_plan(study, specs, options, env or init_distributed(options.device))
     cluster = "local" if launcher == "submitit-local" else "slurm"
     return submit_runs(study, specs, options, slurm or SlurmOptions(), cluster=cluster, wait=cluster == "local")
