@@ -595,7 +595,7 @@ def test_wide_crossing_interval_noted():
 
 
 def test_uncertain_advice_names_observed_losses():
-    """Predicted changes below 0 with intervals across 0, but the task's own grouped runs lose: the reason says so."""
+    """Predicted changes below 0 with intervals across 0, but the task's own grouped runs lose: the reason names the loss."""
 
     def change(paradigm, task, task_type, n_train, seed):
         if task == "cls_d" and paradigm == "grouped":
@@ -612,7 +612,7 @@ def test_single_fraction_size_effect_is_called_confounded():
     def change(paradigm, task, task_type, n_train, seed):
         return 0.05 * (math.log10(2000) - math.log10(n_train)) + 0.002 * (seed - 1)
 
-    one = fit_data_scale(relative_change(_study(SPLIT_SIZES, change, fractions=(1.0,))), n_bootstrap=0, mixed=False)
-    assert any(w.startswith("every task has a single training size (one data fraction)") for w in one.warnings)
+    single_fraction = fit_data_scale(relative_change(_study(SPLIT_SIZES, change, fractions=(1.0,))), n_bootstrap=0, mixed=False)
+    assert any(w.startswith("every task has a single training size (one data fraction)") for w in single_fraction.warnings)
     several = fit_data_scale(relative_change(_study(SPLIT_SIZES, change)), n_bootstrap=0, mixed=False)
     assert not any("single training size" in w for w in several.warnings)

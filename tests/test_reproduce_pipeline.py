@@ -168,7 +168,7 @@ def test_reproduce_trains_end_to_end(tmp_path, monkeypatch):
     assert next(r for r in rerun.stages if r.name == "check").status == "skipped"
     assert "8 finished earlier" in next(r for r in rerun.stages if r.name == "train").detail
 
-    # --no-train with other settings analyses the runs on disk, and the report says they were trained otherwise.
+    # --no-train with other settings analyses the runs on disk, and the report states that they were trained otherwise.
     other = reproduce(
         ReproduceOptions(study=study_file, train=False, overrides={"train.steps": 4}, figures_dir=tmp_path / "figures",
                          formats=("png",), device="cpu", progress=False)

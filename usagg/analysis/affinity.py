@@ -473,8 +473,8 @@ def agreement(a: Matrix, b: Matrix, n_permutations: int = 999, seed: int = 0) ->
         rb = stats.rankdata(permuted, axis=1)
         rho_null = _row_pearson(ra, rb)
     else:
-        # A relabelling whose entries are constant where both matrices have values has no defined correlation;
-        # it is left out of the null distribution, and ``permutations`` counts the ones kept.
+        # A relabelling whose entries are constant where both matrices have values has no defined correlation.
+        # It is left out of the null distribution, and ``permutations`` counts the relabellings kept.
         rho_null = np.array([
             stats.spearmanr(va[m], row[m]).statistic if m.sum() >= 3 and np.ptp(row[m]) > 0 and np.ptp(va[m]) > 0 else np.nan
             for row, m in zip(permuted, valid)

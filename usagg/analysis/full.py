@@ -66,8 +66,8 @@ def _no_comparison_reason(inputs: AnalysisInputs, metrics: Mapping[str, str] | N
     scores = inputs.results.filter(pl.col("metric") != "train_images")
     chosen, metric_warnings = choose_metrics(scores, metrics, all_metrics)
     if chosen.height == 0 and metric_warnings:
-        shown = " ".join(metric_warnings[:3]) + (f" (and {len(metric_warnings) - 3} more tasks)" if len(metric_warnings) > 3 else "")
-        return f"{origin}: no task has the metric it is compared by, so every task is left out. {shown}"
+        listed = " ".join(metric_warnings[:3]) + (f" (and {len(metric_warnings) - 3} more tasks)" if len(metric_warnings) > 3 else "")
+        return f"{origin}: no task has the metric it is compared by, so every task is left out. {listed}"
     paradigms = set(scores["paradigm"].to_list())
     if "task_specific" not in paradigms:
         return (

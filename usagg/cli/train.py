@@ -233,8 +233,8 @@ def predict(
 ) -> None:
     """Write predictions for every image of DATA_ROOT in the FMC_UIA challenge's submission format.
 
-    Each CSV task of DATA_ROOT is matched to the run's task with the same task id (a task card's source.task_id
-    for the fmc_uia format, else its name); tasks the run did not train are skipped with a warning."""
+    Each CSV task of DATA_ROOT is matched to the run's task with the same task id: a task card's source.task_id
+    for the fmc_uia format, else its name. Tasks the run did not train are skipped with a warning."""
     from usagg.evaluate.predict import write_fmc_uia_predictions
 
     if format != "fmc_uia":

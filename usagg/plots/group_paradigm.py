@@ -148,9 +148,9 @@ def group_paradigm(
     other = "tasks" if interval == "seeds" else "seeds"
     fallback = table.filter(pl.col("ci_over") == other)
     if fallback.height:
-        why = f"fewer than {MIN_TASKS_FOR_INTERVAL} tasks" if interval == "tasks" else "one seed"
+        reason = f"fewer than {MIN_TASKS_FOR_INTERVAL} tasks" if interval == "tasks" else "one seed"
         notes.append(
-            f"interval over {other} instead of {interval} ({why}) for "
+            f"interval over {other} instead of {interval} ({reason}) for "
             + ", ".join(f"{r['paradigm']}/{r['clinical_group']}" for r in fallback.iter_rows(named=True))
         )
     fewer = table.filter(pl.col("n_tasks") < pl.col("group_tasks"))

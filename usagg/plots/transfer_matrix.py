@@ -275,10 +275,10 @@ def _fit_width(row_labels: list[str], groups: list[str], n_cols: int) -> tuple[f
 
     notes = []
     group_labels = list(groups)
-    for what, max_chars in (("task", 40), ("task", 32), ("task", 24), ("group", 16), ("task", 18)):
+    for kind, max_chars in (("task", 40), ("task", 32), ("task", 24), ("group", 16), ("task", 18)):
         if needed(row_labels, group_labels) <= DOUBLE_COLUMN_IN:
             break
-        if what == "task":
+        if kind == "task":
             # The " [seg]" suffix stays whole; only the task name is shortened.
             row_labels = [shorten_middle(label[: label.rindex(" [")], max_chars) + label[label.rindex(" [") :] for label in row_labels]
         else:

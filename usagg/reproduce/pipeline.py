@@ -113,7 +113,7 @@ class _Stages:
         try:
             detail = step() or ""
         except KeyboardInterrupt:
-            # Ctrl-C, or SIGTERM through the usagg command's handler: the state file says where the run stopped.
+            # Ctrl-C, or SIGTERM through the usagg command's handler: the state file records where the run stopped.
             self.records.append(StageRecord(name, "interrupted", round(time.perf_counter() - started, 2), "rerun to resume"))
             self._save()
             raise
@@ -225,7 +225,7 @@ def _budget_text(train) -> str:
 def changed_settings_note(study, output: Path) -> str | None:
     """Return a report line when finished runs were trained with other settings than the study now gives.
 
-    Training refuses such runs; ``--no-train`` analyses what is on disk, so the report must say what it reads.
+    Training stops at such runs, but ``--no-train`` analyses what is on disk, so the report names the settings it reads.
     """
     from usagg.train.rundir import config_changes, is_finished, list_changes
 
